@@ -1,0 +1,56 @@
+"""Mamba-1 selective scan: `selective_scan` picks the fastest available implementation.
+
+All implementations share one signature (mamba_ssm's layout, so kernels are drop-in):
+
+    u, delta, z: (batch, d_inner, L)    A: (d_inner, d_state)    B, C: (batch, d_state, L)    D: (d_inner,)
+
+    dt  = softplus(delta + delta_bias)                       (if delta_softplus)
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t         (state in float32)
+    y_t = C_t . h_t + D * u_t;   y *= silu(z)                (if z is given)
+
+They return `(y, last_state)` with `y` in u's dtype and `last_state` (batch, d_inner, d_state) float32,
+and `selective_state_update` is the one-token form used by cached decoding (state updated in place).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hymba.ops.scan.chunked import selective_scan_chunked
+from hymba.ops.scan.reference import selective_scan_ref, selective_state_update_ref
+
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref", "selective_state_update",
+           "selective_state_update_ref"]
+
+# Below this length the sequential loop is cheaper than building the parallel scan's intermediates.
+SEQUENTIAL_MAX_LEN = 8
+
+
+def _triton_available(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, initial_state=None):
+    """Selective scan with the implementation chosen by device and length (see module docstring)."""
+    if _triton_available(u):
+        from hymba.ops.scan.triton import selective_scan_triton
+
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    if u.shape[-1] <= SEQUENTIAL_MAX_LEN:
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+
+
+def selective_state_update(state, u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
+    """One decode step: updates `state` (batch, d_inner, d_state) in place and returns y (batch, d_inner)."""
+    if _triton_available(u):
+        from hymba.ops.scan.triton import selective_state_update_triton
+
+        return selective_state_update_triton(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_state_update_ref(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
