@@ -1,0 +1,60 @@
+"""The `hymba` command. Each subcommand lives in the module that does the work and registers itself here.
+
+A subcommand module exposes `add_parser(subparsers)`, which adds its parser and sets `func` to a function
+taking the parsed args. Modules import their heavy dependencies inside `func`, so `hymba --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hymba.errors import HymbaError
+
+SUBCOMMANDS = [
+    "hymba.generate_cli",  # generate, chat
+    "hymba.bench",  # bench
+    "hymba.train.data_cli",  # data
+    "hymba.train.trainer",  # train
+    "hymba.study.run",  # study
+    "hymba.eval.cli",  # eval
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hymba",
+        description="Run, evaluate, train and study Hymba hybrid-head language models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real import error inside an existing module must surface
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except HymbaError as exc:
+        print(f"hymba {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hymba {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
