@@ -1,0 +1,395 @@
+"""The Hymba model, readable top to bottom as the steps of HYMBA.md.
+
+One layer: normalise, project once into queries, keys, values, SSM input and gate; run attention heads and
+SSM heads side by side on that same input; fuse `out_proj((norm_attn(attn) + norm_ssm(ssm)) / 2)`; add the
+residual; then a SwiGLU MLP with its own residual. Learnable meta tokens are prepended to every sequence,
+pass through all layers and are dropped before the LM head.
+
+Module paths equal the released checkpoint's tensor names (`model.layers.3.mamba.in_proj.weight`, ...), so
+loading a checkpoint is a plain `load_state_dict`. Every forward - training, scoring, prefill, decoding -
+goes through the same modules; an optional `HymbaCache` is the only difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hymba.config import HymbaConfig
+from hymba.ops.attention import attention, visible_keys
+from hymba.ops.conv import causal_conv1d, causal_conv1d_update
+from hymba.ops.scan import selective_scan, selective_state_update
+
+if TYPE_CHECKING:
+    from hymba.cache import HymbaCache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back before the scale (as the release does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: HymbaConfig, device: torch.device) -> torch.Tensor:
+    """Inverse frequencies of RoPE; "ntk" stretches the base to the extended context (the release's formula)."""
+    dim, base = config.qk_head_dim, config.rope_theta
+    if config.rope_type == "ntk":
+        factor = 2
+        stretch = factor * config.max_position_embeddings / config.orig_max_position_embeddings - (factor - 1)
+        base = base * stretch ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+
+
+def rope_cos_sin(config: HymbaConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (b, 1, T, head_dim) for integer positions (b, T); angles in float32."""
+    freqs = positions.float()[..., None] * rope_inv_freq(config, positions.device)  # (b, T, dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward shares: positions, which tokens are real, and the producers' K,V."""
+
+    positions: torch.Tensor  # (b, T) position of each input row, meta tokens at 0..M-1
+    valid: torch.Tensor | None  # (b, T) bool, False at padding; None when nothing is padded
+    cache: HymbaCache | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    shared_kv: dict[int, tuple] = field(default_factory=dict)  # producer layer -> (k, v, k_pos, k_valid)
+    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (window, id of key positions) -> mask
+
+
+class HymbaMixer(nn.Module):
+    """Attention heads and SSM heads in parallel on one input, fused by two norms and `out_proj`.
+
+    Named `mamba` in the layer (and so in checkpoints) after the release, which holds both kinds of heads here.
+    """
+
+    def __init__(self, config: HymbaConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.use_attention, self.use_ssm = config.has_attention(layer_idx), config.has_ssm(layer_idx)
+        self.reuses_kv = self.use_attention and not config.produces_kv(layer_idx)
+        self.window = config.window(layer_idx)
+        c = config
+        self.n_heads, self.n_kv, self.d_qk, self.d_v = c.num_attention_heads, c.num_key_value_heads, c.qk_head_dim, \
+            c.value_head_dim
+        # in_proj rows, in the release's order: q, k, v (producers only), SSM input u, gate z.
+        self.split_sizes = []
+        if self.use_attention:
+            self.split_sizes.append(c.hidden_size)
+            if not self.reuses_kv:
+                self.split_sizes += [self.n_kv * self.d_qk, self.n_kv * self.d_v]
+        if self.use_ssm:
+            self.split_sizes += [c.d_inner, c.d_inner]
+        self.in_proj = nn.Linear(c.hidden_size, sum(self.split_sizes), bias=c.mamba_proj_bias)
+        fused_dim = c.d_inner if self.use_ssm else c.attn_out_dim
+        self.out_proj = nn.Linear(fused_dim, c.hidden_size, bias=c.mamba_proj_bias)
+        if self.use_attention:
+            self.pre_avg_layernorm1 = RMSNorm(c.attn_out_dim, c.rms_norm_eps)  # beta1: attention side
+        if self.use_ssm:
+            self.pre_avg_layernorm2 = RMSNorm(c.d_inner, c.rms_norm_eps)  # beta2: SSM side
+            self.conv1d = nn.Conv1d(c.d_inner, c.d_inner, c.mamba_d_conv, groups=c.d_inner, bias=c.mamba_conv_bias,
+                                    padding=c.mamba_d_conv - 1)
+            # Lists of one, as in the release, so tensor names read `x_proj.0.weight`, `A_log.0`, ...
+            self.x_proj = nn.ModuleList([nn.Linear(c.d_inner, c.dt_rank + 2 * c.mamba_d_state, bias=False)])
+            self.dt_proj = nn.ModuleList([nn.Linear(c.dt_rank, c.d_inner, bias=True)])
+            A = torch.arange(1, c.mamba_d_state + 1, dtype=torch.float32).expand(c.d_inner, -1)
+            self.A_log = nn.ParameterList([nn.Parameter(torch.log(A))])
+            self.D = nn.ParameterList([nn.Parameter(torch.ones(c.d_inner))])
+            if c.mamba_inner_layernorms:
+                self.dt_layernorm = RMSNorm(c.dt_rank, c.rms_norm_eps)
+                self.B_layernorm = RMSNorm(c.mamba_d_state, c.rms_norm_eps)
+                self.C_layernorm = RMSNorm(c.mamba_d_state, c.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        parts = list(torch.split(self.in_proj(h), self.split_sizes, dim=-1))
+        branches = []
+        if self.use_attention:
+            q = parts.pop(0)
+            k, v = (None, None) if self.reuses_kv else (parts.pop(0), parts.pop(0))
+            branches.append(self.pre_avg_layernorm1(self.attention(q, k, v, ctx)))
+        if self.use_ssm:
+            u, z = parts
+            branches.append(self.pre_avg_layernorm2(self.ssm(u, z, ctx)))
+        fused = branches[0] if len(branches) == 1 else (branches[0] + branches[1]) / 2
+        return self.out_proj(fused)
+
+    # ------------------------------------------------------------------ attention heads
+    def attention(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        """q (b, T, hidden); k, v (b, T, kv*d) or None for a reusing layer -> (b, T, heads * d_v)."""
+        b, T, _ = q.shape
+        cos, sin = ctx.rope
+        q = q.view(b, T, self.n_heads, self.d_qk).transpose(1, 2)  # (b, hq, T, dqk)
+        if self.config.rope:
+            q = apply_rope(q, cos, sin)
+        if self.reuses_kv:
+            keys = ctx.shared_kv[self.config.kv_producer(self.layer_idx)]
+        else:
+            k = k.view(b, T, self.n_kv, self.d_qk).transpose(1, 2)  # (b, hkv, T, dqk)
+            v = v.view(b, T, self.n_kv, self.d_v).transpose(1, 2)  # (b, hkv, T, dv)
+            if self.config.rope:
+                k = apply_rope(k, cos, sin)
+            if ctx.cache is None:
+                keys = (k, v, ctx.positions, ctx.valid)
+            else:
+                keys = ctx.cache.update_kv(self.layer_idx, k, v, ctx.positions, ctx.valid)
+            ctx.shared_kv[self.layer_idx] = keys
+        k_all, v_all, k_pos, k_valid = keys
+        mask_key = (self.window, id(k_pos))
+        if mask_key not in ctx.masks:
+            ctx.masks[mask_key] = visible_keys(ctx.positions, k_pos, k_valid, self.window,
+                                               self.config.num_memory_tokens)
+        out = attention(q, k_all, v_all, ctx.masks[mask_key])  # (b, hq, T, dv)
+        return out.transpose(1, 2).reshape(b, T, self.n_heads * self.d_v)
+
+    # ------------------------------------------------------------------ SSM heads
+    def ssm(self, u, z, ctx: ForwardContext) -> torch.Tensor:
+        """Mamba-1 heads: causal conv + SiLU, input-dependent dt/B/C (each RMS-normed), selective scan, gate."""
+        u, z = u.transpose(1, 2), z.transpose(1, 2)  # (b, d_inner, T)
+        keep = None if ctx.valid is None else ctx.valid[:, None, :].to(u.dtype)
+        if keep is not None:
+            u = u * keep  # padding must not enter the conv window of the tokens after it
+        conv_weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
+        step = ctx.cache is not None and u.shape[-1] == 1 and ctx.cache.started
+        state = None if ctx.cache is None else ctx.cache.ssm_layer(self.layer_idx)
+        if step:
+            u = causal_conv1d_update(state.conv, u[..., 0], conv_weight, self.conv1d.bias).unsqueeze(-1)
+        else:
+            u, conv_state = causal_conv1d(u, conv_weight, self.conv1d.bias,
+                                          None if state is None else state.conv)
+            if state is not None:
+                state.conv.copy_(conv_state)
+        if keep is not None:
+            u = u * keep  # with u = 0 the SSM state stays exactly zero through left padding
+
+        dt, B, C = torch.split(self.x_proj[0](u.transpose(1, 2)), [self.config.dt_rank, self.config.mamba_d_state,
+                                                                    self.config.mamba_d_state], dim=-1)
+        if self.config.mamba_inner_layernorms:
+            dt, B, C = self.dt_layernorm(dt), self.B_layernorm(B), self.C_layernorm(C)
+        delta = F.linear(dt, self.dt_proj[0].weight).transpose(1, 2)  # (b, d_inner, T); bias goes inside softplus
+        A = -torch.exp(self.A_log[0].float())  # (d_inner, d_state)
+        D, dt_bias = self.D[0].float(), self.dt_proj[0].bias.float()
+        if step:
+            y = selective_state_update(state.ssm, u[..., 0], delta[..., 0], A, B[:, 0], C[:, 0], D, z[..., 0],
+                                       dt_bias).unsqueeze(-1)
+        else:
+            y, last = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, dt_bias, True,
+                                     None if state is None else state.ssm)
+            if state is not None:
+                state.ssm.copy_(last)
+        return y.transpose(1, 2)  # (b, T, d_inner)
+
+
+class HymbaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: HymbaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SingleExpert(nn.Module):
+    """Holds the MLP at `moe.experts.0`, the path the released checkpoints store it under."""
+
+    def __init__(self, config: HymbaConfig):
+        super().__init__()
+        self.experts = nn.ModuleList([HymbaMLP(config)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[0](x)
+
+
+class HymbaDecoderLayer(nn.Module):
+    def __init__(self, config: HymbaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mamba = HymbaMixer(config, layer_idx)
+        self.has_mlp = config.intermediate_size > 0
+        if self.has_mlp:
+            self.pre_moe_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.moe = SingleExpert(config)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.mamba(self.input_layernorm(x), ctx)
+        if self.has_mlp:
+            x = x + self.moe(self.pre_moe_layernorm(x))
+        return x
+
+
+class HymbaModel(nn.Module):
+    def __init__(self, config: HymbaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.num_memory_tokens > 0:
+            self.memory_tokens = nn.Parameter(torch.randn(config.num_memory_tokens, config.hidden_size))
+        self.layers = nn.ModuleList([HymbaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: HymbaCache | None = None) -> torch.Tensor:
+        """Hidden states (b, L, hidden) for the L input tokens; meta tokens are added and removed here."""
+        x = self.embed_tokens(input_ids)
+        valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        continuing = cache is not None and cache.started
+        if continuing:
+            if valid is not None:
+                raise ValueError("padding is only allowed in the first chunk of a cached sequence")
+            positions = cache.next_position[:, None] + torch.arange(x.shape[1], device=x.device)
+            num_meta, left_pad = 0, None
+        else:
+            x, positions, valid, left_pad = self._prepend_meta(x, valid)
+            num_meta = self.config.num_memory_tokens
+        ctx = ForwardContext(positions=positions, valid=valid, cache=cache,
+                             rope=rope_cos_sin(self.config, positions, x.dtype))
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        if cache is not None:
+            cache.advance(positions, valid)
+        x = self.final_layernorm(x)
+        return self._drop_meta(x, num_meta, left_pad)
+
+    def _prepend_meta(self, x: torch.Tensor, valid: torch.Tensor | None):
+        """Lay each row out as [its left padding, meta tokens, its tokens]; positions count from the first meta.
+
+        Meta tokens must follow the padding so the SSM sees them directly before the text, as it would unpadded.
+        Returns (x, positions, valid, left_pad) where left_pad (b,) counts each row's leading padding.
+        """
+        b, L, _ = x.shape
+        M = self.config.num_memory_tokens
+        if M:
+            x = torch.cat([self.memory_tokens.to(x.dtype).expand(b, M, -1), x], dim=1)  # [meta, row]
+        if valid is None:
+            positions = torch.arange(M + L, device=x.device).expand(b, -1)
+            return x, positions, None, None
+        left_pad = (valid.long().cumsum(-1) == 0).sum(-1)  # (b,)
+        idx = torch.arange(M + L, device=x.device).expand(b, -1)
+        pad = left_pad[:, None]
+        # Destination k takes: a pad (source M + k) if k < pad, a meta token (k - pad) if k < pad + M, else itself.
+        source = torch.where(idx < pad, idx + M, torch.where(idx < pad + M, idx - pad, idx))
+        x = x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
+        valid = torch.cat([torch.ones(b, M, dtype=torch.bool, device=x.device), valid], dim=1).gather(1, source)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        return x, positions, valid, left_pad
+
+    @staticmethod
+    def _drop_meta(x: torch.Tensor, num_meta: int, left_pad: torch.Tensor | None) -> torch.Tensor:
+        if not num_meta:
+            return x
+        if left_pad is None:
+            return x[:, num_meta:]
+        L = x.shape[1] - num_meta
+        t = torch.arange(L, device=x.device).expand(x.shape[0], -1)
+        source = t + num_meta * (t >= left_pad[:, None])
+        return x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class HymbaForCausalLM(nn.Module):
+    """Hymba language model. `forward(input_ids, attention_mask=None, labels=None)` as in transformers."""
+
+    def __init__(self, config: HymbaConfig):
+        super().__init__()
+        self.config = config
+        self.model = HymbaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: HymbaCache | None = None,
+                logits_to_keep: int | None = None) -> CausalLMOutput:
+        """Logits (b, L, vocab) for each input token; with `labels`, also the mean next-token cross-entropy.
+
+        `labels` are aligned with `input_ids` (shifted inside, ignore index -100). `logits_to_keep=n` computes
+        logits for the last n positions only (generation needs just the last).
+        """
+        hidden = self.model(input_ids, attention_mask, cache)
+        if logits_to_keep is not None:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Fresh initialisation as the release's `_init_weights`: normal(0, 0.02) linears/embeddings, zero biases."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, HymbaMixer) and module.use_ssm:
+                d_state = self.config.mamba_d_state
+                module.A_log[0].copy_(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).expand_as(
+                    module.A_log[0]))
+                module.D[0].fill_(1.0)
+        if self.config.num_memory_tokens:
+            self.model.memory_tokens.normal_(0.0, 1.0, generator=generator)
+
+    # Checkpoint I/O lives in hymba.checkpoint; these are the transformers-style entry points.
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, **kwargs) -> HymbaForCausalLM:
+        from hymba.checkpoint import load_pretrained
+
+        return load_pretrained(path_or_id, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, directory: str, **kwargs) -> None:
+        from hymba.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        from hymba.generate import generate
+
+        return generate(self, *args, **kwargs)
