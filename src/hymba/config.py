@@ -187,8 +187,8 @@ class HymbaConfig:
                 fail("layer_type", f"entry {i} is {kind!r}", f"use one of {sorted(LAYER_TYPES)}")
         if any(self.layer_type[i] == "h" for i in range(n)) and self.attn_out_dim != self.d_inner:
             fail("v_head_dim", f"hybrid layers need num_attention_heads * v_head_dim == mamba_expand * hidden_size "
-                 f"({self.attn_out_dim} != {self.d_inner})", f"set v_head_dim to {self.d_inner // self.num_attention_heads}"
-                 " or -1")
+                 f"({self.attn_out_dim} != {self.d_inner})",
+                 f"set v_head_dim to {self.d_inner // self.num_attention_heads} or -1")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             fail("sliding_window", f"must be a positive integer, got {self.sliding_window!r}",
                  "use null for global attention everywhere")
@@ -224,7 +224,8 @@ class HymbaConfig:
                        "hidden_act": (self.hidden_act, "silu"), "mlp_hidden_act": (self.mlp_hidden_act, "silu")}
         for key, (value, released) in unsupported.items():
             if value != released:
-                fail(key, f"{value!r} is not supported (the released models use {released!r})", f"set it to {released!r}")
+                fail(key, f"{value!r} is not supported (the released models use {released!r})",
+                     f"set it to {released!r}")
 
     # ------------------------------------------------------------------ cache accounting
     def cache_bytes(self, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16,

@@ -63,7 +63,8 @@ def selective_scan_chunked(u, delta, A, B, C, D, z=None, delta_bias=None, delta_
     """Parallel selective scan. Shapes and results as `selective_scan_ref` (see `hymba.ops.scan`)."""
     batch, d_inner, _ = u.shape
     _, dA, dBu = discretize(delta, A, B, u, delta_bias, delta_softplus)
-    h0 = u.new_zeros(batch, d_inner, A.shape[1], dtype=torch.float32) if initial_state is None else initial_state.float()
+    h0 = initial_state.float() if initial_state is not None else u.new_zeros(batch, d_inner, A.shape[1],
+                                                                             dtype=torch.float32)
     h = LinearScan.apply(dA, dBu, h0)  # (b, d, L, n)
     y = torch.einsum("bdln,bnl->bdl", h, C.float())
     return finish_output(y, u, D, z, u.dtype), h[:, :, -1]
