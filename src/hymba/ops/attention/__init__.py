@@ -11,7 +11,6 @@ forward, chunked prefill and decoding over a ring buffer alike:
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from hymba.ops.attention.masks import visible_keys
