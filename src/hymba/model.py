@@ -151,7 +151,7 @@ class HymbaMixer(nn.Module):
             if ctx.cache is None:
                 keys = (k, v, ctx.positions, ctx.valid)
             else:
-                keys = ctx.cache.update_kv(self.layer_idx, k, v, ctx.positions, ctx.valid)
+                keys = ctx.cache.update_kv(self.layer_idx, k, v)
             ctx.shared_kv[self.layer_idx] = keys
         k_all, v_all, k_pos, k_valid = keys
         mask_key = (self.window, id(k_pos))
@@ -267,6 +267,8 @@ class HymbaModel(nn.Module):
             num_meta = self.config.num_memory_tokens
         ctx = ForwardContext(positions=positions, valid=valid, cache=cache,
                              rope=rope_cos_sin(self.config, positions, x.dtype))
+        if cache is not None:
+            cache.begin(positions, valid)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)

@@ -1,0 +1,152 @@
+"""`HymbaCache`: generation state, allocated once for (batch, max length) and updated in place.
+
+Per KV-producing layer, keys and values live in a preallocated buffer of slots:
+
+    global layer:    [meta 0..M-1 | token positions M .. M+max_len-1]          (slot = position)
+    windowed layer:  [meta 0..M-1 | ring of window+1 token slots]              (slot = M + (pos - M) % ring)
+
+KV-reusing layers own nothing and attend over their producer's buffers. Every SSM layer holds its float32
+state (d_inner x d_state) and its conv state (the last d_conv-1 inputs). Which buffered key a query may see
+is decided from the position stored beside each slot (`hymba.ops.attention`), so the ring needs no
+reordering and decoding needs no `torch.cat`: one token per row is written into its slot and attention runs
+over the whole buffer.
+
+A prefill chunk attends over [buffer before the chunk, the chunk's own keys] and then writes into the buffer
+only the keys that stay needed (meta tokens, and for a ring the last window+1 positions of each row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hymba.config import HymbaConfig
+from hymba.errors import HymbaError
+
+
+@dataclass
+class SSMState:
+    ssm: torch.Tensor  # (b, d_inner, d_state) float32
+    conv: torch.Tensor  # (b, d_inner, d_conv - 1)
+
+
+class KeyLayout:
+    """The slots shared by every producer layer of one kind (global, or windowed): positions and validity."""
+
+    def __init__(self, batch: int, num_meta: int, ring: int | None, capacity: int, device):
+        self.num_meta, self.ring, self.capacity = num_meta, ring, capacity
+        self.positions = torch.zeros(batch, capacity, dtype=torch.long, device=device)  # (b, S)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # (b, S)
+        self.attend_pos: torch.Tensor | None = None  # key positions/validity the current forward attends over
+        self.attend_valid: torch.Tensor | None = None
+        self.write: tuple[torch.Tensor, ...] | None = None  # (rows, chunk index, slot) to copy after attending
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.ring is None:
+            return positions
+        M = self.num_meta
+        return torch.where(positions < M, positions, M + (positions - M) % self.ring)
+
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None, decoding: bool) -> None:
+        """Plan this forward's writes. Decoding writes first and attends over the buffer; a prefill chunk
+        attends over [old buffer, chunk] and writes the entries that stay needed."""
+        b, T = positions.shape
+        if decoding:
+            slot = self.slots(positions[:, 0])
+            if self.ring is None and bool((slot >= self.capacity).any()):
+                raise HymbaError(f"the cache holds {self.capacity} positions and generation went past them; "
+                                 "allocate it for the full prompt + max_new_tokens")
+            rows = torch.arange(b, device=positions.device)
+            self.write = (rows, torch.zeros_like(rows), slot)
+            self.positions[rows, slot] = positions[:, 0]
+            self.valid[rows, slot] = True
+            self.attend_pos, self.attend_valid = self.positions, self.valid
+            return
+        keep = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid.clone()
+        if self.ring is not None:
+            end = torch.where(keep, positions, -1).amax(dim=1, keepdim=True) + 1  # next position of each row
+            keep &= (positions < self.num_meta) | (positions >= end - self.ring)
+        elif bool((positions[keep] >= self.capacity).any()):
+            raise HymbaError(f"the prompt needs more than the {self.capacity} positions the cache was sized for; "
+                             "allocate it for the full prompt + max_new_tokens")
+        rows, index = keep.nonzero(as_tuple=True)
+        slot = self.slots(positions[rows, index])
+        self.write = (rows, index, slot)
+        chunk_valid = torch.ones_like(keep) if valid is None else valid
+        self.attend_pos = torch.cat([self.positions, positions], dim=1)
+        self.attend_valid = torch.cat([self.valid, chunk_valid], dim=1)
+        self.positions[rows, slot] = positions[rows, index]
+        self.valid[rows, slot] = True
+
+
+class HymbaCache:
+    """Preallocated KV, SSM and conv state for `batch` sequences of up to `max_len` tokens (meta not counted)."""
+
+    def __init__(self, config: HymbaConfig, batch: int, max_len: int, device=None, dtype: torch.dtype = None):
+        device = torch.device(device or "cpu")
+        dtype = dtype or torch.float32
+        self.config, self.batch, self.max_len = config, batch, max_len
+        M = config.num_memory_tokens
+        self.layouts: dict[int | None, KeyLayout] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.ssm: dict[int, SSMState] = {}
+        for layer in range(config.num_hidden_layers):
+            if config.produces_kv(layer):
+                window = config.window(layer)
+                if window not in self.layouts:
+                    ring = None if window is None or window + 1 >= max_len else window + 1
+                    self.layouts[window] = KeyLayout(batch, M, ring, M + (max_len if ring is None else ring), device)
+                capacity = self.layouts[window].capacity
+                self.keys[layer] = torch.zeros(batch, capacity, config.num_key_value_heads, config.qk_head_dim,
+                                               device=device, dtype=dtype)  # (b, S, hkv, dqk)
+                self.values[layer] = torch.zeros(batch, capacity, config.num_key_value_heads, config.value_head_dim,
+                                                 device=device, dtype=dtype)  # (b, S, hkv, dv)
+            if config.has_ssm(layer):
+                self.ssm[layer] = SSMState(
+                    ssm=torch.zeros(batch, config.d_inner, config.mamba_d_state, device=device, dtype=torch.float32),
+                    conv=torch.zeros(batch, config.d_inner, config.mamba_d_conv - 1, device=device, dtype=dtype))
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)  # per row, meta included
+        self.started = False
+
+    # ------------------------------------------------------------------ used by the model's forward
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Called once per forward before the layers, with that forward's positions (b, T) and validity."""
+        decoding = self.started and positions.shape[1] == 1
+        for layout in self.layouts.values():
+            layout.begin(positions, valid, decoding)
+        self._decoding = decoding
+
+    def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store a producer's new K,V (b, hkv, T, d); return what its queries attend over:
+        (keys (b, hkv, S', dqk), values (b, hkv, S', dv), key positions (b, S'), key validity (b, S'))."""
+        layout = self.layouts[self.config.window(layer)]
+        k_buf, v_buf = self.keys[layer], self.values[layer]
+        rows, index, slot = layout.write
+        k_new, v_new = k.transpose(1, 2), v.transpose(1, 2)  # (b, T, hkv, d)
+        if self._decoding:
+            k_buf[rows, slot] = k_new[rows, index]
+            v_buf[rows, slot] = v_new[rows, index]
+            keys, values = k_buf, v_buf
+        else:
+            keys, values = torch.cat([k_buf, k_new], dim=1), torch.cat([v_buf, v_new], dim=1)
+            k_buf[rows, slot] = k_new[rows, index]
+            v_buf[rows, slot] = v_new[rows, index]
+        return keys.transpose(1, 2), values.transpose(1, 2), layout.attend_pos, layout.attend_valid
+
+    def ssm_layer(self, layer: int) -> SSMState:
+        return self.ssm[layer]
+
+    def advance(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """After a forward: each row's next position is one past its last real token."""
+        last = positions if valid is None else torch.where(valid, positions, -1)
+        self.next_position = torch.maximum(self.next_position, last.amax(dim=1) + 1)
+        self.started = True
+
+    # ------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        """Bytes of K/V, SSM and conv state allocated (the per-slot position bookkeeping is not counted)."""
+        tensors = [*self.keys.values(), *self.values.values()]
+        tensors += [t for s in self.ssm.values() for t in (s.ssm, s.conv)]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,294 @@
+"""Cached, batched generation as small pure functions: `prefill`, `decode_step`, `sample`, then `generate`.
+
+Prompts of different lengths are left-padded into one batch. Padding never reaches attention, the SSM or the
+conv state (see `HymbaModel._prepend_meta`), so every row decodes exactly as it would alone. Rows that hit an
+EOS id or a stop string stop growing (they are padded) while the others go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hymba.cache import HymbaCache
+from hymba.errors import HymbaError
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen. Greedy unless `do_sample`."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise HymbaError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise HymbaError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise HymbaError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.top_k < 0:
+            raise HymbaError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise HymbaError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.temperature == 0:
+            self.do_sample = False
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty as transformers applies it: seen tokens' logits divided (if > 0) or multiplied by it.
+    `seen` (b, vocab) bool marks tokens already in each row."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (b,) from last-position logits (b, vocab), without a host sync."""
+    if not params.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= params.top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (b, max_len), with every row right-aligned."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise HymbaError("every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def prefill(model, cache: HymbaCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            chunk: int | None = None) -> torch.Tensor:
+    """Run the prompt through the model into `cache`; returns last-position logits (b, vocab).
+
+    With `chunk`, the prompt goes in pieces of `chunk` tokens (the first piece also takes all left padding,
+    since padding may only precede a row's first meta token); the logits are the same as in one piece.
+    """
+    width = input_ids.shape[1]
+    first = width
+    if chunk is not None and attention_mask is not None:
+        most_padding = int((attention_mask.long().cumsum(-1) == 0).sum(-1).max())
+        first = min(width, most_padding + chunk)
+    elif chunk is not None:
+        first = min(width, chunk)
+    mask = attention_mask
+    logits = model(input_ids[:, :first], None if mask is None else mask[:, :first], cache=cache,
+                   logits_to_keep=1).logits
+    for start in range(first, width, chunk or width):
+        logits = model(input_ids[:, start:start + chunk], cache=cache, logits_to_keep=1).logits
+    return logits[:, -1]
+
+
+def decode_step(model, cache: HymbaCache, tokens: torch.Tensor) -> torch.Tensor:
+    """One token per row (b,) through the model, updating the cache in place; returns logits (b, vocab)."""
+    return model(tokens[:, None], cache=cache).logits[:, -1]
+
+
+def _eos_ids(model, eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+        side = getattr(model, "checkpoint_dir", None)
+        if side is not None and (side / "generation_config.json").is_file():
+            import json
+
+            eos_token_id = json.loads((side / "generation_config.json").read_text()).get("eos_token_id", eos_token_id)
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                    params: SamplingParams, seed: int | None = None, eos_token_id=None, prefill_chunk=None,
+                    stop: Callable[[int, torch.Tensor], bool] | None = None) -> Iterator[torch.Tensor]:
+    """Yields the next token of every row (b,) per step; finished rows yield the pad id.
+
+    `stop(row, new_tokens)` may end a row early (stop strings); EOS ids end it after being emitted.
+    """
+    config = model.config
+    batch, width = input_ids.shape
+    max_len = width + max_new_tokens
+    if config.max_position_embeddings and max_len + config.num_memory_tokens > config.max_position_embeddings:
+        raise HymbaError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) + "
+                         f"{config.num_memory_tokens} meta tokens exceed the model's "
+                         f"{config.max_position_embeddings} positions; shorten the prompt or max_new_tokens")
+    device = model.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    eos = torch.tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=device)
+    cache = HymbaCache(config, batch, max_len, device=device, dtype=model.dtype)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=device)
+        prompt_tokens = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, pad_id)
+        seen.scatter_(1, prompt_tokens, True)
+        if attention_mask is not None and bool((attention_mask == 0).any()):
+            seen[:, pad_id] |= (input_ids == pad_id).logical_and(attention_mask.bool()).any(dim=1)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+
+    logits = prefill(model, cache, input_ids, attention_mask, prefill_chunk)
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        token = sample(logits, params, generator).masked_fill(finished, pad_id)
+        yield token
+        new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        finished |= torch.isin(token, eos)
+        if stop is not None:
+            for row in range(batch):
+                if not finished[row] and stop(row, new_tokens[row]):
+                    finished[row] = True
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        logits = decode_step(model, cache, token)
+
+
+def _as_batch(model, inputs, attention_mask, tokenizer):
+    """Accept a tensor (+ mask), a list of token lists, or a list of strings (with a tokenizer)."""
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    if isinstance(inputs, torch.Tensor):
+        ids = inputs if inputs.dim() == 2 else inputs[None]
+        return ids.to(model.device), None if attention_mask is None else attention_mask.to(model.device)
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if inputs and isinstance(inputs[0], str):
+        if tokenizer is None:
+            raise HymbaError("text prompts need a tokenizer; pass tokenizer=HymbaTokenizer.from_pretrained(...)")
+        inputs = tokenizer.encode_batch(list(inputs))
+    return left_pad(inputs, pad_id, model.device)
+
+
+@torch.inference_mode()
+def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, input_ids=None,
+             max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             eos_token_id: int | list[int] | None = None, stop_strings: Sequence[str] | None = None,
+             tokenizer=None, prefill_chunk: int | None = None) -> torch.Tensor:
+    """Prompt + new token ids (b, width + new), as transformers' `generate`.
+
+    `inputs` (or `input_ids`) is a (b, L) tensor with an optional left-padded `attention_mask`, a list of
+    token-id lists, or a list of strings (needs `tokenizer`). Rows that stop early are padded with the pad id.
+    """
+    inputs = input_ids if inputs is None else inputs
+    if max_new_tokens < 1:
+        raise HymbaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    params = SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+    ids, mask = _as_batch(model, inputs, attention_mask, tokenizer)
+    stop = _stop_string_check(tokenizer, stop_strings)
+    steps = list(generate_tokens(model, ids, mask, max_new_tokens, params, seed, eos_token_id, prefill_chunk, stop))
+    return torch.cat([ids, torch.stack(steps, dim=1)], dim=1)
+
+
+def _stop_string_check(tokenizer, stop_strings):
+    if not stop_strings:
+        return None
+    if tokenizer is None:
+        raise HymbaError("stop strings need a tokenizer to read the generated text")
+    longest = max(len(s) for s in stop_strings)
+
+    def stop(row: int, new_tokens: torch.Tensor) -> bool:
+        # Decoding only the last few tokens is enough to see a stop string that just completed.
+        tail = tokenizer.decode(new_tokens[-(longest + 4):].tolist())
+        return any(s in tail for s in stop_strings)
+
+    return stop
+
+
+def trim_completion(text: str, stop_strings: Sequence[str] | None) -> str:
+    """Cut a completion at the first stop string (the string itself is not returned)."""
+    for s in stop_strings or ():
+        if s in text:
+            text = text[:text.index(s)]
+    return text
+
+
+@torch.inference_mode()
+def complete(model, tokenizer, prompts: Sequence[str], stop_strings: Sequence[str] | None = None,
+             **kwargs) -> list[str]:
+    """Text in, completions out: the generated continuation of each prompt, cut at EOS and stop strings."""
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids, mask = _as_batch(model, list(prompts), None, tokenizer)
+    out = generate(model, ids, mask, tokenizer=tokenizer, stop_strings=stop_strings, **kwargs)
+    eos = set(_eos_ids(model, kwargs.get("eos_token_id")))
+    completions = []
+    for row in out[:, ids.shape[1]:].tolist():
+        kept = []
+        for token in row:
+            if token in eos or token == pad_id:
+                break
+            kept.append(token)
+        completions.append(trim_completion(tokenizer.decode(kept), stop_strings))
+    return completions
+
+
+def stream(model, tokenizer, prompt: str | Sequence[int], stop_strings: Sequence[str] | None = None,
+           max_new_tokens: int = 256, seed: int | None = None, prefill_chunk: int | None = None,
+           **sampling) -> Iterator[str]:
+    """Text increments of one completion as they are generated; never splits a character or a word's space.
+
+    Text that could be the start of a stop string is held back until it is clear it is not one.
+    """
+    from hymba.tokenizer import StreamDecoder
+
+    params = SamplingParams(**sampling)
+    ids, mask = _as_batch(model, [prompt], None, tokenizer)
+    decoder = StreamDecoder(tokenizer)
+    eos = set(_eos_ids(model, None))
+    text, shown = "", 0
+    with torch.inference_mode():
+        for token in generate_tokens(model, ids, mask, max_new_tokens, params, seed, None, prefill_chunk):
+            token = int(token[0])
+            if token in eos:
+                break
+            text += decoder.push(token)
+            if stop_strings and any(s in text for s in stop_strings):
+                yield trim_completion(text, stop_strings)[shown:]
+                return
+            safe = len(text) - _partial_stop_suffix(text, stop_strings)
+            if safe > shown:
+                yield text[shown:safe]
+                shown = safe
+    rest = trim_completion(text + decoder.flush(), stop_strings)[shown:]
+    if rest:
+        yield rest
+
+
+def _partial_stop_suffix(text: str, stop_strings: Sequence[str] | None) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stop_strings or ():
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best
