@@ -53,10 +53,9 @@ class KeyLayout:
         attends over [old buffer, chunk] and writes the entries that stay needed."""
         b, T = positions.shape
         if decoding:
+            # No bounds check here: it would cost a host sync per token (and break CUDA graphs); the cache
+            # is sized for prompt + max_new_tokens by its allocator.
             slot = self.slots(positions[:, 0])
-            if self.ring is None and bool((slot >= self.capacity).any()):
-                raise HymbaError(f"the cache holds {self.capacity} positions and generation went past them; "
-                                 "allocate it for the full prompt + max_new_tokens")
             rows = torch.arange(b, device=positions.device)
             self.write = (rows, torch.zeros_like(rows), slot)
             self.positions[rows, slot] = positions[:, 0]
@@ -141,8 +140,12 @@ class HymbaCache:
     def advance(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
         """After a forward: each row's next position is one past its last real token."""
         last = positions if valid is None else torch.where(valid, positions, -1)
-        self.next_position = torch.maximum(self.next_position, last.amax(dim=1) + 1)
+        torch.maximum(self.next_position, last.amax(dim=1) + 1, out=self.next_position)  # in place: graph-safe
         self.started = True
+
+    def recurrent_state(self) -> list[torch.Tensor]:
+        """The tensors a decode step changes beyond the slot it writes: SSM and conv states, next positions."""
+        return [self.next_position, *(t for s in self.ssm.values() for t in (s.ssm, s.conv))]
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:

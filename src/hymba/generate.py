@@ -15,6 +15,9 @@ import torch
 from hymba.cache import HymbaCache
 from hymba.errors import HymbaError
 
+# Steps between checks of whether every row has finished (each check waits for the GPU).
+SYNC_EVERY = 16
+
 
 @dataclass
 class SamplingParams:
@@ -110,6 +113,35 @@ def decode_step(model, cache: HymbaCache, tokens: torch.Tensor) -> torch.Tensor:
     return model(tokens[:, None], cache=cache).logits[:, -1]
 
 
+class CudaGraphDecoder:
+    """`decode_step` captured once as a CUDA graph and replayed for every token (one launch per step).
+
+    Capturing runs the step (twice to warm up, once recorded), which would advance the cache; the recurrent
+    state is saved before and restored after, and the K/V slot those runs wrote is the one the next real
+    step overwrites.
+    """
+
+    def __init__(self, model, cache: HymbaCache, batch: int):
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
+        saved = [t.clone() for t in cache.recurrent_state()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                decode_step(model, cache, self.tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(model, cache, self.tokens)
+        for live, copy in zip(cache.recurrent_state(), saved):
+            live.copy_(copy)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+
 def _eos_ids(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
@@ -125,10 +157,13 @@ def _eos_ids(model, eos_token_id) -> list[int]:
 
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     params: SamplingParams, seed: int | None = None, eos_token_id=None, prefill_chunk=None,
-                    stop: Callable[[int, torch.Tensor], bool] | None = None) -> Iterator[torch.Tensor]:
+                    stop: Callable[[int, torch.Tensor], bool] | None = None,
+                    cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token of every row (b,) per step; finished rows yield the pad id.
 
     `stop(row, new_tokens)` may end a row early (stop strings); EOS ids end it after being emitted.
+    On CUDA the decode step runs as a CUDA graph (`cuda_graph`, default on), and whether every row has
+    finished is read back only every few steps, so the GPU never waits on the host between tokens.
     """
     config = model.config
     batch, width = input_ids.shape
@@ -155,6 +190,9 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
 
     logits = prefill(model, cache, input_ids, attention_mask, prefill_chunk)
+    step_fn = lambda tokens: decode_step(model, cache, tokens)  # noqa: E731
+    if (cuda_graph is None or cuda_graph) and device.type == "cuda" and max_new_tokens > 1:
+        step_fn = CudaGraphDecoder(model, cache, batch)
     for step in range(max_new_tokens):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -168,9 +206,9 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             for row in range(batch):
                 if not finished[row] and stop(row, new_tokens[row]):
                     finished[row] = True
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or ((stop is not None or step % SYNC_EVERY == 0) and bool(finished.all())):
             return
-        logits = decode_step(model, cache, token)
+        logits = step_fn(token)
 
 
 def _as_batch(model, inputs, attention_mask, tokenizer):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hymba.config import HymbaConfig
-from hymba.ops.attention import attention, visible_keys
+from hymba.ops.attention import attention, plan_attention
 from hymba.ops.conv import causal_conv1d, causal_conv1d_update
 from hymba.ops.scan import selective_scan, selective_state_update
 
@@ -74,7 +74,7 @@ class ForwardContext:
     cache: HymbaCache | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     shared_kv: dict[int, tuple] = field(default_factory=dict)  # producer layer -> (k, v, k_pos, k_valid)
-    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (window, id of key positions) -> mask
+    plans: dict[tuple, object] = field(default_factory=dict)  # (window, id of key positions) -> AttentionPlan
 
 
 class HymbaMixer(nn.Module):
@@ -154,11 +154,11 @@ class HymbaMixer(nn.Module):
                 keys = ctx.cache.update_kv(self.layer_idx, k, v)
             ctx.shared_kv[self.layer_idx] = keys
         k_all, v_all, k_pos, k_valid = keys
-        mask_key = (self.window, id(k_pos))
-        if mask_key not in ctx.masks:
-            ctx.masks[mask_key] = visible_keys(ctx.positions, k_pos, k_valid, self.window,
-                                               self.config.num_memory_tokens)
-        out = attention(q, k_all, v_all, ctx.masks[mask_key])  # (b, hq, T, dv)
+        plan_key = (self.window, id(k_pos))
+        if plan_key not in ctx.plans:
+            ctx.plans[plan_key] = plan_attention(ctx.positions, k_pos, k_valid, self.window,
+                                                 self.config.num_memory_tokens)
+        out = attention(q, k_all, v_all, ctx.plans[plan_key])  # (b, hq, T, dv)
         return out.transpose(1, 2).reshape(b, T, self.n_heads * self.d_v)
 
     # ------------------------------------------------------------------ SSM heads

@@ -6,21 +6,99 @@ forward, chunked prefill and decoding over a ring buffer alike:
     key j is visible to query i  iff  key j holds a real token, pos_j <= pos_i, and
                                       (the layer is global, or pos_i - pos_j <= window, or pos_j < num_meta)
 
-`attention` is the reference path (a boolean mask and PyTorch's SDPA); it runs on any device and dtype.
+`plan_attention` turns that rule into what one backend needs, once per forward and key layout, and
+`attention` runs it:
+- "sdpa": a dense boolean mask and PyTorch's SDPA, the reference, on any device and dtype;
+- "decode": one query per row, GQA as a grouped matmul over the cache (no per-head copies of K and V);
+- "flex": FlexAttention with a block-sparse mask on CUDA, so long prefills never build an L x L mask.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
 import torch.nn.functional as F
 
 from hymba.ops.attention.masks import visible_keys
 
-__all__ = ["attention", "visible_keys"]
+__all__ = ["AttentionPlan", "attention", "plan_attention", "visible_keys"]
+
+# Below this many queries a dense mask is cheap and FlexAttention's block mask would not pay for itself.
+FLEX_MIN_QUERIES = 256
 
 
-def attention(q, k, v, mask):
-    """q (b, hq, Tq, dqk); k (b, hkv, Tk, dqk); v (b, hkv, Tk, dv); mask (b, 1, Tq, Tk) bool -> (b, hq, Tq, dv).
+@dataclass
+class AttentionPlan:
+    backend: str
+    mask: torch.Tensor | None = None  # (b, 1, Tq, Tk) bool, for "sdpa" and "decode"
+    block_mask: object = None  # FlexAttention BlockMask, for "flex"
 
-    GQA is handled by SDPA itself (`enable_gqa`) so K and V are never copied per query head.
-    """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+def _flex_available(q_pos: torch.Tensor) -> bool:
+    if not q_pos.is_cuda:
+        return False
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plan_attention(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor | None, window: int | None,
+                   num_meta: int, backend: str | None = None) -> AttentionPlan:
+    """Choose a backend (unless given) and build its mask from positions (b, Tq), (b, Tk) and validity (b, Tk)."""
+    if backend is None:
+        if q_pos.shape[1] == 1:
+            backend = "decode"
+        elif q_pos.shape[1] >= FLEX_MIN_QUERIES and _flex_available(q_pos):
+            backend = "flex"
+        else:
+            backend = "sdpa"
+    if backend == "flex":
+        return AttentionPlan("flex", block_mask=_flex_block_mask(q_pos, k_pos, k_valid, window, num_meta))
+    return AttentionPlan(backend, mask=visible_keys(q_pos, k_pos, k_valid, window, num_meta))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """q (b, hq, Tq, dqk); k (b, hkv, Tk, dqk); v (b, hkv, Tk, dv) -> (b, hq, Tq, dv). Scale 1/sqrt(dqk)."""
+    if plan.backend == "decode":
+        return decode_attention(q, k, v, plan.mask)
+    if plan.backend == "flex":
+        return _compiled_flex()(q, k, v, block_mask=plan.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row: the query heads of a KV group are stacked so K and V are read once per group."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)  # (b, hkv, g, dqk): query heads sharing a KV head
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * d**-0.5  # (b, hkv, g, Tk)
+    scores = scores.float().masked_fill(~mask[:, :, 0, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, hq, 1, v.shape[-1])  # (b, hq, 1, dv)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_block_mask(q_pos, k_pos, k_valid, window, num_meta):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    k_valid = torch.ones_like(k_pos, dtype=torch.bool) if k_valid is None else k_valid
+
+    def visible(b, h, qi, ki):
+        qp, kp = q_pos[b, qi], k_pos[b, ki]
+        seen = k_valid[b, ki] & (kp <= qp)
+        if window is not None:
+            seen = seen & ((qp - kp <= window) | (kp < num_meta))
+        # A padding query sees its own key so no row is empty (its output is never used).
+        return seen | (ki == qi + (k_pos.shape[1] - q_pos.shape[1]))
+
+    return create_block_mask(visible, q_pos.shape[0], None, q_pos.shape[1], k_pos.shape[1], device=q_pos.device)

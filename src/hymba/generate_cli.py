@@ -1,0 +1,138 @@
+"""`hymba generate` and `hymba chat`: text from a checkpoint (the small model shipped in the package by default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hymba.errors import HymbaError
+
+
+def default_model_dir() -> Path:
+    """The small Hymba trained with `hymba train` and shipped inside the package (see its README)."""
+    return Path(__file__).parent / "assets" / "default-model"
+
+
+def load_model_and_tokenizer(model: str | None, device: str | None, dtype: str | None):
+    """(model, tokenizer) for a path or hub id; the tokenizer comes from the checkpoint or the packaged default."""
+    import torch
+
+    from hymba.model import HymbaForCausalLM
+    from hymba.tokenizer import HymbaTokenizer, default_tokenizer_dir
+
+    path = model or default_model_dir()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise HymbaError(f"--device {device} asked for, but PyTorch sees no CUDA device; use --device cpu")
+    lm = HymbaForCausalLM.from_pretrained(str(path), dtype=dtype or ("float32" if device == "cpu" else "bfloat16"),
+                                          device=device)
+    tok_dir = lm.checkpoint_dir if (lm.checkpoint_dir / "tokenizer.json").is_file() else default_tokenizer_dir()
+    return lm, HymbaTokenizer.from_pretrained(tok_dir)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory or hub id (default: the small model in the package)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+
+
+def _sampling(args) -> dict:
+    from hymba.generate import SamplingParams
+
+    params = SamplingParams(do_sample=args.temperature > 0, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+    if args.max_new_tokens < 1:
+        raise HymbaError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return vars(params)
+
+
+def run_generate(args) -> int:
+    from hymba.generate import complete, stream
+
+    sampling = _sampling(args)  # validate before loading anything
+    if args.batch_file:
+        path = Path(args.batch_file)
+        if not path.is_file():
+            raise HymbaError(f"--batch-file {path} does not exist")
+        prompts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    elif args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        raise HymbaError('give a prompt (hymba generate "Once upon a time") or --batch-file FILE')
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    if len(prompts) == 1:
+        sys.stdout.write(prompts[0])
+        for piece in stream(model, tokenizer, prompts[0], max_new_tokens=args.max_new_tokens, seed=args.seed,
+                            **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    completions = complete(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling)
+    for prompt, completion in zip(prompts, completions):
+        print(prompt + completion)
+        print("---")
+    return 0
+
+
+def run_chat(args) -> int:
+    """Multi-turn chat through the model's chat template; the whole conversation is re-encoded each turn."""
+    from hymba.generate import stream
+
+    sampling = _sampling(args)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    if not tokenizer.chat_template:
+        raise HymbaError("this checkpoint's tokenizer has no chat template; use `hymba generate` instead")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    stop = ["<extra_id_1>", "</s>"]
+    print("Chat with Hymba. An empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        limit = model.config.max_position_embeddings - model.config.num_memory_tokens - args.max_new_tokens
+        if len(ids) > limit:
+            raise HymbaError(f"the conversation is {len(ids)} tokens, over this model's limit of {limit}; "
+                             "start a new chat or lower --max-new-tokens")
+        sys.stdout.write("hymba> ")
+        reply = ""
+        for piece in stream(model, tokenizer, ids, stop_strings=stop, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed, **sampling):
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    gen = subparsers.add_parser("generate", help="continue a prompt (streams to stdout)",
+                                description="Generate text from a Hymba checkpoint. With no --model, uses the small "
+                                            "model shipped in the package (no download).")
+    gen.add_argument("prompt", nargs="?", help="the text to continue")
+    gen.add_argument("--batch-file", help="a file with one prompt per line, generated as one padded batch")
+    _add_model_args(gen)
+    gen.set_defaults(func=run_generate)
+
+    chat = subparsers.add_parser("chat", help="interactive multi-turn chat with the model's chat template",
+                                 description="Chat with an instruction-tuned Hymba checkpoint (e.g. "
+                                             "nvidia/Hymba-1.5B-Instruct) using its chat template.")
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    _add_model_args(chat)
+    chat.set_defaults(func=run_chat)
