@@ -76,7 +76,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d)  # (b, hkv, g, dqk): query heads sharing a KV head
     scores = torch.matmul(qg, k.transpose(-1, -2)) * d**-0.5  # (b, hkv, g, Tk)
-    scores = scores.float().masked_fill(~mask[:, :, 0, None, :], float("-inf"))
+    # Softmax in at least float32 (bf16/fp16 scores lose too much), never lower than the inputs (float64 stays).
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    scores = scores.masked_fill(~mask[:, :, 0, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v).reshape(b, hq, 1, v.shape[-1])  # (b, hq, 1, dv)
 
