@@ -1,0 +1,94 @@
+"""Batched generation: every row gives the tokens it gives alone; sampling is reproducible; stops work."""
+
+import pytest
+import torch
+
+from hymba.config import HymbaConfig
+from hymba.errors import HymbaError
+from hymba.generate import SamplingParams, apply_repetition_penalty, generate, left_pad, sample
+from hymba.model import HymbaForCausalLM
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [3, 4], [20, 21, 22, 23, 24, 25, 26]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = HymbaForCausalLM(HymbaConfig.preset("tiny", vocab_size=97, sliding_window=4, eos_token_id=None)).eval()
+    m.init_weights()
+    return m
+
+
+def test_batched_greedy_equals_alone(model):
+    batched = generate(model, PROMPTS, max_new_tokens=25)
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(model, [prompt], max_new_tokens=25)
+        assert alone[0, len(prompt):].tolist() == batched[row, -25:].tolist()
+
+
+def test_batched_logits_equal_alone(model):
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    out = generate(model, ids, mask, max_new_tokens=10)
+    with torch.no_grad():
+        batched = model(out, attention_mask=torch.cat([mask, torch.ones(3, 10, dtype=torch.long)], 1)).logits
+        for row, prompt in enumerate(PROMPTS):
+            alone = model(torch.cat([torch.tensor(prompt), out[row, -10:]])[None]).logits[0]
+            torch.testing.assert_close(batched[row, -len(prompt) - 10:], alone, rtol=0, atol=1e-5)
+
+
+def test_chunked_prefill_gives_same_tokens(model):
+    whole = generate(model, PROMPTS, max_new_tokens=12)
+    for chunk in (1, 3, 8):
+        assert torch.equal(generate(model, PROMPTS, max_new_tokens=12, prefill_chunk=chunk), whole)
+
+
+def test_tensor_input_and_transformers_shape(model):
+    ids = torch.tensor([PROMPTS[0]])
+    out = model.generate(ids, max_new_tokens=5)
+    assert out.shape == (1, len(PROMPTS[0]) + 5) and torch.equal(out[:, :len(PROMPTS[0])], ids)
+
+
+def test_sampling_is_reproducible_with_seed(model):
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=30, top_p=0.9, min_p=0.02,
+                  repetition_penalty=1.3)
+    a = generate(model, PROMPTS, seed=7, **kwargs)
+    assert torch.equal(a, generate(model, PROMPTS, seed=7, **kwargs))
+    assert not torch.equal(a, generate(model, PROMPTS, seed=8, **kwargs))
+
+
+def test_eos_stops_a_row_while_others_continue(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=20)
+    eos = int(greedy[1, -20 + 3])  # the 4th token row 1 generates
+    out = generate(model, PROMPTS, max_new_tokens=20, eos_token_id=eos)
+    new = out[:, -20:]
+    first = new[1].tolist().index(eos)
+    assert first <= 3 and (new[1, first + 1:] == model.config.pad_token_id).all()
+    for row in (0, 2):  # rows that never produce `eos` go on unchanged
+        if eos not in greedy[row, -20:].tolist():
+            assert torch.equal(new[row], greedy[row, -20:])
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, SamplingParams(do_sample=True, top_k=2), g)) for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {int(sample(logits, SamplingParams(do_sample=True, top_p=0.5), g)) for _ in range(200)}
+    assert draws == {0}  # p(0) = 0.64 already covers half the mass
+    draws = {int(sample(logits, SamplingParams(do_sample=True, min_p=0.3), g)) for _ in range(200)}
+    assert draws == {0, 1}  # p(1)/p(0) = e^-1 = 0.37 >= 0.3 > p(2)/p(0)
+    assert int(sample(logits, SamplingParams())) == 0
+    penalised = apply_repetition_penalty(logits, torch.tensor([[True, False, False, False, True]]), 2.0)
+    assert penalised.tolist() == [[1.5, 2.0, 1.0, 0.0, -2.0]]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
+                                 dict(min_p=1.0), dict(repetition_penalty=0)])
+def test_bad_sampling_parameters_are_one_line_errors(bad):
+    with pytest.raises(HymbaError):
+        SamplingParams(**bad)
+
+
+def test_too_long_prompt_is_an_error(model):
+    with pytest.raises(HymbaError, match="exceed"):
+        generate(model, [list(range(1, 90)) * 3], max_new_tokens=10)
