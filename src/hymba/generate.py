@@ -231,11 +231,12 @@ def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, 
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
              eos_token_id: int | list[int] | None = None, stop_strings: Sequence[str] | None = None,
-             tokenizer=None, prefill_chunk: int | None = None) -> torch.Tensor:
+             tokenizer=None, prefill_chunk: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
     """Prompt + new token ids (b, width + new), as transformers' `generate`.
 
     `inputs` (or `input_ids`) is a (b, L) tensor with an optional left-padded `attention_mask`, a list of
     token-id lists, or a list of strings (needs `tokenizer`). Rows that stop early are padded with the pad id.
+    On CUDA the decode step is a CUDA graph unless `cuda_graph=False`.
     """
     inputs = input_ids if inputs is None else inputs
     if max_new_tokens < 1:
@@ -243,7 +244,8 @@ def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, 
     params = SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     ids, mask = _as_batch(model, inputs, attention_mask, tokenizer)
     stop = _stop_string_check(tokenizer, stop_strings)
-    steps = list(generate_tokens(model, ids, mask, max_new_tokens, params, seed, eos_token_id, prefill_chunk, stop))
+    steps = list(generate_tokens(model, ids, mask, max_new_tokens, params, seed, eos_token_id, prefill_chunk, stop,
+                                 cuda_graph))
     return torch.cat([ids, torch.stack(steps, dim=1)], dim=1)
 
 
