@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import stat
+import uuid
 from pathlib import Path
 
 import torch
@@ -113,14 +114,20 @@ def load_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype | str | No
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file.
+
+    The file gets the permissions of any file the user creates (umask), not the owner-only 0600 that mkstemp
+    and safetensors' writer give, so a saved checkpoint can be shared.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        write(tmp)
+        tmp.touch(exist_ok=False)
+        mode = stat.S_IMODE(tmp.stat().st_mode)
+        write(str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
