@@ -1,0 +1,224 @@
+"""Causal depthwise conv1d (Mamba's short convolution) in Triton: a sequence kernel and a one-step update kernel.
+
+Semantics and dtypes are those of `hymba.ops.conv.reference`:
+
+    out_t = act(bias + sum_k weight[:, k] * x_{t-width+1+k}),   x_{<0} read from initial_state (or 0)
+
+The forward returns (out in x's dtype, final_state (batch, dim, width-1) in x's dtype: the last width-1 inputs of
+the padded sequence). As in the reference, weight, bias and initial_state are rounded to x's dtype; the kernel
+then accumulates and applies SiLU in float32 (the reference rounds once more, before the activation).
+
+Backward: the conv is a small share of a Mamba layer's cost, so its gradient is PyTorch autograd through the
+reference (`causal_conv1d_ref` recomputed in float32 from the saved inputs); only the forward is a kernel.
+
+Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the
+kernels also take CPU tensors, which is how the tests exercise them without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hymba.ops.conv.reference import causal_conv1d_ref
+
+__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
+
+
+def _check_activation(activation: str | None) -> bool:
+    """True for SiLU, False for none; the reference's error otherwise."""
+    if activation is None:
+        return False
+    if activation in ("silu", "swish"):
+        return True
+    raise ValueError(f"unsupported conv activation {activation!r}; use 'silu' or None")
+
+
+@triton.jit
+def _load_padded(x_ptrs, init_ptrs, pos, mask_d, length, stride_x_l, stride_init_k,
+                 HAS_INIT: tl.constexpr, WIDTH: tl.constexpr):
+    """Column(s) `pos` (may be negative) of cat([initial_state, x], -1) shifted by width-1, as float32 (BLOCK_D, P).
+
+    Negative positions read initial_state[:, width-1+pos] rounded to x's dtype (as the reference's cat does),
+    or 0 without an initial state; positions >= length read 0."""
+    in_x = (pos >= 0) & (pos < length)
+    vals = tl.load(x_ptrs[:, None] + pos[None, :] * stride_x_l, mask=mask_d[:, None] & in_x[None, :], other=0.0)
+    vals = vals.to(tl.float32)
+    if HAS_INIT:
+        in_init = (pos < 0) & (pos >= 1 - WIDTH)
+        init = tl.load(init_ptrs[:, None] + (WIDTH - 1 + pos[None, :]) * stride_init_k,
+                       mask=mask_d[:, None] & in_init[None, :], other=0.0)
+        vals += init.to(x_ptrs.dtype.element_ty).to(tl.float32)
+    return vals
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, out_ptr, final_ptr,
+    dim, length,
+    stride_x_b, stride_x_d, stride_x_l,
+    stride_w_d, stride_w_k,
+    stride_init_b, stride_init_d, stride_init_k,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """One program: batch pid_b, BLOCK_D channels, BLOCK_L positions; out and final_state are contiguous.
+
+    Each tap k reads the input tile shifted by k - (width-1); the program with pid_l == 0 also writes the final
+    state (the last width-1 padded inputs), which may reach back into initial_state when length < width-1."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    pid_l = tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    x_dtype = x_ptr.dtype.element_ty
+
+    x_ptrs = x_ptr + pid_b * stride_x_b + offs_d * stride_x_d
+    init_ptrs = x_ptrs  # never read without an initial state
+    if HAS_INIT:
+        init_ptrs = init_ptr + pid_b * stride_init_b + offs_d * stride_init_d
+
+    acc = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
+    for k in tl.static_range(WIDTH):
+        w = tl.load(w_ptr + offs_d * stride_w_d + k * stride_w_k, mask=mask_d, other=0.0)
+        w = w.to(x_dtype).to(tl.float32)
+        vals = _load_padded(x_ptrs, init_ptrs, offs_l + (k - (WIDTH - 1)), mask_d, length, stride_x_l,
+                            stride_init_k, HAS_INIT, WIDTH)
+        acc += w[:, None] * vals
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(x_dtype).to(tl.float32)[:, None]
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    out_ptrs = out_ptr + (pid_b * dim + offs_d[:, None]) * length + offs_l[None, :]
+    tl.store(out_ptrs, acc, mask=mask_d[:, None] & (offs_l < length)[None, :])
+
+    if WIDTH > 1:
+        if pid_l == 0:
+            offs_w = tl.arange(0, BLOCK_W)
+            final = _load_padded(x_ptrs, init_ptrs, length - (WIDTH - 1) + offs_w, mask_d, length, stride_x_l,
+                                 stride_init_k, HAS_INIT, WIDTH)
+            final_ptrs = final_ptr + (pid_b * dim + offs_d[:, None]) * (WIDTH - 1) + offs_w[None, :]
+            tl.store(final_ptrs, final, mask=mask_d[:, None] & (offs_w < WIDTH - 1)[None, :])
+
+
+def _conv_fwd(x, weight, bias, initial_state, silu, block_d=None, block_l=None):
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    out = torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
+    final = torch.empty(batch, dim, width - 1, device=x.device, dtype=x.dtype)
+    # 16 x 64 tiles: every tap keeps a tile of pointers and masks live, and 64 x 64 spills on sm_90.
+    block_d = block_d or min(16, triton.next_power_of_2(dim))
+    block_l = block_l or min(64, triton.next_power_of_2(max(length, 1)))
+    grid = (batch, triton.cdiv(dim, block_d), max(1, triton.cdiv(length, block_l)))
+    init_strides = (0, 0, 0) if initial_state is None else initial_state.stride()
+    _conv_fwd_kernel[grid](
+        x, weight, bias, initial_state, out, final,
+        dim, length,
+        *x.stride(), *weight.stride(), *init_strides,
+        HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, SILU=silu,
+        WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
+    )
+    return out, final
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    """Forward: the Triton kernel. Backward: autograd through `causal_conv1d_ref`, recomputed from the saved inputs
+    in float32 (after the reference's rounding of weight, bias and initial_state to x's dtype), so low-precision
+    gradients are accumulated in float32 and then cast to each input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, activation, block_d, block_l):
+        out, final = _conv_fwd(x, weight, bias, initial_state, _check_activation(activation), block_d, block_l)
+        ctx.save_for_backward(x, weight, bias, initial_state)
+        ctx.activation = activation
+        return out, final
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:4], strict=True)]
+        x = leaves[0]
+        with torch.enable_grad():
+            upcast = [None if t is None else t.to(x.dtype).float() for t in leaves]
+            out, final = causal_conv1d_ref(*upcast, activation=ctx.activation)
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad((out, final), wanted, (dout, dfinal), allow_unused=True))
+        return (*[next(grads) if t is not None and t.requires_grad else None for t in leaves], None, None, None)
+
+
+def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation: str | None = "silu",
+                         *, block_d: int | None = None, block_l: int | None = None):
+    """x (batch, dim, L), weight (dim, width), bias (dim,), initial_state (batch, dim, width-1) ->
+    (out (batch, dim, L) in x's dtype, final_state (batch, dim, width-1) in x's dtype), as `causal_conv1d_ref`.
+
+    Differentiable: the backward is autograd through the reference (see module docstring)."""
+    tensors = (x, weight, bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _CausalConv1dFn.apply(x, weight, bias, initial_state, activation, block_d, block_l)
+    return _conv_fwd(x, weight, bias, initial_state, _check_activation(activation), block_d, block_l)
+
+
+@triton.jit
+def _conv_update_kernel(
+    state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr,
+    dim,
+    stride_state_b, stride_state_d, stride_state_k,
+    stride_x_b, stride_x_d,
+    stride_w_d, stride_w_k,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """One decode step for (batch pid_b, BLOCK_D channels): window = [state, x]; out = act(w . window + bias);
+    state <- window[1:]. Arithmetic is float32 on values rounded to the state's dtype, as the reference computes
+    in the state's dtype; out is cast to x's dtype."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_w = tl.arange(0, BLOCK_W)
+    mask_d = offs_d < dim
+    state_dtype = state_ptr.dtype.element_ty
+
+    x = tl.load(x_ptr + pid_b * stride_x_b + offs_d * stride_x_d, mask=mask_d, other=0.0).to(state_dtype)
+    w_last = tl.load(w_ptr + offs_d * stride_w_d + (WIDTH - 1) * stride_w_k, mask=mask_d, other=0.0)
+    acc = w_last.to(state_dtype).to(tl.float32) * x.to(tl.float32)
+    if WIDTH > 1:
+        # window[:, k] = state[:, k] for k < width-1; the new state is window[:, 1:].
+        state_ptrs = state_ptr + pid_b * stride_state_b + offs_d[:, None] * stride_state_d
+        in_state = offs_w < WIDTH - 1
+        mask = mask_d[:, None] & in_state[None, :]
+        window = tl.load(state_ptrs + offs_w[None, :] * stride_state_k, mask=mask, other=0.0)
+        w = tl.load(w_ptr + offs_d[:, None] * stride_w_d + offs_w[None, :] * stride_w_k, mask=mask, other=0.0)
+        acc += tl.sum(w.to(state_dtype).to(tl.float32) * window.to(tl.float32), axis=1)
+        # The shifted state is read now: after the barrier the stores may overwrite what other threads read.
+        from_state = offs_w + 1 < WIDTH - 1
+        shifted = tl.load(state_ptrs + (offs_w[None, :] + 1) * stride_state_k,
+                          mask=mask_d[:, None] & from_state[None, :], other=0.0)
+        shifted = tl.where(from_state[None, :], shifted, x[:, None])
+        tl.debug_barrier()
+        tl.store(state_ptrs + offs_w[None, :] * stride_state_k, shifted, mask=mask)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(state_dtype).to(tl.float32)
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    tl.store(out_ptr + pid_b * dim + offs_d, acc.to(state_dtype), mask=mask_d)
+
+
+def causal_conv1d_update_triton(state, x, weight, bias=None, activation: str | None = "silu",
+                                *, block_d: int | None = None):
+    """One step: x (batch, dim); `state` (batch, dim, width-1) is shifted in place to end with x.
+    Returns (batch, dim) in x's dtype, as `causal_conv1d_update_ref`."""
+    silu = _check_activation(activation)
+    batch, dim = x.shape
+    width = weight.shape[1]
+    block_d = block_d or min(128, triton.next_power_of_2(dim))
+    out = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
+    _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
+        state, x, weight, bias, out,
+        dim,
+        *state.stride(), *x.stride(), *weight.stride(),
+        HAS_BIAS=bias is not None, SILU=silu,
+        WIDTH=width, BLOCK_D=block_d, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
+    )
+    return out

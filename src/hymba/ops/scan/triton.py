@@ -1,0 +1,486 @@
+"""Mamba-1 selective scan in Triton: a fused forward, a Triton backward, and the one-token decode update.
+
+Shapes and semantics are those of `hymba.ops.scan` (see its docstring and `reference.py`):
+
+    u, delta, z: (batch, d_inner, L)    A: (d_inner, d_state)    B, C: (batch, d_state, L)    D: (d_inner,)
+
+Forward (the standard Mamba-1 kernel layout): one program per (batch, block of BLOCK_D channels) keeps its
+(BLOCK_D, d_state) float32 state in registers and walks L one position at a time, fusing
+softplus(delta + bias), exp(dt*A), dt*B*u, C.h, the D skip and the silu(z) gate, so nothing of size
+(batch, d_inner, L, d_state) ever reaches memory.
+
+Backward walks L in reverse. The gradient needs h_{t-1} at every step, which the reverse walk cannot
+recover (dividing out exp(dt*A) is unstable), so the forward saves the state at chunk boundaries (every
+`chunk` positions: (batch, d_inner, L/chunk, d_state) float32); the backward recomputes the states of one
+chunk into a per-program scratch buffer and then walks that chunk backwards. Reductions over channels
+(dB, dC) are written as per-channel-block partial sums and reduced in PyTorch (deterministic, no atomics);
+reductions over batch and time (dA, dD, d delta_bias) are accumulated in registers per program and reduced
+over batch in PyTorch.
+
+Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the
+kernels also take CPU tensors, which is how the tests exercise them without a GPU. Interpreter quirks: it
+truncates float32 -> bf16 casts (a GPU rounds to nearest), tl.debug_barrier is a no-op there (each program
+runs alone), and every call of a @triton.jit helper (tl.sum, _softplus) costs about a millisecond, so a
+backward step takes ~15 ms per program: keep interpreted shapes small.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["selective_scan_triton", "selective_state_update_triton"]
+
+# Positions between saved states in the forward: the backward's scratch holds this many states per program.
+DEFAULT_CHUNK = 64
+# softplus(x) == x above this (torch.nn.functional.softplus's default threshold), and its gradient is 1.
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
+
+
+def _block_d(d_inner: int, block_d: int | None) -> int:
+    """Channels per program: 32 keeps ~(d_inner/32 * batch) programs in flight and a 32x16 state per program."""
+    if block_d is not None:
+        return block_d
+    return min(32, triton.next_power_of_2(d_inner))
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + exp(x)) overflows for large x; torch switches to the identity above the same threshold.
+    return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD))))
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    y_ptr, hlast_ptr, ckpt_ptr,
+    d_inner, d_state, length,
+    stride_u_b, stride_u_d, stride_u_l,
+    stride_delta_b, stride_delta_d, stride_delta_l,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_n, stride_B_l,
+    stride_C_b, stride_C_n, stride_C_l,
+    stride_z_b, stride_z_d, stride_z_l,
+    stride_h0_b, stride_h0_d, stride_h0_n,
+    stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: batch `pid_b`, channels [pid_d*BLOCK_D, +BLOCK_D), all L positions in order.
+
+    y (batch, d_inner, L), hlast (batch, d_inner, d_state) and ckpt (batch, d_inner, n_chunks, d_state, last dim
+    contiguous) are outputs; ckpt[:, :, c] is the state *before* position c*CHUNK (written only when SAVE_CKPT).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+
+    # Padded lanes load A = 0 and u = B = C = 0, so their state stays 0 and nothing non-finite appears.
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    A = A.to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * stride_h0_b + offs_d[:, None] * stride_h0_d + offs_n[None, :] * stride_h0_n,
+                    mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+
+    # Pointers at position 0, advanced by one position per step (cheaper than recomputing offsets).
+    u_ptrs = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
+    delta_ptrs = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
+    B_ptrs = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
+    C_ptrs = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n
+    y_ptrs = y_ptr + (pid_b * d_inner + offs_d) * length
+    if HAS_Z:
+        z_ptrs = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
+    if SAVE_CKPT:
+        ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_d[:, None] * stride_ckpt_d + offs_n[None, :]
+
+    for t in range(0, length):
+        if SAVE_CKPT:
+            if t % CHUNK == 0:
+                tl.store(ckpt_ptrs, h, mask=mask_dn)
+                ckpt_ptrs += stride_ckpt_c
+        dt = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
+        if HAS_D:
+            y += D * u
+        if HAS_Z:
+            z = tl.load(z_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+            y = y * z / (1.0 + tl.exp(-z))
+            z_ptrs += stride_z_l
+        tl.store(y_ptrs, y, mask=mask_d)
+        u_ptrs += stride_u_l
+        delta_ptrs += stride_delta_l
+        B_ptrs += stride_B_l
+        C_ptrs += stride_C_l
+        y_ptrs += 1
+
+    tl.store(hlast_ptr + (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :], h, mask=mask_dn)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dhlast_ptr, scratch_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    d_inner, d_state, length,
+    stride_u_b, stride_u_d, stride_u_l,
+    stride_delta_b, stride_delta_d, stride_delta_l,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_n, stride_B_l,
+    stride_C_b, stride_C_n, stride_C_l,
+    stride_z_b, stride_z_d, stride_z_l,
+    stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
+    stride_dout_b, stride_dout_d, stride_dout_l,
+    stride_dhlast_b, stride_dhlast_d, stride_dhlast_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOUT: tl.constexpr,
+    HAS_DHLAST: tl.constexpr, SOFTPLUS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Reverse walk for one (batch, channel block), chunk by chunk from the end.
+
+    With g_t = dL/dh_t (all paths), a_t = exp(dt_t*A) and gy = dout * silu(z):
+        g_t = gy_t C_t + a_{t+1} g_{t+1}   (+ dL/dh_last at t = L-1)
+        dC_t = sum_d gy_t h_t      dB_t = sum_d g_t dt_t u_t      du_t = gy_t D + dt_t sum_n g_t B_t
+        d dt_t = u_t sum_n g_t B_t + sum_n g_t h_{t-1} a_t A      dA = sum_{b,t} g_t h_{t-1} a_t dt_t
+        dz_t = dout_t (C_t.h_t + D u_t) silu'(z_t)      dD = sum_{b,t} gy_t u_t      dh0 = a_0 g_0
+    Outputs: du, ddelta, dz (batch, d_inner, L) contiguous; dA (batch, d_inner, d_state), dD and dbias
+    (batch, d_inner): per batch element; dB, dC (batch, n_dblocks, d_state, L): per channel block; dh0 (batch,
+    d_inner, d_state). scratch (batch, n_dblocks, CHUNK, BLOCK_D, BLOCK_N) holds this program's recomputed states.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    n_dblocks = tl.num_programs(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    A = A.to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    # Position-0 pointers for this program; each chunk offsets them to where it starts.
+    u_ptrs0 = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
+    delta_ptrs0 = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
+    B_ptrs0 = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
+    C_ptrs0 = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n
+    if HAS_Z:
+        z_ptrs0 = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
+    if HAS_DOUT:
+        dout_ptrs0 = dout_ptr + pid_b * stride_dout_b + offs_d * stride_dout_d
+    out_offs0 = (pid_b * d_inner + offs_d) * length  # du, ddelta, dz
+    dBC_offs0 = (pid_b * n_dblocks + pid_d) * d_state * length + offs_n * length
+    ckpt_ptrs0 = ckpt_ptr + pid_b * stride_ckpt_b + offs_d[:, None] * stride_ckpt_d + offs_n[None, :]
+    # Scratch slot i of the current chunk holds the state *before* position start+i.
+    scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * BLOCK_D * BLOCK_N)
+                     + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
+
+    # carry = a_{t+1} g_{t+1}: the part of g_t that flows back from later positions.
+    if HAS_DHLAST:
+        carry = tl.load(dhlast_ptr + pid_b * stride_dhlast_b + offs_d[:, None] * stride_dhlast_d
+                        + offs_n[None, :] * stride_dhlast_n, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+
+    n_chunks = tl.cdiv(length, CHUNK)
+    for c_rev in range(0, n_chunks):
+        c = n_chunks - 1 - c_rev
+        start = c * CHUNK
+        chunk_len = tl.minimum(length - start, CHUNK)
+
+        # 1. Recompute the chunk's states from its checkpoint, saving the state before each position.
+        h = tl.load(ckpt_ptrs0 + c * stride_ckpt_c, mask=mask_dn, other=0.0)
+        u_ptrs = u_ptrs0 + start * stride_u_l
+        delta_ptrs = delta_ptrs0 + start * stride_delta_l
+        B_ptrs = B_ptrs0 + start * stride_B_l
+        scratch_ptrs = scratch_ptrs0
+        for i in range(0, CHUNK):
+            if i < chunk_len:
+                tl.store(scratch_ptrs, h)
+                dt = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    dt += bias
+                if SOFTPLUS:
+                    dt = _softplus(dt)
+                u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                Bt = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                u_ptrs += stride_u_l
+                delta_ptrs += stride_delta_l
+                B_ptrs += stride_B_l
+                scratch_ptrs += BLOCK_D * BLOCK_N
+        # The reverse walk reads slots that other threads of this program wrote.
+        tl.debug_barrier()
+
+        # 2. Walk the chunk backwards from its last position: h holds h_t, the scratch gives h_{t-1}.
+        t = start + chunk_len - 1
+        u_ptrs = u_ptrs0 + t * stride_u_l
+        delta_ptrs = delta_ptrs0 + t * stride_delta_l
+        B_ptrs = B_ptrs0 + t * stride_B_l
+        C_ptrs = C_ptrs0 + t * stride_C_l
+        if HAS_Z:
+            z_ptrs = z_ptrs0 + t * stride_z_l
+        if HAS_DOUT:
+            dout_ptrs = dout_ptrs0 + t * stride_dout_l
+        out_offs = out_offs0 + t
+        dBC_offs = dBC_offs0 + t
+        scratch_ptrs = scratch_ptrs0 + (chunk_len - 1) * (BLOCK_D * BLOCK_N)
+        for i_rev in range(0, CHUNK):
+            if i_rev < chunk_len:
+                h_prev = tl.load(scratch_ptrs)
+                x = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    x += bias
+                if SOFTPLUS:
+                    dt = _softplus(x)
+                else:
+                    dt = x
+                u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                Bt = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+                Ct = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+                if HAS_DOUT:
+                    gy = tl.load(dout_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                else:
+                    gy = tl.zeros((BLOCK_D,), tl.float32)
+                if HAS_Z:
+                    z = tl.load(z_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                    sig_z = 1.0 / (1.0 + tl.exp(-z))
+                    y_pre = tl.sum(h * Ct[None, :], axis=1)
+                    if HAS_D:
+                        y_pre += D * u
+                    tl.store(dz_ptr + out_offs, gy * y_pre * sig_z * (1.0 + z * (1.0 - sig_z)), mask=mask_d)
+                    gy = gy * z * sig_z  # now d loss / d (C.h + D u)
+                a = tl.exp(dt[:, None] * A)
+                g = gy[:, None] * Ct[None, :] + carry
+                tl.store(dC_ptr + dBC_offs, tl.sum(gy[:, None] * h, axis=0), mask=mask_n)
+                tl.store(dB_ptr + dBC_offs, tl.sum(g * (dt * u)[:, None], axis=0), mask=mask_n)
+                gB = tl.sum(g * Bt[None, :], axis=1)
+                g_decay = g * h_prev * a  # d loss / d (dt*A), elementwise
+                ddelta = u * gB + tl.sum(g_decay * A, axis=1)
+                if SOFTPLUS:
+                    # softplus' = sigmoid, exactly 1 where softplus is the identity.
+                    ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp(-x)))
+                du = dt * gB
+                if HAS_D:
+                    du += gy * D
+                    dD_acc += gy * u
+                tl.store(du_ptr + out_offs, du, mask=mask_d)
+                tl.store(ddelta_ptr + out_offs, ddelta, mask=mask_d)
+                dA_acc += g_decay * dt[:, None]
+                dbias_acc += ddelta
+                carry = g * a
+                h = h_prev
+
+                u_ptrs -= stride_u_l
+                delta_ptrs -= stride_delta_l
+                B_ptrs -= stride_B_l
+                C_ptrs -= stride_C_l
+                if HAS_Z:
+                    z_ptrs -= stride_z_l
+                if HAS_DOUT:
+                    dout_ptrs -= stride_dout_l
+                out_offs -= 1
+                dBC_offs -= 1
+                scratch_ptrs -= BLOCK_D * BLOCK_N
+        # The next chunk's recompute overwrites slots this walk may still be reading in other threads.
+        tl.debug_barrier()
+
+    bdn_offs = (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :]
+    tl.store(dA_ptr + bdn_offs, dA_acc, mask=mask_dn)
+    tl.store(dh0_ptr + bdn_offs, carry, mask=mask_dn)
+    tl.store(dD_ptr + pid_b * d_inner + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + pid_b * d_inner + offs_d, dbias_acc, mask=mask_d)
+
+
+def _strides3(x: torch.Tensor | None) -> tuple[int, ...]:
+    """x's strides, or zeros standing in for an absent optional tensor."""
+    return (0, 0, 0) if x is None else tuple(x.stride())
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_ckpt, chunk, block_d):
+    """Launches the forward kernel; returns (y, last_state, checkpoints or None)."""
+    batch, d_inner, length = u.shape
+    d_state = A.shape[1]
+    block_d = _block_d(d_inner, block_d)
+    y = torch.empty(batch, d_inner, length, device=u.device, dtype=u.dtype)
+    hlast = torch.empty(batch, d_inner, d_state, device=u.device, dtype=torch.float32)
+    ckpt = None
+    if save_ckpt:
+        ckpt = torch.empty(batch, d_inner, triton.cdiv(length, chunk), d_state, device=u.device, dtype=torch.float32)
+    grid = (batch, triton.cdiv(d_inner, block_d))
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, D, z, delta_bias, initial_state,
+        y, hlast, ckpt,
+        d_inner, d_state, length,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+        *_strides3(initial_state), *(_strides3(ckpt)[:3]),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=initial_state is not None,
+        SOFTPLUS=bool(delta_softplus), SAVE_CKPT=save_ckpt,
+        CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state),
+    )
+    return y, hlast, ckpt
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Forward saves the inputs and the per-chunk states; backward is `_scan_bwd_kernel`."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, block_d):
+        y, hlast, ckpt = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                   save_ckpt=True, chunk=chunk, block_d=block_d)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt)
+        # Unused outputs then arrive as None instead of zero tensors, so the kernel skips them.
+        ctx.set_materialize_grads(False)
+        ctx.delta_softplus, ctx.chunk, ctx.block_d = delta_softplus, chunk, block_d
+        return y, hlast
+
+    @staticmethod
+    def backward(ctx, dy, dhlast):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt = ctx.saved_tensors
+        batch, d_inner, length = u.shape
+        d_state = A.shape[1]
+        chunk = ctx.chunk
+        block_d = _block_d(d_inner, ctx.block_d)
+        block_n = triton.next_power_of_2(d_state)
+        n_dblocks = triton.cdiv(d_inner, block_d)
+        dev = u.device
+        f32 = dict(device=dev, dtype=torch.float32)
+        du = torch.empty(batch, d_inner, length, device=dev, dtype=u.dtype)
+        ddelta = torch.empty(batch, d_inner, length, device=dev, dtype=delta.dtype)
+        dz = torch.empty(batch, d_inner, length, device=dev, dtype=z.dtype) if z is not None else None
+        dA = torch.empty(batch, d_inner, d_state, **f32)
+        dB = torch.empty(batch, n_dblocks, d_state, length, **f32)
+        dC = torch.empty(batch, n_dblocks, d_state, length, **f32)
+        dD = torch.empty(batch, d_inner, **f32)
+        dbias = torch.empty(batch, d_inner, **f32)
+        dh0 = torch.empty(batch, d_inner, d_state, **f32)
+        scratch = torch.empty(batch, n_dblocks, chunk, block_d, block_n, **f32)
+        _scan_bwd_kernel[(batch, n_dblocks)](
+            u, delta, A, B, C, D, z, delta_bias, ckpt, dy, dhlast, scratch,
+            du, ddelta, dz, dA, dB, dC, dD, dbias, dh0,
+            d_inner, d_state, length,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+            ckpt.stride(0), ckpt.stride(1), ckpt.stride(2), *_strides3(dy), *_strides3(dhlast),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DOUT=dy is not None,
+            HAS_DHLAST=dhlast is not None, SOFTPLUS=bool(ctx.delta_softplus),
+            CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
+        )
+
+        def cast(grad, like):
+            return None if like is None else grad.to(like.dtype)
+
+        return (
+            du, ddelta, cast(dA.sum(0), A), cast(dB.sum(1), B), cast(dC.sum(1), C), cast(dD.sum(0), D), dz,
+            cast(dbias.sum(0), delta_bias), cast(dh0, initial_state), None, None, None,
+        )
+
+
+def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, initial_state=None,
+                          *, chunk: int = DEFAULT_CHUNK, block_d: int | None = None):
+    """Fused selective scan. Shapes and results as `selective_scan_ref`: returns (y in u's dtype, last_state
+    (batch, d_inner, d_state) float32). Differentiable in every tensor input via the Triton backward.
+
+    `chunk` (positions between states saved for the backward) and `block_d` (channels per program) are tuning
+    knobs; they do not change results beyond float rounding.
+    """
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
+                                      block_d)
+    y, hlast, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                            save_ckpt=False, chunk=chunk, block_d=block_d)
+    return y, hlast
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+    d_inner, d_state,
+    stride_state_b, stride_state_d, stride_state_n,
+    stride_u_b, stride_u_d, stride_delta_b, stride_delta_d,
+    stride_A_d, stride_A_n, stride_B_b, stride_B_n, stride_C_b, stride_C_n, stride_z_b, stride_z_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One decode step for (batch pid_b, channel block pid_d): h = exp(dt*A) h + dt B u in place,
+    y = (C.h + D u) * silu(z)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+
+    state_ptrs = (state_ptr + pid_b * stride_state_b + offs_d[:, None] * stride_state_d
+                  + offs_n[None, :] * stride_state_n)
+    h = tl.load(state_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    x = tl.load(delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(x)
+    else:
+        dt = x
+    u = tl.load(u_ptr + pid_b * stride_u_b + offs_d * stride_u_d, mask=mask_d, other=0.0).to(tl.float32)
+    Bt = tl.load(B_ptr + pid_b * stride_B_b + offs_n * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + pid_b * stride_C_b + offs_n * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
+
+    h = tl.exp(dt[:, None] * A.to(tl.float32)) * h + (dt * u)[:, None] * Bt[None, :]
+    # Round the state to its storage dtype before reading it out, as the in-place reference does.
+    h = h.to(state_ptr.dtype.element_ty).to(tl.float32)
+    y = tl.sum(h * Ct[None, :], axis=1)
+    if HAS_D:
+        y += u * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * stride_z_b + offs_d * stride_z_d, mask=mask_d, other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    # Every thread has read its state before any thread overwrites it (layouts may replicate elements).
+    tl.debug_barrier()
+    tl.store(state_ptrs, h, mask=mask_dn)
+    tl.store(y_ptr + pid_b * d_inner + offs_d, y, mask=mask_d)
+
+
+def selective_state_update_triton(state, u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True,
+                                  *, block_d: int | None = None):
+    """One decode step, fused: `state` (batch, d_inner, d_state) is updated in place; u, delta, z (batch, d_inner);
+    B, C (batch, d_state). Returns y (batch, d_inner) in u's dtype, as `selective_state_update_ref`."""
+    batch, d_inner = u.shape
+    d_state = A.shape[1]
+    block_d = _block_d(d_inner, block_d)
+    y = torch.empty(batch, d_inner, device=u.device, dtype=u.dtype)
+    z_strides = (0, 0) if z is None else z.stride()
+    _state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
+        state, u, delta, A, B, C, D, z, delta_bias, y,
+        d_inner, d_state,
+        *state.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state),
+    )
+    return y

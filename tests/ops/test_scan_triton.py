@@ -1,0 +1,209 @@
+"""Triton selective scan and decode update against the sequential reference, forward and backward.
+
+Without CUDA the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, which must be set
+before the kernels are defined, i.e. before importing hymba.ops.scan.triton). The interpreter is slow, so the
+CPU shapes are small but odd (channel counts that are not multiples of the block, d_state 5, chunk boundaries
+that split L unevenly); the realistic sizes run only on a GPU.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from hymba.ops.scan.reference import selective_scan_ref, selective_state_update_ref  # noqa: E402
+from hymba.ops.scan.triton import selective_scan_triton, selective_state_update_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (realistic sizes)")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64; NaN or inf anywhere fails rather than slipping through a comparison."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    a, b = actual.double(), expected.double()
+    assert torch.isfinite(a).all(), "non-finite values in the kernel's result"
+    assert torch.isfinite(b).all(), "non-finite values in the reference's result"
+    err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    assert err == err and err != float("inf")
+    return err
+
+
+def make_inputs(batch, d_inner, d_state, length, dtype=torch.float32, *, z=True, bias=True, h0=True, strided=False,
+                seed=0):
+    """Mamba-like inputs: A = -exp(.) (d_inner, d_state), dt bias from Mamba's init range, bf16 only where the
+    model has it (u, delta, B, C, z; A, D, bias and the state stay float32)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    if strided:
+        # u and delta as channel halves of one tensor, B and C as transposes of (batch, L, d_state): no unit strides.
+        u, delta = randn(batch, 2 * d_inner, length).chunk(2, dim=1)
+        B = randn(batch, length, d_state).transpose(1, 2)
+        C = randn(batch, length, d_state).transpose(1, 2)
+    else:
+        u, delta, B, C = randn(batch, d_inner, length), randn(batch, d_inner, length), randn(batch, d_state, length), \
+            randn(batch, d_state, length)
+    delta = delta * 0.5
+    A = -torch.exp(0.5 * randn(d_inner, d_state, dtype=torch.float32))
+    D = randn(d_inner, dtype=torch.float32)
+    dt_init = torch.exp(torch.rand(d_inner, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    delta_bias = (dt_init + torch.log(-torch.expm1(-dt_init))) if bias else None
+    inputs = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=randn(batch, d_inner, length) if z else None,
+                  delta_bias=delta_bias,
+                  initial_state=randn(batch, d_inner, d_state, dtype=torch.float32) if h0 else None)
+    return {k: None if v is None else v.to(DEVICE) for k, v in inputs.items()}
+
+
+def scan_args(inputs, softplus=True):
+    """Positional arguments of the scan functions from `make_inputs`' dict."""
+    return (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
+            inputs["delta_bias"], softplus, inputs["initial_state"])
+
+
+def run_both(inputs, softplus=True, use_y=True, use_state=True, **kernel_kwargs):
+    """Forward both implementations on leaf copies of `inputs`; backprop a random projection of (y, last_state)."""
+    results = []
+    gen = torch.Generator().manual_seed(1)
+    for fn in (selective_scan_triton, selective_scan_ref):
+        leaves = {k: None if v is None else v.detach().clone().requires_grad_(v.is_floating_point())
+                  for k, v in inputs.items()}
+        kwargs = kernel_kwargs if fn is selective_scan_triton else {}
+        y, state = fn(*scan_args(leaves, softplus), **kwargs)
+        gen.manual_seed(1)
+        loss = 0
+        if use_y:
+            loss = loss + (y.float() * torch.randn(y.shape, generator=gen).to(y.device)).sum()
+        if use_state:
+            loss = loss + (state * torch.randn(state.shape, generator=gen).to(state.device)).sum()
+        loss.backward()
+        grads = {k: v.grad for k, v in leaves.items() if v is not None}
+        results.append((y.detach(), state.detach(), grads))
+    return results
+
+
+def check(results, fwd_tol, bwd_tol):
+    (y, state, grads), (y_ref, state_ref, grads_ref) = results
+    assert y.dtype == y_ref.dtype and state.dtype == torch.float32 and state.shape == state_ref.shape
+    assert rel_err(y, y_ref) < fwd_tol
+    assert rel_err(state, state_ref) < fwd_tol
+    for name, ref in grads_ref.items():
+        if ref is None:  # the reference's graph does not reach it (e.g. z when only the state is used)
+            assert grads[name] is None or not grads[name].any(), name
+            continue
+        assert grads[name].dtype == ref.dtype and grads[name].shape == ref.shape, name
+        assert rel_err(grads[name], ref) < bwd_tol, name
+
+
+# (batch, d_inner, d_state, length, chunk, block_d): chunks that split L unevenly, channel blocks with a ragged tail.
+FP32_CASES = [
+    (2, 37, 16, 1, 64, 32),
+    (2, 37, 5, 7, 4, 32),
+    (2, 100, 16, 63, 16, 128),
+    (1, 37, 5, 300, 64, 64),
+]
+
+
+@pytest.mark.parametrize("batch,d_inner,d_state,length,chunk,block_d", FP32_CASES)
+def test_scan_fp32_matches_reference(batch, d_inner, d_state, length, chunk, block_d):
+    results = run_both(make_inputs(batch, d_inner, d_state, length), chunk=chunk, block_d=block_d)
+    check(results, fwd_tol=1e-5, bwd_tol=1e-5)
+
+
+@pytest.mark.parametrize("z,bias,h0,softplus,use_y,use_state,strided", [
+    (False, False, False, False, True, True, False),  # every optional input off, no softplus
+    (True, True, True, True, False, True, False),  # gradient only through the final state
+    (True, False, True, True, True, False, True),  # only through y; non-unit strides everywhere
+])
+def test_scan_variants(z, bias, h0, softplus, use_y, use_state, strided):
+    inputs = make_inputs(2, 37, 5, 9, z=z, bias=bias, h0=h0, strided=strided)
+    results = run_both(inputs, softplus=softplus, use_y=use_y, use_state=use_state, chunk=4, block_d=32)
+    check(results, fwd_tol=1e-5, bwd_tol=1e-5)
+
+
+def test_scan_bf16_matches_reference():
+    results = run_both(make_inputs(2, 37, 16, 24, dtype=torch.bfloat16), chunk=8, block_d=64)
+    check(results, fwd_tol=2e-2, bwd_tol=2e-2)
+
+
+def test_scan_without_grad_matches_with_grad():
+    inputs = make_inputs(2, 37, 5, 9)
+    with torch.no_grad():
+        y, state = selective_scan_triton(*scan_args(inputs), chunk=4)
+    (y_grad, state_grad, _), _ = run_both(inputs, chunk=4)
+    assert torch.equal(y, y_grad) and torch.equal(state, state_grad)
+
+
+def test_scan_gradient_of_a_plain_sum():
+    """y.sum() hands the backward a broadcast (stride 0) gradient, and no gradient for the final state."""
+    inputs = make_inputs(2, 37, 5, 6)
+    grads = []
+    for fn in (selective_scan_triton, selective_scan_ref):
+        leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        fn(*scan_args(leaves))[0].sum().backward()
+        grads.append({k: v.grad for k, v in leaves.items() if v is not None})
+    for name, ref in grads[1].items():
+        assert rel_err(grads[0][name], ref) < 1e-5, name
+
+
+def test_scan_nan_fails_the_comparison():
+    inputs = make_inputs(1, 8, 4, 3)
+    inputs["u"][0, 0, 1] = float("nan")
+    y, _ = selective_scan_triton(*scan_args(inputs))
+    with pytest.raises(AssertionError):
+        rel_err(y, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("d_inner,d_state,dtype,z,bias,softplus", [
+    (37, 5, torch.float32, True, True, True),
+    (100, 16, torch.float32, False, False, False),
+    (37, 16, torch.bfloat16, True, True, True),
+])
+def test_state_update_matches_reference(d_inner, d_state, dtype, z, bias, softplus):
+    batch, steps = 2, 4
+    inputs = make_inputs(batch, d_inner, d_state, steps, dtype, z=z, bias=bias)
+    state = inputs["initial_state"].clone()
+    state_ref = inputs["initial_state"].clone()
+    for t in range(steps):
+        step = [inputs[k][..., t] for k in ("u", "delta")]
+        step_z = inputs["z"][..., t] if z else None
+        args = (inputs["A"], inputs["B"][..., t], inputs["C"][..., t], inputs["D"], step_z, inputs["delta_bias"],
+                softplus)
+        y = selective_state_update_triton(state, *step, *args)
+        y_ref = selective_state_update_ref(state_ref, *step, *args)
+        assert y.dtype == y_ref.dtype == dtype and state.dtype == torch.float32
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert rel_err(y, y_ref) < tol
+        assert rel_err(state, state_ref) < 1e-5
+    # Stepping is the scan: the final state and the outputs agree with one scan over the same inputs.
+    y_scan, last = selective_scan_ref(*scan_args(inputs, softplus))
+    assert rel_err(state, last) < 1e-5
+    assert rel_err(y, y_scan[..., -1]) < tol
+
+
+@gpu_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_scan_realistic_size_gpu(dtype, tol):
+    results = run_both(make_inputs(4, 3200, 16, 2048, dtype))
+    check(results, fwd_tol=tol, bwd_tol=tol)
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_state_update_realistic_size_gpu():
+    inputs = make_inputs(4, 3200, 16, 1, torch.bfloat16)
+    state, state_ref = inputs["initial_state"].clone(), inputs["initial_state"].clone()
+    step = [inputs[k][..., 0] for k in ("u", "delta")] + [inputs["A"], inputs["B"][..., 0], inputs["C"][..., 0],
+                                                          inputs["D"], inputs["z"][..., 0], inputs["delta_bias"]]
+    y = selective_state_update_triton(state, *step)
+    y_ref = selective_state_update_ref(state_ref, *step)
+    assert rel_err(y, y_ref) < 2e-2
+    assert rel_err(state, state_ref) < 1e-5
