@@ -59,7 +59,7 @@ class KeyLayout:
             rows = torch.arange(b, device=positions.device)
             self.write = (rows, torch.zeros_like(rows), slot)
             self.positions[rows, slot] = positions[:, 0]
-            self.valid[rows, slot] = True
+            self.valid[rows, slot] = torch.ones_like(slot, dtype=torch.bool)  # a device tensor: graph-capturable
             self.attend_pos, self.attend_valid = self.positions, self.valid
             return
         keep = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid.clone()
@@ -146,6 +146,42 @@ class HymbaCache:
     def recurrent_state(self) -> list[torch.Tensor]:
         """The tensors a decode step changes beyond the slot it writes: SSM and conv states, next positions."""
         return [self.next_position, *(t for s in self.ssm.values() for t in (s.ssm, s.conv))]
+
+    # ------------------------------------------------------------------ rows as slots (continuous batching)
+    def reset_rows(self, rows: list[int] | torch.Tensor) -> None:
+        """Empty `rows`: no key visible, zero SSM and conv state, next position 0. In place (CUDA-graph safe).
+
+        K/V bytes are left as they are: with `valid` cleared no query can see them, and refilling a row
+        (`copy_row_from`) overwrites them anyway.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.next_position.device)
+        for layout in self.layouts.values():
+            layout.valid.index_fill_(0, rows, False)
+            layout.positions.index_fill_(0, rows, 0)
+        for state in self.ssm.values():
+            state.ssm.index_fill_(0, rows, 0.0)
+            state.conv.index_fill_(0, rows, 0.0)
+        self.next_position.index_fill_(0, rows, 0)
+
+    def copy_row_from(self, row: int, other: HymbaCache, other_row: int = 0) -> None:
+        """Make `row` hold exactly `other`'s row `other_row`: K/V, key positions and validity, SSM and conv
+        state, next position. Both caches must have the same config and layout (same `max_len`); the copy is
+        in place, so a CUDA graph captured over this cache stays valid."""
+        if other.config is not self.config and other.config != self.config:
+            raise HymbaError("copy_row_from needs two caches of the same model config")
+        for window, layout in self.layouts.items():
+            if other.layouts[window].capacity != layout.capacity:
+                raise HymbaError(f"copy_row_from: key layouts differ ({other.layouts[window].capacity} vs "
+                                 f"{layout.capacity} slots); allocate both caches with the same max_len")
+            layout.positions[row].copy_(other.layouts[window].positions[other_row])
+            layout.valid[row].copy_(other.layouts[window].valid[other_row])
+        for layer in self.keys:
+            self.keys[layer][row].copy_(other.keys[layer][other_row])
+            self.values[layer][row].copy_(other.values[layer][other_row])
+        for layer, state in self.ssm.items():
+            state.ssm[row].copy_(other.ssm[layer].ssm[other_row])
+            state.conv[row].copy_(other.ssm[layer].conv[other_row])
+        self.next_position[row].copy_(other.next_position[other_row])
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
