@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real import error inside an existing module must surface
+            if not (exc.name and f"{name}.".startswith(f"{exc.name}.")):  # the module or its package is absent
                 raise
             continue
         module.add_parser(subparsers)
