@@ -6,6 +6,7 @@ so a checkpoint's tensors are allocated once, directly in the requested dtype an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -143,8 +144,7 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_bytes: int = 
     state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    config = model.config
-    config.torch_dtype = str(model.dtype).removeprefix("torch.")
+    config = dataclasses.replace(model.config, torch_dtype=str(model.dtype).removeprefix("torch."))
 
     shards, current, size = [], {}, 0
     for name in sorted(state):

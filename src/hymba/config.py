@@ -161,7 +161,7 @@ class HymbaConfig:
         n = self.num_hidden_layers
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "mamba_expand", "mamba_d_state", "mamba_d_conv"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+            if type(getattr(self, key)) is not int or getattr(self, key) <= 0:  # bool is an int subclass: refuse it
                 fail(key, f"must be a positive integer, got {getattr(self, key)!r}", "set a positive integer")
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"{self.num_attention_heads} heads do not divide hidden_size "
@@ -189,7 +189,7 @@ class HymbaConfig:
             fail("v_head_dim", f"hybrid layers need num_attention_heads * v_head_dim == mamba_expand * hidden_size "
                  f"({self.attn_out_dim} != {self.d_inner})",
                  f"set v_head_dim to {self.d_inner // self.num_attention_heads} or -1")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+        if self.sliding_window is not None and (type(self.sliding_window) is not int or self.sliding_window <= 0):
             fail("sliding_window", f"must be a positive integer, got {self.sliding_window!r}",
                  "use null for global attention everywhere")
         if len(set(self.global_attn_idx)) != len(self.global_attn_idx):
