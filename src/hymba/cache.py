@@ -98,10 +98,11 @@ class HymbaCache:
                     ring = None if window is None or window + 1 >= max_len else window + 1
                     self.layouts[window] = KeyLayout(batch, M, ring, M + (max_len if ring is None else ring), device)
                 capacity = self.layouts[window].capacity
-                self.keys[layer] = torch.zeros(batch, capacity, config.num_key_value_heads, config.qk_head_dim,
-                                               device=device, dtype=dtype)  # (b, S, hkv, dqk)
-                self.values[layer] = torch.zeros(batch, capacity, config.num_key_value_heads, config.value_head_dim,
-                                                 device=device, dtype=dtype)  # (b, S, hkv, dv)
+                # Head-major, as attention reads them: a (b, hkv, S, d) buffer is a matmul operand without a copy.
+                self.keys[layer] = torch.zeros(batch, config.num_key_value_heads, capacity, config.qk_head_dim,
+                                               device=device, dtype=dtype)  # (b, hkv, S, dqk)
+                self.values[layer] = torch.zeros(batch, config.num_key_value_heads, capacity, config.value_head_dim,
+                                                 device=device, dtype=dtype)  # (b, hkv, S, dv)
             if config.has_ssm(layer):
                 self.ssm[layer] = SSMState(
                     ssm=torch.zeros(batch, config.d_inner, config.mamba_d_state, device=device, dtype=torch.float32),
@@ -123,16 +124,13 @@ class HymbaCache:
         layout = self.layouts[self.config.window(layer)]
         k_buf, v_buf = self.keys[layer], self.values[layer]
         rows, index, slot = layout.write
-        k_new, v_new = k.transpose(1, 2), v.transpose(1, 2)  # (b, T, hkv, d)
         if self._decoding:
-            k_buf[rows, slot] = k_new[rows, index]
-            v_buf[rows, slot] = v_new[rows, index]
             keys, values = k_buf, v_buf
         else:
-            keys, values = torch.cat([k_buf, k_new], dim=1), torch.cat([v_buf, v_new], dim=1)
-            k_buf[rows, slot] = k_new[rows, index]
-            v_buf[rows, slot] = v_new[rows, index]
-        return keys.transpose(1, 2), values.transpose(1, 2), layout.attend_pos, layout.attend_valid
+            keys, values = torch.cat([k_buf, k], dim=2), torch.cat([v_buf, v], dim=2)
+        k_buf[rows, :, slot] = k[rows, :, index]  # (n, hkv, d) entries into their slots
+        v_buf[rows, :, slot] = v[rows, :, index]
+        return keys, values, layout.attend_pos, layout.attend_valid
 
     def ssm_layer(self, layer: int) -> SSMState:
         return self.ssm[layer]

@@ -145,6 +145,10 @@ class HymbaConfig:
                 return group[0]
         return layer
 
+    def groups_of(self, producer: int) -> list[int]:
+        """The layers attending over `producer`'s K,V: itself first, then its reusers."""
+        return next((g for g in self.groups if g[0] == producer), [producer])
+
     def produces_kv(self, layer: int) -> bool:
         return self.has_attention(layer) and self.kv_producer(layer) == layer
 

@@ -142,7 +142,10 @@ class HymbaMixer(nn.Module):
         if self.config.rope:
             q = apply_rope(q, cos, sin)
         if self.reuses_kv:
-            keys = ctx.shared_kv[self.config.kv_producer(self.layer_idx)]
+            producer = self.config.kv_producer(self.layer_idx)
+            # The group's last reuser releases the producer's K,V so a long prefill holds one group's at a time.
+            last = self.layer_idx + 1 not in self.config.groups_of(producer)
+            keys = ctx.shared_kv.pop(producer) if last else ctx.shared_kv[producer]
         else:
             k = k.view(b, T, self.n_kv, self.d_qk).transpose(1, 2)  # (b, hkv, T, dqk)
             v = v.view(b, T, self.n_kv, self.d_v).transpose(1, 2)  # (b, hkv, T, dv)
@@ -152,7 +155,8 @@ class HymbaMixer(nn.Module):
                 keys = (k, v, ctx.positions, ctx.valid)
             else:
                 keys = ctx.cache.update_kv(self.layer_idx, k, v)
-            ctx.shared_kv[self.layer_idx] = keys
+            if self.config.groups_of(self.layer_idx)[1:]:
+                ctx.shared_kv[self.layer_idx] = keys
         k_all, v_all, k_pos, k_valid = keys
         plan_key = (self.window, id(k_pos))
         if plan_key not in ctx.plans:
