@@ -273,8 +273,14 @@ def _tokenized_shards(
         finally:
             _WORKER.clear()  # this process is no worker: let the tokenizer and any dataset go
         return
-    # spawn, not fork: the parent may hold torch or tokenizers threads, which a forked child inherits half-broken
-    context = multiprocessing.get_context("spawn")
+    # Not fork: the parent may hold torch or tokenizers threads, which a forked child inherits half-broken. A fork
+    # server is a fresh single-threaded process that imports this module (and torch, through hymba) once, then forks
+    # each worker ready to run; spawn, where there is no fork server, imports it in every worker.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+    else:
+        context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, context, _init_worker, (tokenizer_dir, dtype.name)) as pool:
         yield from pool.map(_tokenize_shard, shards)  # results come back in shard order
 
