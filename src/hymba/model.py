@@ -144,8 +144,11 @@ class HymbaMixer(nn.Module):
         if self.reuses_kv:
             producer = self.config.kv_producer(self.layer_idx)
             # The group's last reuser releases the producer's K,V so a long prefill holds one group's at a time.
+            # Not with autograd on: backward keeps them alive anyway, and activation checkpointing re-runs this
+            # layer during backward, when it must find them again.
             last = self.layer_idx + 1 not in self.config.groups_of(producer)
-            keys = ctx.shared_kv.pop(producer) if last else ctx.shared_kv[producer]
+            release = last and not torch.is_grad_enabled()
+            keys = ctx.shared_kv.pop(producer) if release else ctx.shared_kv[producer]
         else:
             k = k.view(b, T, self.n_kv, self.d_qk).transpose(1, 2)  # (b, hkv, T, dqk)
             v = v.view(b, T, self.n_kv, self.d_v).transpose(1, 2)  # (b, hkv, T, dv)
