@@ -334,7 +334,7 @@ def engine_prefill_any_chunk(model, context: int, batch: int, chunks: tuple, dev
 
 
 def engine_decode(model, context: int, batch: int, steps: int, warmup: int, fill: str, device: torch.device,
-                  cuda_graph: bool = True) -> dict[str, Any]:
+                  cuda_graph: bool = True, compile: bool = False) -> dict[str, Any]:
     """Time `steps` decode steps whose last one fills a cache sized for exactly `context` tokens."""
     import torch
 
@@ -352,7 +352,7 @@ def engine_decode(model, context: int, batch: int, steps: int, warmup: int, fill
         prefill(model, cache, ids, None, min(start, 512))  # small chunks: the fill is untimed, memory matters
         del ids
     if device.type == "cuda" and cuda_graph:
-        step = CudaGraphDecoder(model, cache, batch)
+        step = CudaGraphDecoder(model, cache, batch, compile=compile)
     else:
         step = lambda tokens: decode_step(model, cache, tokens)  # noqa: E731
     tokens = torch.randint(0, config.vocab_size, (batch,), device=device)
@@ -520,6 +520,7 @@ class BenchOptions:
     prefill_chunks: tuple = PREFILL_CHUNKS
     prefill: bool = True
     cuda_graph: bool = True
+    compile: bool = False
     seed: int = 0
 
 
@@ -639,7 +640,7 @@ class Bench:
                                                o.device)
         else:
             fn = lambda b: engine_decode(model, context, b, o.steps, o.warmup_steps, o.fill, o.device,  # noqa: E731
-                                         o.cuda_graph)
+                                         o.cuda_graph, o.compile)
         ran, result = self._measure(spec, context, batch, "decode", fn)
         if ran is not None:
             step_s = result["seconds"] / o.steps
@@ -838,7 +839,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(models=models, contexts=contexts, batches=batches, steps=steps,
                         warmup_steps=args.warmup_steps, device=device,
                         dtype=resolve_dtype(args.dtype or defaults["dtype"]), fill=args.fill, prefill_chunks=chunks,
-                        prefill=not args.no_prefill, cuda_graph=not args.no_cuda_graph, seed=args.seed)
+                        prefill=not args.no_prefill, cuda_graph=not args.no_cuda_graph,
+                        compile=args.compile, seed=args.seed)
 
 
 def bench_report(rows: list[Row], bench: Bench) -> dict[str, Any]:
@@ -901,6 +903,8 @@ def add_parser(subparsers) -> None:
                              "out-of-memory before halving the batch; 0 = one piece")
     parser.add_argument("--no-prefill", action="store_true", help="measure decode only")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA too (for comparison)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step before capturing it (fuses small kernels; slow to start)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--json", metavar="PATH", help="write rows, ratios, device and versions as JSON")
     parser.set_defaults(func=run_bench)

@@ -121,18 +121,20 @@ class CudaGraphDecoder:
     step overwrites.
     """
 
-    def __init__(self, model, cache: HymbaCache, batch: int):
+    def __init__(self, model, cache: HymbaCache, batch: int, compile: bool = False):
         self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
+        # torch.compile fuses the step's many small elementwise kernels (norms, RoPE, masks) before capture.
+        step = torch.compile(decode_step, dynamic=False) if compile else decode_step
         saved = [t.clone() for t in cache.recurrent_state()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                decode_step(model, cache, self.tokens)
+            for _ in range(3 if compile else 2):
+                step(model, cache, self.tokens)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decode_step(model, cache, self.tokens)
+            self.logits = step(model, cache, self.tokens)
         for live, copy in zip(cache.recurrent_state(), saved):
             live.copy_(copy)
 
