@@ -1,0 +1,643 @@
+"""`hymba train`: pre-train or fine-tune a Hymba model in one readable loop.
+
+    hymba data build-corpus --out data/corpus && hymba data tokenize data/corpus/corpus.jsonl --out data/tokens
+    hymba train --config default-small --data-dir data/tokens --out out/small
+    hymba train --config my.json --max-steps 200 --resume          # continue from out_dir/latest
+    torchrun --nproc_per_node 8 -m hymba.cli train --config default-small   # DDP (or "distributed": "fsdp")
+
+A `TrainConfig` (JSON; every field can be overridden on the command line) names the model (a preset plus
+overrides, or `init_from` a checkpoint), the data (token files from `hymba data`, or a chat JSONL for SFT), the
+optimizer and schedule, and the run. Every step draws one global batch, identical on every process, and each
+process trains on its own rows of it, so the run's arithmetic does not depend on how it is split into
+processes or gradient-accumulation steps - and resuming only needs the data sampler's position.
+
+Checkpoints are `from_pretrained` directories (safetensors weights, config, tokenizer files) plus
+`trainer_state.pt` (optimizer, step, RNG states, sampler position), written to a temporary directory and renamed
+into place; `out_dir/latest` names the newest. Resuming reproduces the uninterrupted run exactly (bit for bit on
+CPU; GPU kernels need not be deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from hymba.config import HymbaConfig
+from hymba.errors import HymbaError
+from hymba.model import HymbaForCausalLM
+from hymba.train.optim import SCHEDULES, decayed_parameter_names, lr_at, make_optimizer
+from hymba.train.sft import IGNORE_INDEX, SFTBatches, load_conversations
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+STATE_FILE = "trainer_state.pt"
+LATEST_FILE = "latest"
+# Dense bf16 tensor-core peak per device, for MFU (H200 has H100's compute, only more memory).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Paths are relative to the working directory."""
+
+    # Model: a preset (or a config.json path) with overrides, trained from scratch; or a checkpoint to fine-tune.
+    model: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    tokenizer: str | None = None  # tokenizer files copied into checkpoints; default: init_from's, else packaged
+    # Data: token files (train.bin / val.bin / meta.json from `hymba data`), or chat JSONL for SFT.
+    data_dir: str | None = None
+    data_order: str = "random"  # token files: "random" windows (nanoGPT) or "sequential" epochs over every token
+    sft_data: str | None = None
+    sft_val_data: str | None = None
+    sft_packing: str = "pack"  # "pack" (rows of exactly block_size) or "pad" (one conversation per row)
+    batch_size: int = 8  # rows per micro-batch per process
+    block_size: int = 256
+    grad_accum: int = 1
+    # Optimizer and schedule.
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "wsd"  # "wsd" (warmup-stable-decay, Hymba's), "cosine" or "constant"
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying to min_lr
+    max_steps: int = 1000
+    grad_clip: float = 1.0  # 0 disables
+    # Evaluation, logging, checkpoints.
+    eval_interval: int = 100
+    eval_iters: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    out_dir: str = "out/train"
+    log_file: str | None = None  # default: out_dir/log.jsonl
+    # Runtime.
+    seed: int = 1337
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    dtype: str = "auto"  # "bf16" (autocast on CUDA, float32 master weights) or "float32"; auto: bf16 on CUDA
+    activation_checkpointing: bool = False
+    compile: bool = False
+    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard: sharded weights and Adam state)
+    peak_flops: float | None = None  # per-device peak for MFU; None: looked up from the GPU name
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if (self.data_dir is None) == (self.sft_data is None):
+            raise HymbaError("set exactly one of data_dir (token files for pre-training) and sft_data (chat JSONL)")
+        for key in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
+                    "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, key) <= 0:
+                raise HymbaError(f"train config `{key}` must be positive, got {getattr(self, key)}")
+        choices = {"data_order": ("random", "sequential"), "sft_packing": ("pack", "pad"), "schedule": SCHEDULES,
+                   "distributed": ("ddp", "fsdp"), "dtype": ("auto", "bf16", "bfloat16", "float32", "fp32")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise HymbaError(f"train config `{key}` is {getattr(self, key)!r}; use one of {', '.join(allowed)}")
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a config file (or a packaged config by name, e.g. 'default-small'), then apply `overrides`."""
+        path = resolve_config_path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise HymbaError(f"{path} is not valid JSON ({exc})") from None
+        # Naming one data source on top of a file that names the other switches source (pre-training <-> SFT).
+        for source, other in (("data_dir", "sft_data"), ("sft_data", "data_dir")):
+            if overrides.get(source) is not None and other not in overrides:
+                data.pop(other, None)
+        data.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HymbaError(f"{path}: unknown train config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a packaged config in hymba/train/configs."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / str(name), CONFIG_DIR / f"{name}.json"):
+        if candidate.is_file():
+            return candidate
+    packaged = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    raise HymbaError(f"no train config {name}; pass a JSON file or one of the packaged configs {packaged}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank, world size, device, and the autocast dtype (None: plain float32)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    owns_process_group: bool = False  # joined it here, so leaves it at the end
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else cfg.device if cfg.device != "auto" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # bf16 autocast only on CUDA: CPU bf16 matmuls are slow, and CPU runs are tests that want exact float32.
+    amp = device.type == "cuda" and cfg.dtype in ("auto", "bf16", "bfloat16")
+    return Runtime(rank, world_size, device, torch.bfloat16 if amp else None, owns_group)
+
+
+def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model and data
+
+
+def build_model(cfg: TrainConfig, device: torch.device, checkpoint: str | Path | None = None) -> HymbaForCausalLM:
+    """float32 master weights: from `checkpoint` (resume), `init_from` (fine-tune), or freshly initialised."""
+    source = checkpoint or cfg.init_from
+    if source is not None:
+        model = HymbaForCausalLM.from_pretrained(source, dtype=torch.float32, device=device)
+    else:
+        if cfg.model.endswith(".json") or Path(cfg.model).is_dir():
+            config = HymbaConfig.from_dict({**HymbaConfig.from_json(cfg.model).to_dict(), **cfg.model_overrides})
+        else:
+            config = HymbaConfig.preset(cfg.model, **cfg.model_overrides)
+        with torch.device(device):
+            model = HymbaForCausalLM(config)
+        model.init_weights(torch.Generator(device).manual_seed(cfg.seed))
+    model.model.gradient_checkpointing = cfg.activation_checkpointing
+    return model.train()
+
+
+def tokenizer_dir(cfg: TrainConfig) -> Path:
+    from hymba.tokenizer import default_tokenizer_dir
+
+    if cfg.tokenizer:
+        return Path(cfg.tokenizer)
+    if cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file():
+        return Path(cfg.init_from)
+    return default_tokenizer_dir()
+
+
+class TokenBatches:
+    """Global batches of windows from a token folder, through the data module's resumable samplers.
+
+    The sampler is asked for the whole global batch (as rank 0 of 1), so every process draws the same rows.
+    """
+
+    def __init__(self, cfg: TrainConfig, split: str, rows: int, seed: int, vocab_size: int):
+        from hymba.train.data import RandomBatchSampler, SequentialBatchSampler, TokenDataset
+
+        dataset = TokenDataset(cfg.data_dir)
+        if dataset.vocab_size > vocab_size:
+            raise HymbaError(f"{cfg.data_dir} was tokenized with a vocabulary of {dataset.vocab_size} but the "
+                             f"model has {vocab_size} embeddings; use the model's tokenizer")
+        if cfg.data_order == "sequential" and split == "train":
+            self.sampler = SequentialBatchSampler(dataset, split, rows, cfg.block_size)
+        else:
+            self.sampler = RandomBatchSampler(dataset, split, rows, cfg.block_size, seed=seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class ChatBatches:
+    """Global batches of SFT conversations (see hymba.train.sft), with the same interface as TokenBatches."""
+
+    def __init__(self, cfg: TrainConfig, path: str, rows: int, seed: int):
+        from hymba.tokenizer import HymbaTokenizer
+
+        tokenizer = HymbaTokenizer.from_pretrained(tokenizer_dir(cfg))
+        examples = load_conversations(path, tokenizer, cfg.block_size + 1)
+        self.batches = SFTBatches(examples, cfg.block_size, tokenizer.pad_token_id, cfg.sft_packing, seed)
+        self.rows = rows
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches.next_batch(self.rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)
+
+
+def make_batches(cfg: TrainConfig, split: str, rows: int, seed: int, vocab_size: int):
+    """The train or val source of (x, y) global batches of `rows` rows; None when there is no validation data."""
+    if cfg.data_dir is not None:
+        from hymba.train.data import TokenDataset
+
+        if split == "val" and TokenDataset(cfg.data_dir).num_tokens("val") <= cfg.block_size:
+            return None
+        return TokenBatches(cfg, split, rows, seed, vocab_size)
+    path = cfg.sft_data if split == "train" else cfg.sft_val_data
+    return None if path is None else ChatBatches(cfg, path, rows, seed)
+
+
+def rows_for(batch: tuple[torch.Tensor, torch.Tensor], micro: int, rt: Runtime, batch_size: int):
+    """This process's rows of micro-step `micro` in a global batch laid out [micro][rank][row]."""
+    start = (micro * rt.world_size + rt.rank) * batch_size
+    return tuple(t[start:start + batch_size].to(rt.device) for t in batch)
+
+
+def count_targets(y: torch.Tensor) -> int:
+    return int((y != IGNORE_INDEX).sum())
+
+
+def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Summed next-token cross-entropy of a micro-batch (float32 logits; targets -100 are skipped)."""
+    with rt.autocast():
+        logits = model(x).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parallelism
+
+
+def wrap_model(model: HymbaForCausalLM, cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
+    """torch.compile if asked (in place, so names and checkpoints are unchanged), then DDP or FSDP2 across
+    processes (nothing when alone)."""
+    if cfg.compile:
+        model.compile()
+    if rt.world_size > 1 and cfg.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # One FSDP unit for the whole model: parameters, gradients and optimizer state live sharded and are
+        # gathered for forward and backward. Per-layer units would rebuild each layer's arguments, and with them the
+        # ForwardContext through which KV-reusing layers find their producer's keys and values.
+        fully_shard(model)
+    elif rt.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return model
+
+
+def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """Skip the gradient all-reduce on all but the last accumulation micro-step."""
+    if hasattr(model, "require_backward_grad_sync"):  # DDP
+        model.require_backward_grad_sync = sync
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+
+
+def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         n_targets: int, rt: Runtime) -> torch.Tensor:
+    """Backward over this process's micro-batches; returns their summed loss (detached).
+
+    Each micro-batch's summed loss is divided by the global batch's target count and multiplied by the world size
+    (DDP and FSDP average gradients over processes), so the final gradient is that of the mean loss over every
+    target token of the global batch, however the rows are split - also when SFT rows hold unequal numbers.
+    """
+    total = torch.zeros((), device=rt.device)
+    for micro, (x, y) in enumerate(micro_batches):
+        set_gradient_sync(model, micro == len(micro_batches) - 1)
+        loss = loss_sum(model, x, y, rt)
+        (loss * (rt.world_size / n_targets)).backward()
+        total += loss.detach()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, cfg: TrainConfig, rt: Runtime) -> float:
+    """Mean loss per target token over `eval_iters` global batches of the validation source (split as in training,
+    so the rows evaluated do not depend on the number of processes)."""
+    model.eval()
+    loss, count = torch.zeros((), device=rt.device), 0
+    for _ in range(cfg.eval_iters):
+        batch = batches.next_batch()
+        for micro in range(cfg.grad_accum):
+            loss += loss_sum(model, *rows_for(batch, micro, rt, cfg.batch_size), rt)
+        count += count_targets(batch[1])
+    model.train()
+    if hasattr(model, "reshard"):  # FSDP keeps the root's gathered weights after a forward with no backward
+        model.reshard()
+    return all_reduce_sum(loss, rt).item() / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Throughput
+
+
+def flops_per_row(config: HymbaConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) for one row of `seq_len` tokens.
+
+    6 per parameter per position (the layers also run over the meta tokens; the LM head only over text), plus
+    attention: 6 * (d_qk + d_v) per head per visible (query, key) pair, counting the window and meta-token rule.
+    The selective scan's elementwise work (~1% here) is left out, as nanoGPT leaves out softmax.
+    """
+    with torch.device("meta"):
+        model = HymbaForCausalLM(config)
+    head = config.vocab_size * config.hidden_size
+    memory = config.num_memory_tokens * config.hidden_size
+    embed = head if config.tie_word_embeddings else 2 * head
+    body = model.num_parameters() - embed - memory
+    M, T = config.num_memory_tokens, seq_len
+    flops = 6 * body * (M + T) + 6 * head * T
+    i = np.arange(M + T, dtype=np.float64)  # query index over [meta, text]
+    per_head_pair = 6 * (config.qk_head_dim + config.value_head_dim)
+    for layer in range(config.num_hidden_layers):
+        if not config.has_attention(layer):
+            continue
+        window = config.window(layer)
+        visible = i + 1 if window is None else np.minimum(i + 1, window + 1) + np.clip(i - window, 0, M)
+        flops += per_head_pair * config.num_attention_heads * visible.sum()
+    return float(flops)
+
+
+def device_peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of one device: the config's value, else looked up by GPU name; None on CPU or unknown."""
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_state(model: HymbaForCausalLM, optimizer: torch.optim.Optimizer, rt: Runtime,
+                     fsdp: bool) -> tuple[HymbaForCausalLM | None, dict]:
+    """A saveable model and the full optimizer state for rank 0; under FSDP every process must call this (it
+    gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    # Keyed by parameter name, not position, so a checkpoint resumes under DDP, FSDP or one process alike.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=fsdp)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not fsdp:
+        return model, optim_state
+    full = get_model_state_dict(model, options=options)  # gathered on rank 0 only, the others get {}
+    if not rt.master:
+        return None, optim_state
+    with torch.device("meta"):
+        saveable = HymbaForCausalLM(model.config)
+    saveable.load_state_dict(full, assign=True)
+    if model.config.tie_word_embeddings:
+        saveable.lm_head.weight = saveable.model.embed_tokens.weight
+    return saveable, optim_state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, step: int, model: HymbaForCausalLM, trainer_state: dict, cfg: TrainConfig) -> Path:
+    """Write out_dir/step-NNNNNNN atomically (temp dir + rename), point `latest` at it, keep the newest N."""
+    name = f"step-{step:07d}"
+    final, tmp = out_dir / name, out_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), copy_side_files_from=tokenizer_dir(cfg))
+    torch.save(trainer_state, tmp / STATE_FILE)
+    (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if final.exists():  # the same step saved again (a resumed run re-reaching it): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = out_dir / f".{LATEST_FILE}.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, out_dir / LATEST_FILE)
+    for old in sorted(out_dir.glob("step-*"))[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old)
+    return final
+
+
+def find_checkpoint(resume: str | bool, out_dir: Path) -> Path | None:
+    """The checkpoint to resume: a given directory, or out_dir's latest (None when there is none yet)."""
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise HymbaError(f"{path} is not a training checkpoint (no {STATE_FILE}); pass a step-* directory")
+        return path
+    pointer = out_dir / LATEST_FILE
+    return out_dir / pointer.read_text().strip() if pointer.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
+    """Run training; returns the log records (also appended to the JSONL log file by the first process).
+
+    `resume=True` continues from out_dir's latest checkpoint when there is one; a path resumes from that one.
+    """
+    from tqdm import tqdm
+
+    rt = setup_runtime(cfg)
+    out_dir = Path(cfg.out_dir)
+    checkpoint = find_checkpoint(resume, out_dir) if resume else None
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    raw_model = build_model(cfg, rt.device, checkpoint)
+    config = raw_model.config
+    model = wrap_model(raw_model, cfg, rt)
+    fsdp = rt.world_size > 1 and cfg.distributed == "fsdp"
+    optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, rt.device.type)
+    rows_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
+    train_batches = make_batches(cfg, "train", rows_per_step, cfg.seed, config.vocab_size)
+    val_batches = make_batches(cfg, "val", rows_per_step, cfg.seed + 1, config.vocab_size)
+    val_start = val_batches.state_dict() if val_batches is not None else None
+    step = 0
+    if checkpoint is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # Our own file (optimizer tensors, RNG tuples): the one place full unpickling is needed and trusted.
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        set_optimizer_state_dict(raw_model, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        train_batches.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+
+    peak = device_peak_flops(cfg, rt.device)
+    log_path = Path(cfg.log_file) if cfg.log_file else out_dir / "log.jsonl"
+    if rt.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if log_path.is_file():  # drop what an interrupted run logged after the checkpoint it resumes from
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            log_path.write_text("".join(line + "\n" for line in kept))
+        n_params = raw_model.num_parameters()
+        print(f"hymba train: {n_params / 1e6:.2f}M parameters ({len(decayed_parameter_names(raw_model))} decayed "
+              f"tensors), {rows_per_step * cfg.block_size:,} tokens per step on {rt.world_size} x {rt.device.type}"
+              f"{f', resuming at step {step} from {checkpoint}' if checkpoint else ''}")
+
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (rt.master and cfg.progress), dynamic_ncols=True)
+    window_loss, window_targets, window_tokens, window_flops = torch.zeros((), device=rt.device), 0, 0, 0.0
+    window_start = time.perf_counter()
+    row_flops: dict[int, float] = {}  # by row length (SFT "pad" rows vary)
+    while step < cfg.max_steps:
+        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                   schedule=cfg.schedule, decay_fraction=cfg.decay_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        batch = train_batches.next_batch()
+        n_targets = count_targets(batch[1])
+        micro_batches = [rows_for(batch, m, rt, cfg.batch_size) for m in range(cfg.grad_accum)]
+        window_loss += accumulate_gradients(model, micro_batches, n_targets, rt)
+        # Clip to grad_clip (0: no clipping, the norm is still measured for the log).
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        window_targets += n_targets
+        window_tokens += batch[0].numel()
+        T = batch[0].shape[1]
+        window_flops += row_flops.setdefault(T, flops_per_row(config, T)) * batch[0].shape[0]
+
+        evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        if step % cfg.log_interval == 0 or evaluating:
+            loss = all_reduce_sum(window_loss, rt).item() / window_targets  # .item() waits for the GPU
+            elapsed = time.perf_counter() - window_start
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                      "tokens_per_s": window_tokens / elapsed,
+                      "mfu": window_flops / elapsed / (peak * rt.world_size) if peak else None}
+            if evaluating and val_batches is not None:
+                val_batches.load_state_dict(val_start)  # the same validation rows at every evaluation
+                record["val_loss"] = evaluate(model, val_batches, cfg, rt)
+                record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+            records.append(record)
+            if rt.master:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} tok/s {record['tokens_per_s']:,.0f} mfu "
+                                    + (f"{record['mfu']:.1%}" if peak else "n/a")
+                                    + (f" val {record['val_loss']:.4f}" if "val_loss" in record else ""))
+            window_loss.zero_()
+            window_targets, window_tokens, window_flops = 0, 0, 0.0
+            window_start = time.perf_counter()
+
+        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+            saving_since = time.perf_counter()
+            saveable, optim_state = checkpoint_state(raw_model, optimizer, rt, fsdp)
+            if rt.master:
+                state = {"step": step, "optimizer": optim_state, "sampler": train_batches.state_dict(),
+                         "rng": rng_state(), "schedule": {"lr": cfg.lr, "schedule": cfg.schedule}}
+                save_checkpoint(out_dir, step, saveable, state, cfg)
+            if rt.world_size > 1:
+                dist.barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
+            window_start += time.perf_counter() - saving_since  # saving is not training time
+    bar.close()
+    if rt.owns_process_group:
+        dist.destroy_process_group()
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _override_type(f: dataclasses.Field):
+    """argparse type for a TrainConfig field: JSON for dicts/tuples, else the default's type (str when None)."""
+    if f.name in ("model_overrides", "betas"):
+        return json.loads
+    if f.name == "peak_flops":
+        return float
+    default = f.default
+    return type(default) if default not in (None, dataclasses.MISSING) else str
+
+
+def add_parser(subparsers) -> None:
+    """Register `hymba train`."""
+    parser = subparsers.add_parser(
+        "train", help="pre-train or fine-tune (SFT) a Hymba model",
+        description="Train a Hymba model from a TrainConfig JSON file; any config field can be overridden, "
+                    "e.g. --max-steps 100 --out out/run. Under torchrun it trains with DDP (or FSDP).",
+    )
+    parser.add_argument("--config", required=True, help="a TrainConfig JSON file or a packaged config name "
+                        f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))})")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue from out_dir's latest checkpoint (when there is one), or from CHECKPOINT")
+    parser.add_argument("--out", dest="out_dir", default=None, help="output directory (config key out_dir)")
+    group = parser.add_argument_group("config overrides")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "out_dir":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            group.add_argument(flag, dest=f.name, type=_override_type(f), default=None, metavar=f.name.upper())
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    cfg = TrainConfig.from_json(args.config, **overrides)
+    train(cfg, resume=args.resume)
+    return 0

@@ -1,0 +1,225 @@
+"""The training loop: optimizer groups, schedules, gradients, loss falling, MFU accounting, exact resume, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hymba.config import HymbaConfig
+from hymba.model import HymbaForCausalLM
+from hymba.train import trainer
+from hymba.train.data import FORMAT, META_FILE
+from hymba.train.optim import decayed_parameter_names, lr_at
+from hymba.train.trainer import Runtime, TrainConfig
+
+VOCAB = 64
+CPU = Runtime(rank=0, world_size=1, device=torch.device("cpu"), amp_dtype=None)
+
+
+def write_tokens(directory: Path, train: np.ndarray, val: np.ndarray, vocab: int = VOCAB) -> Path:
+    """A token folder in hymba.train.data's format, with synthetic ids (no tokenizer needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, ids in (("train", train), ("val", val)):
+        ids.astype(np.uint16).tofile(directory / f"{split}.bin")
+    meta = {"format": FORMAT, "dtype": "uint16", "vocab_size": vocab, "bos_id": 1, "eos_id": 2,
+            "train_tokens": len(train), "val_tokens": len(val)}
+    (directory / META_FILE).write_text(json.dumps(meta))
+    return directory
+
+
+@pytest.fixture
+def cycle_data(tmp_path: Path) -> Path:
+    """A fixed permutation of the vocabulary, repeated: each token determines the next, so loss can fall to ~0."""
+    cycle = np.random.default_rng(0).permutation(VOCAB)
+    return write_tokens(tmp_path / "tokens", np.tile(cycle, 60), np.tile(cycle, 4))
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    settings = dict(data_dir=str(data_dir), out_dir=str(out_dir), progress=False, model_overrides={"vocab_size": VOCAB},
+                    batch_size=4, block_size=32)
+    return TrainConfig.from_json("tiny-cpu", **{**settings, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> HymbaForCausalLM:
+    model = HymbaForCausalLM(HymbaConfig.preset("tiny", vocab_size=VOCAB, **overrides))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def test_weight_decay_only_on_weight_matrices():
+    model = tiny_model()
+    decayed = set(decayed_parameter_names(model))
+    names = {name for name, _ in model.named_parameters()}
+    assert "model.layers.0.mamba.in_proj.weight" in decayed
+    assert "model.layers.0.moe.experts.0.gate_proj.weight" in decayed
+    assert "model.embed_tokens.weight" in decayed
+    for never in ("model.memory_tokens", "model.layers.0.mamba.A_log.0", "model.layers.0.mamba.D.0",
+                  "model.layers.0.mamba.dt_proj.0.bias", "model.layers.0.mamba.conv1d.bias",
+                  "model.layers.0.mamba.pre_avg_layernorm1.weight", "model.final_layernorm.weight"):
+        assert never in names and never not in decayed
+    assert all(dict(model.named_parameters())[n].dim() >= 2 for n in decayed)
+
+
+def test_schedules():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
+    assert lr_at(0, **kw, schedule="wsd") == pytest.approx(0.1)
+    assert lr_at(9, **kw, schedule="wsd") == 1.0
+    assert lr_at(79, **kw, schedule="wsd", decay_fraction=0.2) == 1.0  # stable until the last 20 steps
+    assert lr_at(80, **kw, schedule="wsd", decay_fraction=0.2) < 1.0
+    assert lr_at(99, **kw, schedule="wsd", decay_fraction=0.2) == pytest.approx(0.1)
+    assert lr_at(10, **kw, schedule="cosine") == 1.0
+    assert lr_at(55, **kw, schedule="cosine") == pytest.approx(0.55)
+    assert lr_at(100, **kw, schedule="cosine") == 0.1
+    lrs = [lr_at(s, **kw, schedule="cosine") for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradients
+
+
+def micro_batch(rows: int = 2, T: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, VOCAB, (rows, T + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def gradients(model: HymbaForCausalLM, micro_batches, n_targets: int) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    trainer.accumulate_gradients(model, micro_batches, n_targets, CPU)
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_every_parameter_learns():
+    """Meta tokens, both fusion norms (beta1, beta2), A_log and D included, in every layer."""
+    grads = gradients(tiny_model(), [micro_batch()], 2 * 24)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        assert grad.abs().sum() > 0, f"{name} receives no gradient"
+    for key in ("memory_tokens", "pre_avg_layernorm1", "pre_avg_layernorm2", "A_log", "D.0"):
+        assert any(key in name for name in grads), key
+
+
+def test_micro_batches_and_unequal_targets_give_the_global_mean_gradient():
+    """Gradient accumulation over micro-batches with different target counts == one batch of all rows."""
+    model = tiny_model()
+    x, y = micro_batch(rows=4)
+    y = y.clone()
+    y[0, :20] = -100  # SFT-like: rows with few targets must weigh by their tokens, not as whole rows
+    y[3, 5:] = -100
+    n = int((y != -100).sum())
+    whole = gradients(model, [(x, y)], n)
+    split = gradients(model, [(x[:1], y[:1]), (x[1:], y[1:])], n)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7)
+
+
+def test_activation_checkpointing_keeps_gradients():
+    model = tiny_model()
+    batch = [micro_batch()]
+    plain = gradients(model, batch, 48)
+    model.model.gradient_checkpointing = True
+    checkpointed = gradients(model, batch, 48)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def test_loss_falls_on_repetitive_text(cycle_data: Path, tmp_path: Path):
+    cfg = tiny_config(cycle_data, tmp_path / "out", max_steps=60, log_interval=10, eval_interval=60,
+                      checkpoint_interval=60)
+    records = trainer.train(cfg)
+    assert records[0]["loss"] > 3.5  # ~ln(64) at the start
+    assert records[-1]["loss"] < 0.5 and records[-1]["val_loss"] < 0.5
+    assert records[-1]["val_ppl"] == pytest.approx(math.exp(records[-1]["val_loss"]))
+    logged = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [10, 20, 30, 40, 50, 60]
+    assert all(r["mfu"] is None and r["tokens_per_s"] > 0 for r in logged)  # no MFU on CPU
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(cycle_data: Path, tmp_path: Path):
+    kw = dict(max_steps=6, log_interval=1, eval_interval=3, checkpoint_interval=3, warmup_steps=2)
+    full = trainer.train(tiny_config(cycle_data, tmp_path / "full", **kw))
+
+    # The run died after logging step 6 but before its last checkpoint: step 3 is the latest on disk.
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "step-0000003", resumed_dir / "step-0000003")
+    (resumed_dir / "latest").write_text("step-0000003\n")
+    shutil.copy(tmp_path / "full" / "log.jsonl", resumed_dir / "log.jsonl")
+    resumed = trainer.train(tiny_config(cycle_data, resumed_dir, **kw), resume=True)
+
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for a, b in zip(full[3:], resumed):
+        for key in ("loss", "lr", "grad_norm", "val_loss"):
+            assert a.get(key) == b.get(key), key
+    logged = [json.loads(line)["step"] for line in (resumed_dir / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+    final_full = load_file(tmp_path / "full" / "step-0000006" / "model.safetensors")
+    final_resumed = load_file(resumed_dir / "step-0000006" / "model.safetensors")
+    assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+
+
+def test_checkpoints_load_with_from_pretrained(cycle_data: Path, tmp_path: Path):
+    from hymba.tokenizer import HymbaTokenizer
+
+    out = tmp_path / "out"
+    trainer.train(tiny_config(cycle_data, out, max_steps=3, checkpoint_interval=1, keep_checkpoints=2))
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-0000002", "step-0000003"]
+    assert (out / "latest").read_text().strip() == "step-0000003"
+    assert not list(out.glob(".*tmp"))
+    checkpoint = out / "step-0000003"
+    model = HymbaForCausalLM.from_pretrained(checkpoint)
+    assert model.config.vocab_size == VOCAB
+    assert HymbaTokenizer.from_pretrained(checkpoint).eos_token_id == 2
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3 and set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["sampler"]["step"] == 3
+
+
+def test_flops_per_row_matches_hand_count():
+    """All-global, no meta tokens: 6 N T + 6 (d_qk + d_v) heads layers T(T+1)/2 (nanoGPT's formula, causal)."""
+    config = HymbaConfig.preset("tiny", num_memory_tokens=0, sliding_window=None, kv_reuse_group=None)
+    T = 40
+    n = config.num_parameters()
+    attention = 6 * (config.qk_head_dim + config.value_head_dim) * config.num_attention_heads * 7 * T * (T + 1) / 2
+    assert trainer.flops_per_row(config, T) == pytest.approx(6 * n * T + attention)
+    windowed = HymbaConfig.preset("tiny")  # windows and meta tokens: more rows, fewer visible keys per row
+    assert trainer.flops_per_row(windowed, T) > 6 * windowed.num_parameters() * T
+
+
+def test_default_small_config():
+    cfg = TrainConfig.from_json("default-small")
+    config = HymbaConfig.preset(cfg.model, **cfg.model_overrides)
+    assert 20e6 <= config.num_parameters() <= 60e6
+    assert config.num_memory_tokens > 0 and len(config.global_attn_idx) == 3 and config.kv_reuse_group
+    assert config.vocab_size == 32001
+
+
+def test_cli_overrides(tmp_path: Path):
+    parser = argparse.ArgumentParser()
+    trainer.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--config", "tiny-cpu", "--max-steps", "7", "--out", str(tmp_path),
+                              "--lr", "0.01", "--betas", "[0.9, 0.99]", "--activation-checkpointing", "--resume"])
+    assert args.func is trainer.run and args.resume is True
+    names = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig.from_json(args.config, **{k: v for k, v in vars(args).items() if k in names and v is not None})
+    assert (cfg.max_steps, cfg.out_dir, cfg.lr, cfg.betas, cfg.activation_checkpointing) == (
+        7, str(tmp_path), 0.01, (0.9, 0.99), True)
+    with pytest.raises(Exception, match="unknown train config keys"):
+        TrainConfig.from_json("tiny-cpu", not_a_key=1)
