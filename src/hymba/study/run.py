@@ -1,0 +1,625 @@
+"""`hymba study`: the paper's controlled architecture comparison, reproducible on one GPU.
+
+    hymba study --preset small --device cuda --out out/study --seeds 2
+    hymba study --preset small --out out/study --set lm_steps=400 --set shape.hidden_size=320
+    hymba study --out out/study --report-only          # rewrite results.md / plots from finished runs
+
+Protocol (the same for every variant; `Variants` in hymba.study.variants lists them):
+
+1. Size. All variants of a study share one `ModelShape`; each variant's MLP width is solved so that its
+   non-embedding parameter count matches hymba-base's (within a fraction of a percent).
+2. Language modelling. Each (variant, seed) is trained from scratch with `hymba.train.trainer.train` on the token
+   folder (default `data/tokens`) with the preset's hyperparameters. The seed fixes both the initialisation and
+   the data order, so at one seed every variant sees exactly the same token windows in the same order. Reported:
+   the trainer's validation-loss curve, and the final loss / perplexity over consecutive windows of the whole
+   validation split.
+3. Recall. Separately, a fresh model of the same architecture (with the integer recall vocabulary instead of the
+   tokenizer's) is trained on synthetic recall data only - half MQAR, half phonebook rows per batch, the context
+   length cycling through the preset's `recall_lengths` step by step at a fixed number of tokens per step - with
+   the same optimizer and schedule as step 2. Batches depend only on (seed, step), so again all variants see the
+   same data. It is then evaluated on fresh examples (fixed evaluation seeds, disjoint from training) at every
+   length: MQAR accuracy over the value positions (teacher-forced, as Zoology scores it) and phonebook exact match
+   of the greedily generated number (cached generation engine). The lengths exceed the sliding window, so a
+   windowed layer alone cannot reach most keys. Training recall separately keeps it learnable at small scale
+   (a corpus-trained model of this size does not learn in-context lookup) without contaminating step 2.
+4. Efficiency. Cache bytes per sequence at 1K and 8K tokens as the engine allocates them (bf16 K/V and conv
+   state, float32 SSM state); decode throughput of the LM model with the cached engine (`prefill`, then the decode
+   step as a CUDA graph on GPU), in bf16 on GPU.
+5. Attention sinks (hymba.study.attention_sink): per layer, the share of attention on the first token and on
+   the meta tokens, on validation windows.
+
+Every (variant, seed) run writes `runs/<variant>-seed<k>/result.json` atomically as its last act; a rerun of the
+same command skips runs whose result exists (a partly written run is started again from scratch). The study
+directory remembers its preset (`study.json`) and refuses to mix runs of different settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hymba.errors import HymbaError
+from hymba.study.variants import VARIANTS, ModelShape, body_parameters, describe, get_variant, variant_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from hymba.config import HymbaConfig
+
+BETAS = (0.9, 0.95)
+EVAL_SEED = 20_241_113  # evaluation examples come from here, never from a training seed
+CACHE_LENGTHS = (1024, 8192)
+DECODE_WARMUP = 4
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """Everything a study's numbers depend on besides the seeds and the data (override with --set KEY=VALUE)."""
+
+    name: str
+    shape: ModelShape
+    # Shared optimisation (AdamW, warmup-stable-decay to lr / 10, as the trainer's defaults for Hymba).
+    warmup_steps: int
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Language modelling on the corpus.
+    lm_block_size: int = 512
+    lm_batch_size: int = 32
+    lm_steps: int = 200
+    lm_lr: float = 2e-3
+    lm_eval_interval: int = 25
+    lm_eval_iters: int = 4
+    val_max_tokens: int | None = None  # cap on the tokens of the final validation pass (None: the whole split)
+    sink_rows: int = 4  # validation windows for the attention-sink shares
+    # Recall (MQAR + phonebook, integer vocabulary).
+    recall_vocab_size: int = 512
+    recall_lengths: tuple[int, ...] = (128, 256, 512, 1024)
+    recall_tokens_per_step: int = 8192
+    recall_steps: int = 300
+    recall_lr: float = 2e-3
+    recall_log_interval: int = 25
+    mqar_pairs_ratio: int = 16  # one key-value pair per this many tokens
+    mqar_alpha: float = 1.0  # query placement: 1 uniform over the query section (Zoology: 0.01, near the pairs)
+    recall_eval_examples: int = 256
+    recall_eval_batch: int = 64
+    # Decode throughput (cached engine).
+    decode_batch: int = 16
+    decode_prompt: int = 1024
+    decode_tokens: int = 128
+    notes: str = ""
+
+    @property
+    def max_positions(self) -> int:
+        longest = max(self.lm_block_size, *self.recall_lengths,
+                      self.decode_prompt + DECODE_WARMUP + self.decode_tokens + 1)
+        return longest + self.shape.num_memory_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudyPreset:
+        """The inverse of `to_dict` (JSON lists become tuples again)."""
+        tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
+        return cls(**{**tuples(data), "shape": ModelShape(**tuples(data["shape"]))})
+
+    def with_overrides(self, overrides: dict[str, Any]) -> StudyPreset:
+        """A copy with fields replaced; `shape.<field>` keys replace fields of the model shape."""
+        top = {f.name for f in dataclasses.fields(self)}
+        shape_fields = {f.name for f in dataclasses.fields(ModelShape)}
+        changes, shape_changes = {}, {}
+        for key, value in overrides.items():
+            name = key.removeprefix("shape.")
+            known = shape_fields if key.startswith("shape.") else top - {"shape"}
+            if name not in known:
+                raise HymbaError(f"unknown study setting {key!r}; known: {', '.join(sorted(known))} and "
+                                 f"shape.<{'|'.join(sorted(shape_fields))}>")
+            (shape_changes if key.startswith("shape.") else changes)[name] = tuple(value) if isinstance(
+                value, list) else value
+        return dataclasses.replace(self, shape=dataclasses.replace(self.shape, **shape_changes), **changes)
+
+
+PRESETS: dict[str, StudyPreset] = {
+    # CPU, CI: every code path at toy size in a few minutes; the numbers mean nothing.
+    "tiny": StudyPreset(
+        name="tiny",
+        shape=ModelShape(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, global_attn_idx=(0, 3), sliding_window=16, num_memory_tokens=4,
+                         mamba_d_state=8, mamba_dt_rank=4),
+        warmup_steps=3, lm_block_size=32, lm_batch_size=4, lm_steps=10, lm_lr=3e-3, lm_eval_interval=5,
+        lm_eval_iters=1, val_max_tokens=1024, sink_rows=2, recall_vocab_size=64, recall_lengths=(32, 64),
+        recall_tokens_per_step=512, recall_steps=10, recall_lr=3e-3, recall_log_interval=5, recall_eval_examples=16,
+        recall_eval_batch=16, decode_batch=2, decode_prompt=32, decode_tokens=8,
+        notes="CI smoke test on CPU: exercises every code path, results are noise."),
+    # One H100, ~8-9 minutes for 8 variants x 2 seeds (estimate, see the study docs): ~9M non-embedding parameters.
+    "small": StudyPreset(
+        name="small",
+        shape=ModelShape(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                         intermediate_size=640, global_attn_idx=(0, 4, 7), sliding_window=128, num_memory_tokens=32),
+        warmup_steps=20, notes="One H100: ~3.3M corpus tokens and ~2.5M recall tokens per run."),
+    # Several times small: a longer single-GPU run (about an hour on an H100, unmeasured).
+    "medium": StudyPreset(
+        name="medium",
+        shape=ModelShape(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2,
+                         intermediate_size=1280, global_attn_idx=(0, 6, 11), sliding_window=256,
+                         num_memory_tokens=64),
+        warmup_steps=50, lm_block_size=1024, lm_batch_size=32, lm_steps=800, lm_lr=1.5e-3, lm_eval_interval=50,
+        recall_vocab_size=1024, recall_lengths=(256, 512, 1024, 2048), recall_tokens_per_step=32768,
+        recall_steps=800, recall_lr=1.5e-3, recall_log_interval=50, decode_batch=32, decode_prompt=2048,
+        notes="One H100 for about an hour (unmeasured estimate)."),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def lm_config(name: str, preset: StudyPreset, vocab_size: int) -> HymbaConfig:
+    return variant_config(name, preset.shape, vocab_size, preset.max_positions)
+
+
+def recall_config(name: str, preset: StudyPreset) -> HymbaConfig:
+    from hymba.study.tasks import NEWLINE, PAD
+
+    config = variant_config(name, preset.shape, preset.recall_vocab_size, preset.max_positions)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = PAD, None, NEWLINE
+    return config
+
+
+def cache_bytes(config: HymbaConfig, tokens: int) -> int:
+    """Per sequence, as `HymbaCache` allocates it in bf16 (K/V and conv state bf16, SSM state float32)."""
+    import torch
+
+    return config.cache_bytes(tokens, 1, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _autocast_dtype(device: torch.device):
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def train_lm(config: HymbaConfig, preset: StudyPreset, seed: int, data_dir: Path, out_dir: Path,
+             device: torch.device) -> tuple[Path, list[dict[str, Any]]]:
+    """Train on the corpus through the trainer; returns the final checkpoint directory and the log records."""
+    from hymba.train.trainer import TrainConfig, train
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.to_json(out_dir / "model_config.json")
+    cfg = TrainConfig(model=str(out_dir / "model_config.json"), data_dir=str(data_dir), batch_size=preset.lm_batch_size,
+                      block_size=preset.lm_block_size, lr=preset.lm_lr, min_lr=preset.lm_lr / 10,
+                      weight_decay=preset.weight_decay, betas=BETAS, warmup_steps=preset.warmup_steps, schedule="wsd",
+                      max_steps=preset.lm_steps, grad_clip=preset.grad_clip, eval_interval=preset.lm_eval_interval,
+                      eval_iters=preset.lm_eval_iters, log_interval=preset.lm_eval_interval,
+                      checkpoint_interval=preset.lm_steps, keep_checkpoints=1, out_dir=str(out_dir), seed=seed,
+                      device=device.type, dtype="auto", progress=False)
+    records = train(cfg)
+    final = out_dir / (out_dir / "latest").read_text().strip()
+    # The optimizer state only serves resuming a run mid-way, which the study never does (it reruns the run).
+    (final / "trainer_state.pt").unlink(missing_ok=True)
+    return final, records
+
+
+def train_recall(config: HymbaConfig, preset: StudyPreset, seed: int,
+                 device: torch.device) -> tuple[Any, list[dict[str, Any]]]:
+    """Train a fresh model on the recall mixture with the LM run's optimizer and schedule; returns (model, log).
+
+    The trainer's loop reads token files, whose windows cannot mask the unpredictable key/value tokens out of
+    the loss, so this loop feeds it masked batches through the trainer's own gradient and optimizer functions.
+    """
+    import numpy as np
+    import torch
+
+    from hymba.model import HymbaForCausalLM
+    from hymba.study.tasks import RecallVocab, recall_batch
+    from hymba.train.optim import lr_at, make_optimizer
+    from hymba.train.trainer import Runtime, accumulate_gradients, count_targets
+
+    rt = Runtime(rank=0, world_size=1, device=device, amp_dtype=_autocast_dtype(device))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = HymbaForCausalLM(config)
+    model.init_weights(torch.Generator(device).manual_seed(seed))
+    model.train()
+    optimizer = make_optimizer(model, preset.recall_lr, preset.weight_decay, BETAS, device_type=device.type)
+    vocab = RecallVocab(preset.recall_vocab_size)
+    records, window_loss, window_targets = [], torch.zeros((), device=device), 0
+    for step in range(preset.recall_steps):
+        lr = lr_at(step, lr=preset.recall_lr, min_lr=preset.recall_lr / 10, warmup_steps=preset.warmup_steps,
+                   max_steps=preset.recall_steps, schedule="wsd")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seq_len = preset.recall_lengths[step % len(preset.recall_lengths)]
+        x, y = recall_batch(np.random.default_rng([seed, step]), vocab, preset.recall_tokens_per_step // seq_len,
+                            seq_len, preset.mqar_pairs_ratio, preset.mqar_alpha)
+        n_targets = count_targets(y)
+        window_loss += accumulate_gradients(model, [(x.to(device), y.to(device))], n_targets, rt)
+        window_targets += n_targets
+        if preset.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), preset.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % preset.recall_log_interval == 0 or step + 1 == preset.recall_steps:
+            records.append({"step": step + 1, "loss": window_loss.item() / window_targets, "lr": lr})
+            window_loss.zero_()
+            window_targets = 0
+    return model.eval(), records
+
+
+@dataclass
+class _Timer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, name: str, start: float) -> None:
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def decode_throughput(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> float:
+    """Decoded tokens per second over `new_tokens` greedy steps after a `prompt_len` random prompt (cached engine)."""
+    import torch
+
+    from hymba.cache import HymbaCache
+    from hymba.generate import CudaGraphDecoder, decode_step, prefill
+
+    device = model.device
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len),
+                        generator=torch.Generator().manual_seed(seed)).to(device)
+    with torch.inference_mode():
+        cache = HymbaCache(model.config, batch, prompt_len + DECODE_WARMUP + new_tokens + 1, device=device,
+                           dtype=model.dtype)
+        token = prefill(model, cache, ids, None).argmax(-1)
+        if device.type == "cuda":
+            step = CudaGraphDecoder(model, cache, batch)
+        else:
+            step = lambda tokens: decode_step(model, cache, tokens)  # noqa: E731
+        for _ in range(DECODE_WARMUP):
+            token = step(token).argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = step(token).argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def run_one(variant: str, seed: int, preset: StudyPreset, data_dir: Path, run_dir: Path,
+            device: torch.device) -> dict[str, Any]:
+    """Train and evaluate one (variant, seed); returns the result that `run_study` writes to result.json."""
+    import numpy as np
+    import torch
+
+    from hymba.model import HymbaForCausalLM
+    from hymba.study.attention_sink import sink_shares
+    from hymba.study.tasks import RecallVocab, corpus_perplexity, eval_mqar, eval_phonebook
+    from hymba.train.data import TokenDataset
+
+    timer = _Timer()
+    dataset = TokenDataset(data_dir)
+    config = lm_config(variant, preset, dataset.vocab_size)
+
+    start = time.perf_counter()
+    checkpoint, records = train_lm(config, preset, seed, data_dir, run_dir / "lm", device)
+    timer("lm_train", start)
+    start = time.perf_counter()
+    model = HymbaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, device=device)
+    val = corpus_perplexity(model, data_dir, preset.lm_block_size, preset.lm_batch_size, preset.val_max_tokens)
+    sinks = []
+    if any(config.has_attention(i) for i in range(config.num_hidden_layers)):
+        block = preset.lm_block_size
+        rows = np.stack([np.asarray(dataset.tokens("val")[r * block:(r + 1) * block], dtype=np.int64)
+                         for r in range(preset.sink_rows)])
+        sinks = sink_shares(model, torch.from_numpy(rows).to(device))
+    timer("lm_eval", start)
+    start = time.perf_counter()
+    decode_model = model.to(torch.bfloat16) if device.type == "cuda" else model
+    tokens_per_s = decode_throughput(decode_model, preset.decode_batch, preset.decode_prompt, preset.decode_tokens)
+    timer("decode", start)
+    del model, decode_model
+
+    start = time.perf_counter()
+    rconfig = recall_config(variant, preset)
+    recall_model, recall_records = train_recall(rconfig, preset, seed, device)
+    recall_model.save_pretrained(str(run_dir / "recall"))
+    timer("recall_train", start)
+    start = time.perf_counter()
+    vocab = RecallVocab(preset.recall_vocab_size)
+    mqar, phonebook = {}, {}
+    for length in preset.recall_lengths:
+        mqar[str(length)] = eval_mqar(recall_model, vocab, length, preset.recall_eval_examples,
+                                      preset.recall_eval_batch, EVAL_SEED + 2 * length, preset.mqar_pairs_ratio,
+                                      preset.mqar_alpha)
+        phonebook[str(length)] = eval_phonebook(recall_model, vocab, length, preset.recall_eval_examples,
+                                                preset.recall_eval_batch, EVAL_SEED + 2 * length + 1)
+    timer("recall_eval", start)
+
+    return {
+        "variant": variant, "seed": seed, "design": describe(config),
+        "params": config.num_parameters(), "body_params": body_parameters(config),
+        "cache_bytes": {str(n): cache_bytes(config, n) for n in CACHE_LENGTHS},
+        "recall_cache_bytes": {str(n): cache_bytes(rconfig, n) for n in preset.recall_lengths},
+        "lm": {"val_loss": val["loss"], "val_ppl": val["ppl"], "val_tokens": val["tokens"],
+               "curve": [{k: r[k] for k in ("step", "loss", "val_loss", "tokens_per_s") if k in r} for r in records]},
+        "recall": {"mqar": mqar, "phonebook": phonebook, "curve": recall_records},
+        "decode_tokens_per_s": tokens_per_s,
+        "attention_sink": sinks,
+        "seconds": timer.seconds,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The study
+
+
+def run_dir_for(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / f"{variant}-seed{seed}"
+
+
+def _check_study_file(out: Path, preset: StudyPreset, data_dir: Path) -> None:
+    """Remember the settings of a study directory; refuse to resume it with different ones."""
+    from hymba.train.data import TokenDataset
+
+    meta = TokenDataset(data_dir).meta
+    settings = {"preset": preset.to_dict(), "data": {k: meta.get(k) for k in ("train_tokens", "val_tokens",
+                                                                               "vocab_size", "tokenizer_sha256")}}
+    path = out / "study.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            raise HymbaError(f"{out} holds a study with other settings (see {path}); resume it with the same preset, "
+                             "--set overrides and data, or use a new --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(path, settings)
+
+
+def _prepare_device(device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    import torch._dynamo
+
+    # FlexAttention is compiled per shape (dynamic=False) and a study goes through dozens of shapes; past dynamo's
+    # default limit of 8 it silently falls back to eager attention, which materialises every score.
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 512))
+
+
+def run_study(preset: StudyPreset, out: str | Path, seeds: int = 2, device: str = "auto",
+              data_dir: str | Path = "data/tokens", variants: list[str] | None = None,
+              log=print) -> dict[str, Any]:
+    """Train and evaluate every (variant, seed) not yet finished in `out`, then write the reports (returns the
+    summary). `device` "auto" takes CUDA when available."""
+    import torch
+
+    out, data_dir = Path(out), Path(data_dir)
+    variants = list(variants or VARIANTS)
+    for name in variants:
+        get_variant(name)
+    if seeds < 1:
+        raise HymbaError(f"--seeds must be >= 1, got {seeds}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HymbaError("--device cuda but no CUDA device is available; use --device cpu (with --preset tiny)")
+    _check_study_file(out, preset, data_dir)
+    _prepare_device(dev)
+    jobs = [(seed, name) for seed in range(seeds) for name in variants]
+    for index, (seed, name) in enumerate(jobs, 1):
+        run_dir = run_dir_for(out, name, seed)
+        if (run_dir / RESULT_FILE).is_file():
+            log(f"[{index}/{len(jobs)}] {name} seed {seed}: done, skipped")
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over, so its logs are its own
+        start = time.perf_counter()
+        result = run_one(name, seed, preset, data_dir, run_dir, dev)
+        result["seconds"]["total"] = round(time.perf_counter() - start, 2)
+        _write_json_atomic(run_dir / RESULT_FILE, result)
+        longest = str(preset.recall_lengths[-1])
+        log(f"[{index}/{len(jobs)}] {name} seed {seed}: val ppl {result['lm']['val_ppl']:.2f}, "
+            f"MQAR@{longest} {result['recall']['mqar'][longest]:.3f}, phonebook@{longest} "
+            f"{result['recall']['phonebook'][longest]:.3f}, decode {result['decode_tokens_per_s']:,.0f} tok/s "
+            f"({result['seconds']['total']:.0f} s)")
+    return write_reports(out, preset, log)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def load_results(out: Path) -> list[dict[str, Any]]:
+    """Every finished run in `out`, in the study's variant order, then by seed."""
+    results = [json.loads(p.read_text()) for p in (out / "runs").glob(f"*/{RESULT_FILE}")]
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    return sorted(results, key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
+
+
+def mean_spread(values: list[float]) -> dict[str, float]:
+    """Mean and spread (half the min-max range: with two seeds, both lie at mean +- spread) across seeds."""
+    return {"mean": sum(values) / len(values), "spread": (max(values) - min(values)) / 2, "n": len(values)}
+
+
+def run_metrics(result: dict[str, Any], lengths: tuple[int, ...]) -> dict[str, float]:
+    """The scalar metrics of one run, by name (`mqar@256`, ...), in table order."""
+    metrics = {"val_loss": result["lm"]["val_loss"], "val_ppl": result["lm"]["val_ppl"],
+               "decode_tokens_per_s": result["decode_tokens_per_s"]}
+    for task in ("mqar", "phonebook"):
+        metrics.update({f"{task}@{n}": result["recall"][task][str(n)] for n in lengths})
+    return metrics
+
+
+def summarize(results: list[dict[str, Any]], preset: StudyPreset) -> dict[str, Any]:
+    """Per variant (in the study's order): design, size, cache, and every metric as mean +- spread over seeds."""
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    summary = {}
+    for name in [v for v in VARIANTS if v in by_variant]:
+        runs = sorted(by_variant[name], key=lambda r: r["seed"])
+        first = runs[0]
+        per_run = [run_metrics(r, preset.recall_lengths) for r in runs]
+        steps = [c["step"] for c in first["lm"]["curve"] if "val_loss" in c]
+        curve = [{"step": s, **mean_spread([c["val_loss"] for r in runs for c in r["lm"]["curve"]
+                                            if c["step"] == s and "val_loss" in c])} for s in steps]
+        sinks = [{"layer": s["layer"], "window": s["window"],
+                  **{k: sum(r["attention_sink"][i][k] for r in runs) / len(runs)
+                     for k in ("meta", "first_token", "other", "total")}}
+                 for i, s in enumerate(first["attention_sink"])]
+        summary[name] = {
+            "description": VARIANTS[name].description, "design": first["design"], "seeds": [r["seed"] for r in runs],
+            "params": first["params"], "body_params": first["body_params"], "cache_bytes": first["cache_bytes"],
+            "recall_cache_bytes": first["recall_cache_bytes"],
+            "metrics": {k: {**mean_spread([m[k] for m in per_run]), "values": [m[k] for m in per_run]}
+                        for k in per_run[0]},
+            "val_loss_curve": curve, "attention_sink": sinks,
+        }
+    return summary
+
+
+def _fmt(stat: dict[str, float], digits: int) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['spread']:.{digits}f}"
+
+
+def format_markdown(summary: dict[str, Any], preset: StudyPreset, plots: list[str]) -> str:
+    """results.md: the protocol in brief, the two result tables, the plots and the exact settings."""
+    from hymba.study.tasks import PhonebookFormat, mqar_pairs, phonebook_queries
+
+    seeds = max((len(s["seeds"]) for s in summary.values()), default=0)
+    lines = [f"# Hymba architecture study (preset `{preset.name}`)", "",
+             f"{len(summary)} variants x {seeds} seeds; every cell is the mean ± half the min-max range across "
+             "seeds. All variants have the same non-embedding parameter count (MLP width solved per variant), train "
+             "on the same tokens in the same order at each seed, with the same hyperparameters. LM: trained on the "
+             "corpus, perplexity over the whole validation split. Recall: a separate model of the same architecture "
+             "trained on MQAR + phonebook rows (integer vocabulary) at the context lengths below, evaluated on fresh "
+             "examples at each length (MQAR: accuracy on value positions; phonebook: exact match of the generated "
+             f"number). The sliding window is {preset.shape.sliding_window} tokens. See `hymba.study.run` for the "
+             "full protocol.", "",
+             "## Language modelling and efficiency", "",
+             "| variant | layers | meta | attention | KV groups | params (M) | non-emb. (M) | val loss | val ppl "
+             "| cache @1K (KiB) | cache @8K (KiB) | decode tok/s |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in summary.items():
+        d, m = s["design"], s["metrics"]
+        lines.append(f"| {name} | {d['layers']} | {d['meta_tokens']} | {d['attention']} | {len(d['kv_groups'])} "
+                     f"| {s['params'] / 1e6:.2f} | {s['body_params'] / 1e6:.2f} | {_fmt(m['val_loss'], 3)} "
+                     f"| {_fmt(m['val_ppl'], 1)} | {s['cache_bytes']['1024'] / 1024:,.0f} "
+                     f"| {s['cache_bytes']['8192'] / 1024:,.0f} | {_fmt(m['decode_tokens_per_s'], 0)} |")
+    lengths = preset.recall_lengths
+    lines += ["", "## Recall", "",
+              "| variant | " + " | ".join(f"MQAR @{n}" for n in lengths) + " | "
+              + " | ".join(f"phonebook @{n}" for n in lengths) + " |",
+              "|---|" + "---:|" * (2 * len(lengths))]
+    for name, s in summary.items():
+        cells = [_fmt(s["metrics"][f"{task}@{n}"], 3) for task in ("mqar", "phonebook") for n in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    pairs = [mqar_pairs(n, preset.mqar_pairs_ratio) for n in lengths]
+    entries = [PhonebookFormat().entries(n, phonebook_queries(n)) for n in lengths]
+    lines += ["", "Reference points: a model that knows which values occur in its context, but not which key each "
+              "belongs to, scores 1/pairs on MQAR (" + ", ".join(f"1/{p} at {n}" for p, n in zip(pairs, lengths))
+              + "); copying a random number of the book scores 1/entries on the phonebook ("
+              + ", ".join(f"1/{e}" for e in entries) + ")."]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    lines += ["", "## Settings", "", "```json", json.dumps(preset.to_dict(), indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def write_reports(out: str | Path, preset: StudyPreset, log=print) -> dict[str, Any]:
+    """results.json, results.csv (one row per run), results.md and the plots, from the finished runs in `out`."""
+    out = Path(out)
+    results = load_results(out)
+    if not results:
+        raise HymbaError(f"no finished runs in {out}/runs; run the study first")
+    summary = summarize(results, preset)
+    _write_json_atomic(out / "results.json", {"preset": preset.to_dict(), "variants": summary, "runs": results})
+    rows = [{"variant": r["variant"], "seed": r["seed"], "params": r["params"], "body_params": r["body_params"],
+             "intermediate_size": r["design"]["intermediate_size"], "cache_bytes_1k": r["cache_bytes"]["1024"],
+             "cache_bytes_8k": r["cache_bytes"]["8192"], **run_metrics(r, preset.recall_lengths),
+             "seconds": r["seconds"].get("total")} for r in results]
+    with (out / ".results.csv.tmp").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(out / ".results.csv.tmp", out / "results.csv")
+    from hymba.study.plots import make_plots
+
+    plots = make_plots(summary, preset, out)
+    if not plots:
+        log("hymba study: matplotlib is not installed, so no plots (pip install 'hymba[plot]')")
+    (out / "results.md").write_text(format_markdown(summary, preset, [str(p) for p in plots]))
+    log(f"hymba study: {len(results)} runs summarised in {out / 'results.md'}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise HymbaError(f"--set takes KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def add_parser(subparsers) -> None:
+    """Register `hymba study`."""
+    parser = subparsers.add_parser(
+        "study", help="train and compare architecture variants (attention, Mamba, sequential, Hymba ablations)",
+        description="The paper's controlled comparison: every variant at the same size, trained on the same tokens "
+                    "with the same hyperparameters for >= 2 seeds, evaluated on validation perplexity, MQAR and "
+                    "phonebook recall, cache size and decode throughput. Resumable: finished runs in --out are "
+                    "skipped. Writes results.md, results.json, results.csv and plots to --out.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="tiny: CPU smoke test; small: ~9 minutes on one H100; medium: about an hour")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
+    parser.add_argument("--out", required=True, help="study directory (resumed when it exists)")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per variant (0..N-1)")
+    parser.add_argument("--data-dir", default="data/tokens", help="token folder from `hymba data` (train/val.bin)")
+    parser.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a preset setting (JSON value), e.g. lm_steps=400 or shape.hidden_size=320")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite the reports from the finished runs in --out (with their own settings)")
+    parser.set_defaults(func=run)
+
+
+def load_preset(out: str | Path) -> StudyPreset:
+    """The preset a study directory was run with (from its study.json)."""
+    path = Path(out) / "study.json"
+    if not path.is_file():
+        raise HymbaError(f"{out} is not a study directory (no study.json); run `hymba study --out {out}` first")
+    return StudyPreset.from_dict(json.loads(path.read_text())["preset"])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.report_only:
+        write_reports(args.out, load_preset(args.out))
+        return 0
+    preset = PRESETS[args.preset].with_overrides(dict(_parse_override(o) for o in args.overrides))
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    run_study(preset, args.out, args.seeds, args.device, args.data_dir, variants)
+    return 0
