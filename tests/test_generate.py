@@ -92,3 +92,19 @@ def test_bad_sampling_parameters_are_one_line_errors(bad):
 def test_too_long_prompt_is_an_error(model):
     with pytest.raises(HymbaError, match="exceed"):
         generate(model, [list(range(1, 90)) * 3], max_new_tokens=10)
+
+
+def test_stream_and_complete_join_the_prompt_exactly():
+    """Streamed pieces and completions continue the prompt text exactly (the first word keeps its space)."""
+    from hymba.generate import complete, stream
+    from hymba.tokenizer import HymbaTokenizer
+
+    torch.manual_seed(0)
+    model = HymbaForCausalLM(HymbaConfig.preset("tiny")).eval()
+    model.init_weights()
+    tokenizer = HymbaTokenizer.from_pretrained()
+    prompt = "The old castle"
+    completion = complete(model, tokenizer, [prompt], max_new_tokens=12)[0]
+    assert "".join(stream(model, tokenizer, prompt, max_new_tokens=12)) == completion
+    full = generate(model, [prompt], tokenizer=tokenizer, max_new_tokens=12)[0].tolist()
+    assert tokenizer.decode(full) == prompt + completion

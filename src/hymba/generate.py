@@ -283,13 +283,16 @@ def complete(model, tokenizer, prompts: Sequence[str], stop_strings: Sequence[st
     out = generate(model, ids, mask, tokenizer=tokenizer, stop_strings=stop_strings, **kwargs)
     eos = set(_eos_ids(model, kwargs.get("eos_token_id")))
     completions = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for prompt_ids, prompt_mask, row in zip(ids.tolist(), mask.tolist(), out[:, ids.shape[1]:].tolist()):
         kept = []
         for token in row:
             if token in eos or token == pad_id:
                 break
             kept.append(token)
-        completions.append(trim_completion(tokenizer.decode(kept), stop_strings))
+        # Decode after the prompt so the first new word keeps its leading space.
+        prompt_ids = [t for t, m in zip(prompt_ids, prompt_mask) if m]
+        text = tokenizer.decode(prompt_ids + kept)[len(tokenizer.decode(prompt_ids)):]
+        completions.append(trim_completion(text, stop_strings))
     return completions
 
 
@@ -305,6 +308,8 @@ def stream(model, tokenizer, prompt: str | Sequence[int], stop_strings: Sequence
     params = SamplingParams(**sampling)
     ids, mask = _as_batch(model, [prompt], None, tokenizer)
     decoder = StreamDecoder(tokenizer)
+    # Seen after the prompt, the first new word keeps its leading space (alone, SentencePiece would drop it).
+    decoder.push_many(ids[0].tolist())
     eos = set(_eos_ids(model, None))
     text, shown = "", 0
     with torch.inference_mode():
