@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from hymba.cli import build_parser, main
 from hymba.errors import HymbaError
 from hymba.model import HymbaForCausalLM
-from hymba.study.run import PRESETS, RESULT_FILE, load_preset, run_dir_for, run_study
+from hymba.study.run import PRESETS, load_preset, load_results, run_dir_for, run_study
 from hymba.train.data import FORMAT, META_FILE
 
 # The tiny preset cut to the bone: the same code paths, a few steps each.
@@ -81,21 +82,27 @@ def test_runs_keep_loadable_models(study):
     assert not (run / "lm" / "step-0000004" / "trainer_state.pt").exists()
 
 
-def test_resume_skips_finished_runs_and_reruns_identically(study, data_dir):
-    out, _ = study
-    before = {(v, s): json.loads((run_dir_for(out, v, s) / RESULT_FILE).read_text()) for v in VARIANTS for s in (0, 1)}
-    (run_dir_for(out, "hymba", 1) / RESULT_FILE).unlink()  # as if the study had stopped inside this run
+def test_resume_redoes_only_unfinished_or_changed_parts(study, data_dir, tmp_path):
+    out = tmp_path / "study"
+    shutil.copytree(study[0], out)
+    before = load_results(out, MICRO)
+    (run_dir_for(out, "hymba", 1) / "recall.json").unlink()  # as if the study had stopped inside this part
     logs: list[str] = []
     run_study(MICRO, out, seeds=2, device="cpu", data_dir=data_dir, variants=VARIANTS, log=logs.append)
-    assert sum("skipped" in line for line in logs) == 3
-    after = json.loads((run_dir_for(out, "hymba", 1) / RESULT_FILE).read_text())
-    assert _metrics(after) == _metrics(before["hymba", 1])  # a seed fixes the whole run
-    with pytest.raises(HymbaError, match="other settings"):
-        run_study(MICRO.with_overrides({"lm_steps": 5}), out, seeds=2, device="cpu", data_dir=data_dir,
-                  variants=VARIANTS)
+    assert sum("skipped" in line for line in logs) == 3 and sum("hymba seed 1 (recall)" in line for line in logs) == 1
+    assert [_metrics(r) for r in load_results(out, MICRO)] == [_metrics(r) for r in before]  # a seed fixes a run
+
+    lm_files = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/lm.json")}
+    changed = MICRO.with_overrides({"recall_steps": 3})
+    logs.clear()
+    run_study(changed, out, seeds=2, device="cpu", data_dir=data_dir, variants=VARIANTS, log=logs.append)
+    assert sum("(recall)" in line for line in logs) == 4  # new recall settings: only the recall parts rerun
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/lm.json")} == lm_files
+    assert load_results(out, MICRO) == [] and len(load_results(out, changed)) == 4
+    assert load_preset(out) == changed
 
 
-def test_cli(study, capsys):
+def test_cli(study, capsys, tmp_path):
     out, _ = study
     args = build_parser().parse_args(["study", "--preset", "small", "--device", "cuda", "--out", "x", "--seeds", "3",
                                       "--set", "lm_steps=5", "--set", "shape.hidden_size=64"])
@@ -104,6 +111,9 @@ def test_cli(study, capsys):
     (out / "results.md").unlink()
     assert main(["study", "--out", str(out), "--report-only"]) == 0
     assert (out / "results.md").is_file() and load_preset(out) == MICRO
+    docs = tmp_path / "docs" / "study"
+    assert main(["study", "--out", str(out), "--report-only", "--report-dir", str(docs)]) == 0
+    assert {p.name for p in docs.iterdir()} >= {"results.md", "results.json", "results.csv"}
     assert main(["study", "--out", str(out), "--set", "bogus=1"]) == 2
     assert "unknown study setting 'bogus'" in capsys.readouterr().err
 

@@ -2,9 +2,9 @@
 
     hymba study --preset small --device cuda --out out/study --seeds 2
     hymba study --preset small --out out/study --set lm_steps=400 --set shape.hidden_size=320
-    hymba study --out out/study --report-only          # rewrite results.md / plots from finished runs
+    hymba study --out out/study --report-only --report-dir docs/study   # tables and plots only, for the docs
 
-Protocol (the same for every variant; `Variants` in hymba.study.variants lists them):
+Protocol (the same for every variant; `hymba.study.variants.VARIANTS` lists them):
 
 1. Size. All variants of a study share one `ModelShape`; each variant's MLP width is solved so that its
    non-embedding parameter count matches hymba-base's (within a fraction of a percent).
@@ -28,9 +28,11 @@ Protocol (the same for every variant; `Variants` in hymba.study.variants lists t
 5. Attention sinks (hymba.study.attention_sink): per layer, the share of attention on the first token and on
    the meta tokens, on validation windows.
 
-Every (variant, seed) run writes `runs/<variant>-seed<k>/result.json` atomically as its last act; a rerun of the
-same command skips runs whose result exists (a partly written run is started again from scratch). The study
-directory remembers its preset (`study.json`) and refuses to mix runs of different settings.
+Resuming: each (variant, seed) run has two parts, LM and recall, each ending by atomically writing
+`runs/<variant>-seed<k>/{lm,recall}.json` with its result and the settings it depends on. A rerun skips every part
+finished with the current settings and redoes the rest from scratch (an interrupted part starts over), so changing
+only recall settings (`--set recall_steps=...`) retrains only the recall models. Reports include only runs whose
+parts match the current settings; `study.json` records the settings of the latest invocation for `--report-only`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ BETAS = (0.9, 0.95)
 EVAL_SEED = 20_241_113  # evaluation examples come from here, never from a training seed
 CACHE_LENGTHS = (1024, 8192)
 DECODE_WARMUP = 4
-RESULT_FILE = "result.json"
+STUDY_FILE = "study.json"
 
 
 @dataclass(frozen=True)
@@ -140,22 +142,24 @@ PRESETS: dict[str, StudyPreset] = {
         recall_tokens_per_step=512, recall_steps=10, recall_lr=3e-3, recall_log_interval=5, recall_eval_examples=16,
         recall_eval_batch=16, decode_batch=2, decode_prompt=32, decode_tokens=8,
         notes="CI smoke test on CPU: exercises every code path, results are noise."),
-    # One H100, ~8-9 minutes for 8 variants x 2 seeds (estimate, see the study docs): ~9M non-embedding parameters.
+    # One H100 in ~8-10 minutes for 8 variants x 2 seeds (an estimate: ~30 s per run, see the module docstring);
+    # ~8.4M non-embedding parameters per variant.
     "small": StudyPreset(
         name="small",
         shape=ModelShape(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=640, global_attn_idx=(0, 4, 7), sliding_window=128, num_memory_tokens=32),
-        warmup_steps=20, notes="One H100: ~3.3M corpus tokens and ~2.5M recall tokens per run."),
-    # Several times small: a longer single-GPU run (about an hour on an H100, unmeasured).
+        warmup_steps=20, recall_steps=600, recall_lr=3e-3,
+        notes="One H100: 3.3M corpus tokens and 4.9M recall tokens per run."),
+    # ~49M non-embedding parameters, 2 corpus epochs: one H100 for 1-1.5 hours (unmeasured).
     "medium": StudyPreset(
         name="medium",
         shape=ModelShape(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=1280, global_attn_idx=(0, 6, 11), sliding_window=256,
                          num_memory_tokens=64),
-        warmup_steps=50, lm_block_size=1024, lm_batch_size=32, lm_steps=800, lm_lr=1.5e-3, lm_eval_interval=50,
-        recall_vocab_size=1024, recall_lengths=(256, 512, 1024, 2048), recall_tokens_per_step=32768,
-        recall_steps=800, recall_lr=1.5e-3, recall_log_interval=50, decode_batch=32, decode_prompt=2048,
-        notes="One H100 for about an hour (unmeasured estimate)."),
+        warmup_steps=50, lm_block_size=1024, lm_batch_size=32, lm_steps=300, lm_lr=1.5e-3, lm_eval_interval=25,
+        recall_vocab_size=1024, recall_lengths=(256, 512, 1024, 2048), recall_tokens_per_step=16384,
+        recall_steps=1500, recall_lr=2e-3, recall_log_interval=50, decode_batch=32, decode_prompt=2048,
+        notes="One H100 for 1-1.5 hours (unmeasured estimate)."),
 }
 
 
@@ -303,23 +307,30 @@ def decode_throughput(model, batch: int, prompt_len: int, new_tokens: int, seed:
     return batch * new_tokens / (time.perf_counter() - start)
 
 
-def run_one(variant: str, seed: int, preset: StudyPreset, data_dir: Path, run_dir: Path,
-            device: torch.device) -> dict[str, Any]:
-    """Train and evaluate one (variant, seed); returns the result that `run_study` writes to result.json."""
+def part_settings(preset: StudyPreset, part: str) -> dict[str, Any]:
+    """The settings one part ("lm" or "recall") of a run depends on: the shape, the shared optimisation, its own."""
+    own = ("recall_", "mqar_") if part == "recall" else ("lm_", "val_", "sink_", "decode_")
+    data = preset.to_dict()
+    return {k: v for k, v in data.items()
+            if k in ("shape", "warmup_steps", "weight_decay", "grad_clip") or k.startswith(own)}
+
+
+def run_lm(variant: str, seed: int, preset: StudyPreset, data_dir: Path, out_dir: Path,
+           device: torch.device) -> dict[str, Any]:
+    """Corpus part of a run: train, then validation perplexity, attention sinks, cache size, decode throughput."""
     import numpy as np
     import torch
 
     from hymba.model import HymbaForCausalLM
     from hymba.study.attention_sink import sink_shares
-    from hymba.study.tasks import RecallVocab, corpus_perplexity, eval_mqar, eval_phonebook
+    from hymba.study.tasks import corpus_perplexity
     from hymba.train.data import TokenDataset
 
     timer = _Timer()
     dataset = TokenDataset(data_dir)
     config = lm_config(variant, preset, dataset.vocab_size)
-
     start = time.perf_counter()
-    checkpoint, records = train_lm(config, preset, seed, data_dir, run_dir / "lm", device)
+    checkpoint, records = train_lm(config, preset, seed, data_dir, out_dir, device)
     timer("lm_train", start)
     start = time.perf_counter()
     model = HymbaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, device=device)
@@ -332,39 +343,42 @@ def run_one(variant: str, seed: int, preset: StudyPreset, data_dir: Path, run_di
         sinks = sink_shares(model, torch.from_numpy(rows).to(device))
     timer("lm_eval", start)
     start = time.perf_counter()
-    decode_model = model.to(torch.bfloat16) if device.type == "cuda" else model
-    tokens_per_s = decode_throughput(decode_model, preset.decode_batch, preset.decode_prompt, preset.decode_tokens)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    tokens_per_s = decode_throughput(model, preset.decode_batch, preset.decode_prompt, preset.decode_tokens)
     timer("decode", start)
-    del model, decode_model
-
-    start = time.perf_counter()
-    rconfig = recall_config(variant, preset)
-    recall_model, recall_records = train_recall(rconfig, preset, seed, device)
-    recall_model.save_pretrained(str(run_dir / "recall"))
-    timer("recall_train", start)
-    start = time.perf_counter()
-    vocab = RecallVocab(preset.recall_vocab_size)
-    mqar, phonebook = {}, {}
-    for length in preset.recall_lengths:
-        mqar[str(length)] = eval_mqar(recall_model, vocab, length, preset.recall_eval_examples,
-                                      preset.recall_eval_batch, EVAL_SEED + 2 * length, preset.mqar_pairs_ratio,
-                                      preset.mqar_alpha)
-        phonebook[str(length)] = eval_phonebook(recall_model, vocab, length, preset.recall_eval_examples,
-                                                preset.recall_eval_batch, EVAL_SEED + 2 * length + 1)
-    timer("recall_eval", start)
-
     return {
         "variant": variant, "seed": seed, "design": describe(config),
         "params": config.num_parameters(), "body_params": body_parameters(config),
         "cache_bytes": {str(n): cache_bytes(config, n) for n in CACHE_LENGTHS},
-        "recall_cache_bytes": {str(n): cache_bytes(rconfig, n) for n in preset.recall_lengths},
         "lm": {"val_loss": val["loss"], "val_ppl": val["ppl"], "val_tokens": val["tokens"],
                "curve": [{k: r[k] for k in ("step", "loss", "val_loss", "tokens_per_s") if k in r} for r in records]},
-        "recall": {"mqar": mqar, "phonebook": phonebook, "curve": recall_records},
-        "decode_tokens_per_s": tokens_per_s,
-        "attention_sink": sinks,
-        "seconds": timer.seconds,
+        "decode_tokens_per_s": tokens_per_s, "attention_sink": sinks, "seconds": timer.seconds,
     }
+
+
+def run_recall(variant: str, seed: int, preset: StudyPreset, out_dir: Path, device: torch.device) -> dict[str, Any]:
+    """Recall part of a run: train on MQAR + phonebook, evaluate both at every length, keep the model."""
+    from hymba.study.tasks import RecallVocab, eval_mqar, eval_phonebook
+
+    timer = _Timer()
+    config = recall_config(variant, preset)
+    start = time.perf_counter()
+    model, records = train_recall(config, preset, seed, device)
+    model.save_pretrained(str(out_dir))
+    timer("recall_train", start)
+    start = time.perf_counter()
+    vocab = RecallVocab(preset.recall_vocab_size)
+    mqar, phonebook = {}, {}
+    for n in preset.recall_lengths:
+        mqar[str(n)] = eval_mqar(model, vocab, n, preset.recall_eval_examples, preset.recall_eval_batch,
+                                 EVAL_SEED + 2 * n, preset.mqar_pairs_ratio, preset.mqar_alpha)
+        phonebook[str(n)] = eval_phonebook(model, vocab, n, preset.recall_eval_examples, preset.recall_eval_batch,
+                                           EVAL_SEED + 2 * n + 1)
+    timer("recall_eval", start)
+    return {"recall": {"mqar": mqar, "phonebook": phonebook, "curve": records},
+            "recall_cache_bytes": {str(n): cache_bytes(config, n) for n in preset.recall_lengths},
+            "seconds": timer.seconds}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -375,22 +389,19 @@ def run_dir_for(out: Path, variant: str, seed: int) -> Path:
     return out / "runs" / f"{variant}-seed{seed}"
 
 
-def _check_study_file(out: Path, preset: StudyPreset, data_dir: Path) -> None:
-    """Remember the settings of a study directory; refuse to resume it with different ones."""
+def _data_identity(data_dir: Path) -> dict[str, Any]:
     from hymba.train.data import TokenDataset
 
     meta = TokenDataset(data_dir).meta
-    settings = {"preset": preset.to_dict(), "data": {k: meta.get(k) for k in ("train_tokens", "val_tokens",
-                                                                               "vocab_size", "tokenizer_sha256")}}
-    path = out / "study.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            raise HymbaError(f"{out} holds a study with other settings (see {path}); resume it with the same preset, "
-                             "--set overrides and data, or use a new --out")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, settings)
+    return {k: meta.get(k) for k in ("train_tokens", "val_tokens", "vocab_size", "tokenizer_sha256")}
+
+
+def _load_part(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished part computed with exactly these settings, else None."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["result"] if saved["settings"] == settings else None
 
 
 def _prepare_device(device: torch.device) -> None:
@@ -407,9 +418,9 @@ def _prepare_device(device: torch.device) -> None:
 
 def run_study(preset: StudyPreset, out: str | Path, seeds: int = 2, device: str = "auto",
               data_dir: str | Path = "data/tokens", variants: list[str] | None = None,
-              log=print) -> dict[str, Any]:
-    """Train and evaluate every (variant, seed) not yet finished in `out`, then write the reports (returns the
-    summary). `device` "auto" takes CUDA when available."""
+              report_dir: str | Path | None = None, log=print) -> dict[str, Any]:
+    """Train and evaluate every (variant, seed) part not yet finished in `out` with these settings, then write the
+    reports into `report_dir` (default `out`) and return the summary. `device` "auto" takes CUDA when available."""
     import torch
 
     out, data_dir = Path(out), Path(data_dir)
@@ -422,34 +433,59 @@ def run_study(preset: StudyPreset, out: str | Path, seeds: int = 2, device: str 
                        "cpu" if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HymbaError("--device cuda but no CUDA device is available; use --device cpu (with --preset tiny)")
-    _check_study_file(out, preset, data_dir)
     _prepare_device(dev)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / STUDY_FILE, {"preset": preset.to_dict(), "variants": variants, "seeds": seeds})
+    settings = {"lm": {**part_settings(preset, "lm"), "data": _data_identity(data_dir)},
+                "recall": part_settings(preset, "recall")}
     jobs = [(seed, name) for seed in range(seeds) for name in variants]
     for index, (seed, name) in enumerate(jobs, 1):
         run_dir = run_dir_for(out, name, seed)
-        if (run_dir / RESULT_FILE).is_file():
+        start = time.perf_counter()
+        parts, ran = {}, []
+        for part in ("lm", "recall"):
+            parts[part] = _load_part(run_dir / f"{part}.json", settings[part])
+            if parts[part] is None:
+                # A part starts over from nothing, so its logs and weights are its own.
+                shutil.rmtree(run_dir / part, ignore_errors=True)
+                parts[part] = (run_lm(name, seed, preset, data_dir, run_dir / part, dev) if part == "lm" else
+                               run_recall(name, seed, preset, run_dir / part, dev))
+                _write_json_atomic(run_dir / f"{part}.json", {"settings": settings[part], "result": parts[part]})
+                ran.append(part)
+        if not ran:
             log(f"[{index}/{len(jobs)}] {name} seed {seed}: done, skipped")
             continue
-        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over, so its logs are its own
-        start = time.perf_counter()
-        result = run_one(name, seed, preset, data_dir, run_dir, dev)
-        result["seconds"]["total"] = round(time.perf_counter() - start, 2)
-        _write_json_atomic(run_dir / RESULT_FILE, result)
+        result = merge_parts(parts["lm"], parts["recall"])
         longest = str(preset.recall_lengths[-1])
-        log(f"[{index}/{len(jobs)}] {name} seed {seed}: val ppl {result['lm']['val_ppl']:.2f}, "
+        log(f"[{index}/{len(jobs)}] {name} seed {seed} ({' + '.join(ran)}): val ppl {result['lm']['val_ppl']:.2f}, "
             f"MQAR@{longest} {result['recall']['mqar'][longest]:.3f}, phonebook@{longest} "
             f"{result['recall']['phonebook'][longest]:.3f}, decode {result['decode_tokens_per_s']:,.0f} tok/s "
-            f"({result['seconds']['total']:.0f} s)")
-    return write_reports(out, preset, log)
+            f"({time.perf_counter() - start:.0f} s)")
+    return write_reports(out, preset, report_dir, log)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reports
 
 
-def load_results(out: Path) -> list[dict[str, Any]]:
-    """Every finished run in `out`, in the study's variant order, then by seed."""
-    results = [json.loads(p.read_text()) for p in (out / "runs").glob(f"*/{RESULT_FILE}")]
+def merge_parts(lm: dict[str, Any], recall: dict[str, Any]) -> dict[str, Any]:
+    """One run's record: the LM part's fields, the recall part's, and both parts' timings."""
+    return {**lm, **recall, "seconds": {**lm["seconds"], **recall["seconds"]}}
+
+
+def load_results(out: Path, preset: StudyPreset) -> list[dict[str, Any]]:
+    """Every run in `out` whose two parts finished with `preset`'s settings, in the study's variant order, then by
+    seed. (Which data the LM part was trained on is checked when the study runs, not here.)"""
+    results = []
+    for run_dir in sorted((out / "runs").glob("*-seed*")):
+        paths = {part: run_dir / f"{part}.json" for part in ("lm", "recall")}
+        if not all(p.is_file() for p in paths.values()):
+            continue
+        saved = {part: json.loads(p.read_text()) for part, p in paths.items()}
+        lm_settings = {k: v for k, v in saved["lm"]["settings"].items() if k != "data"}
+        if lm_settings == part_settings(preset, "lm") and saved["recall"]["settings"] == part_settings(preset,
+                                                                                                       "recall"):
+            results.append(merge_parts(saved["lm"]["result"], saved["recall"]["result"]))
     order = {name: i for i, name in enumerate(VARIANTS)}
     return sorted(results, key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
 
@@ -538,18 +574,34 @@ def format_markdown(summary: dict[str, Any], preset: StudyPreset, plots: list[st
               "belongs to, scores 1/pairs on MQAR (" + ", ".join(f"1/{p} at {n}" for p, n in zip(pairs, lengths))
               + "); copying a random number of the book scores 1/entries on the phonebook ("
               + ", ".join(f"1/{e}" for e in entries) + ")."]
+    if all(s["metrics"][f"mqar@{n}"]["mean"] < 2 / p for s in summary.values() for n, p in zip(lengths, pairs)):
+        # MQAR is learnt abruptly after a plateau at 1/pairs; a budget that ends on the plateau compares nothing.
+        lines += ["", f"**No variant rose above twice the 1/pairs reference on MQAR: recall training ended on its "
+                  f"plateau, so the recall table does not separate the designs. Rerun with more steps, e.g. "
+                  f"`--set recall_steps={4 * preset.recall_steps}` and the same --out: only the recall parts rerun.**"]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     lines += ["", "## Settings", "", "```json", json.dumps(preset.to_dict(), indent=2), "```", ""]
     return "\n".join(lines)
 
 
-def write_reports(out: str | Path, preset: StudyPreset, log=print) -> dict[str, Any]:
-    """results.json, results.csv (one row per run), results.md and the plots, from the finished runs in `out`."""
-    out = Path(out)
-    results = load_results(out)
+def load_preset(out: str | Path) -> StudyPreset:
+    """The preset a study directory was run with (from its study.json)."""
+    path = Path(out) / STUDY_FILE
+    if not path.is_file():
+        raise HymbaError(f"{out} is not a study directory (no study.json); run `hymba study --out {out}` first")
+    return StudyPreset.from_dict(json.loads(path.read_text())["preset"])
+
+
+def write_reports(out: str | Path, preset: StudyPreset, report_dir: str | Path | None = None,
+                  log=print) -> dict[str, Any]:
+    """results.json, results.csv (one row per run), results.md and the plots, from the finished runs in `out`,
+    written to `report_dir` (default `out`; the reports hold no weights, so a docs folder can take them)."""
+    results = load_results(Path(out), preset)
     if not results:
-        raise HymbaError(f"no finished runs in {out}/runs; run the study first")
+        raise HymbaError(f"no runs in {out}/runs finished with these settings; run the study first")
+    out = Path(report_dir or out)
+    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results, preset)
     _write_json_atomic(out / "results.json", {"preset": preset.to_dict(), "variants": summary, "runs": results})
     rows = [{"variant": r["variant"], "seed": r["seed"], "params": r["params"], "body_params": r["body_params"],
@@ -592,7 +644,7 @@ def add_parser(subparsers) -> None:
         description="The paper's controlled comparison: every variant at the same size, trained on the same tokens "
                     "with the same hyperparameters for >= 2 seeds, evaluated on validation perplexity, MQAR and "
                     "phonebook recall, cache size and decode throughput. Resumable: finished runs in --out are "
-                    "skipped. Writes results.md, results.json, results.csv and plots to --out.")
+                    "skipped. Writes results.md, results.json, results.csv and plots to --out (or --report-dir).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="tiny: CPU smoke test; small: ~9 minutes on one H100; medium: about an hour")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
@@ -602,24 +654,18 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset setting (JSON value), e.g. lm_steps=400 or shape.hidden_size=320")
+    parser.add_argument("--report-dir", default=None,
+                        help="where results.md/json/csv and the plots go (default --out), e.g. docs/study")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite the reports from the finished runs in --out (with their own settings)")
     parser.set_defaults(func=run)
 
 
-def load_preset(out: str | Path) -> StudyPreset:
-    """The preset a study directory was run with (from its study.json)."""
-    path = Path(out) / "study.json"
-    if not path.is_file():
-        raise HymbaError(f"{out} is not a study directory (no study.json); run `hymba study --out {out}` first")
-    return StudyPreset.from_dict(json.loads(path.read_text())["preset"])
-
-
 def run(args: argparse.Namespace) -> int:
     if args.report_only:
-        write_reports(args.out, load_preset(args.out))
+        write_reports(args.out, load_preset(args.out), args.report_dir)
         return 0
     preset = PRESETS[args.preset].with_overrides(dict(_parse_override(o) for o in args.overrides))
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    run_study(preset, args.out, args.seeds, args.device, args.data_dir, variants)
+    run_study(preset, args.out, args.seeds, args.device, args.data_dir, variants, args.report_dir)
     return 0
