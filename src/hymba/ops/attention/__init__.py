@@ -58,7 +58,8 @@ def plan_attention(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tens
             backend = "sdpa"
     if backend == "flex":
         return AttentionPlan("flex", block_mask=_flex_block_mask(q_pos, k_pos, k_valid, window, num_meta))
-    return AttentionPlan(backend, mask=visible_keys(q_pos, k_pos, k_valid, window, num_meta))
+    mask = visible_keys(q_pos, k_pos, k_valid, window, num_meta, padded_queries=backend != "decode")
+    return AttentionPlan(backend, mask=mask)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
@@ -71,16 +72,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attention
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row: the query heads of a KV group are stacked so K and V are read once per group."""
+    """One query per row. The query heads sharing a KV head become that head's queries, so one fused SDPA call
+    (no GQA expansion, no per-head copies) reads each K and V once; the mask (b, 1, 1, Tk) covers them all."""
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d)  # (b, hkv, g, dqk): query heads sharing a KV head
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * d**-0.5  # (b, hkv, g, Tk)
-    # Softmax in at least float32 (bf16/fp16 scores lose too much), never lower than the inputs (float64 stays).
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    scores = scores.masked_fill(~mask[:, :, 0, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, hq, 1, v.shape[-1])  # (b, hq, 1, dv)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (b, hkv, g, dv)
+    return out.reshape(b, hq, 1, v.shape[-1])
 
 
 @lru_cache(maxsize=1)
