@@ -646,7 +646,8 @@ def add_parser(subparsers) -> None:
                     "phonebook recall, cache size and decode throughput. Resumable: finished runs in --out are "
                     "skipped. Writes results.md, results.json, results.csv and plots to --out (or --report-dir).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny: CPU smoke test; small: ~9 minutes on one H100; medium: about an hour")
+                        help="tiny: CPU smoke test (minutes); small: ~8-10 minutes on one H100 (estimated); "
+                        "medium: 1-1.5 hours")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     parser.add_argument("--out", required=True, help="study directory (resumed when it exists)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per variant (0..N-1)")
