@@ -557,7 +557,9 @@ class Bench:
         o = self.o
         torch.manual_seed(o.seed)
         if o.device.type == "cuda":
-            _raise_recompile_limit()
+            from hymba.ops.attention import allow_many_recompiles
+
+            allow_many_recompiles()
         threads = torch.get_num_threads()
         if o.device.type == "cpu":
             # The toy shapes are far too small for intra-op threads, and on a shared CI machine waiting at
@@ -655,20 +657,6 @@ class Bench:
             row.min_ms_per_step = row.decode_bytes_per_step / (self.bandwidth_gb_s * 1e9) * 1e3
             row.bandwidth_fraction = row.min_ms_per_step / row.ms_per_step
         return row
-
-
-def _raise_recompile_limit() -> None:
-    """FlexAttention is compiled with dynamic=False, so each (batch, queries, keys) shape is a recompile; the
-    bench goes through far more shapes than dynamo's default limit (8), past which it silently falls back to
-    eager flex attention (which materialises every score) and the prefill figures would be meaningless."""
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
-        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
-                                                                4096)
 
 
 # ---------------------------------------------------------------------------------------------- ratios, table

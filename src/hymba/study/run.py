@@ -405,15 +405,10 @@ def _load_part(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _prepare_device(device: torch.device) -> None:
-    if device.type != "cuda":
-        return
-    import torch._dynamo
+    if device.type == "cuda":
+        from hymba.ops.attention import allow_many_recompiles
 
-    # FlexAttention is compiled per shape (dynamic=False) and a study goes through dozens of shapes; past dynamo's
-    # default limit of 8 it silently falls back to eager attention, which materialises every score.
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 512))
+        allow_many_recompiles()  # a study goes through dozens of shapes
 
 
 def run_study(preset: StudyPreset, out: str | Path, seeds: int = 2, device: str = "auto",

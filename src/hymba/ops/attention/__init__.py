@@ -85,7 +85,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    allow_many_recompiles()
     return torch.compile(flex_attention, dynamic=False)
+
+
+def allow_many_recompiles(limit: int = 512) -> None:
+    """FlexAttention is compiled per (batch, queries, keys) shape; past dynamo's default limit of 8 shapes it
+    silently falls back to eager flex attention, which materialises every score. Training, benchmarks and
+    studies go through many shapes, so raise the limit."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
 
 def _flex_block_mask(q_pos, k_pos, k_valid, window, num_meta):
