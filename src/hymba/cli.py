@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     "hymba.train.trainer",  # train
     "hymba.study.run",  # study
     "hymba.eval.cli",  # eval
+    "hymba.serve.cli",  # serve
 ]
 
 

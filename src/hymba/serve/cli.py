@@ -1,0 +1,56 @@
+"""`hymba serve`: load a checkpoint, start the engine's scheduler thread, serve the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hymba.errors import HymbaError
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until interrupted (Ctrl-C or SIGTERM); unfinished requests are cancelled on the way out."""
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise HymbaError(f"{flag} must be positive, got {value}")
+    try:
+        import uvicorn
+
+        from hymba.serve.app import create_app
+    except ImportError as exc:
+        raise HymbaError(f"hymba serve needs FastAPI and uvicorn ({exc.name} is missing); "
+                         "install them with: pip install 'hymba[serve]'") from None
+    from hymba.engine import Engine
+    from hymba.generate_cli import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_context, max_queue=args.max_queue)
+    name = args.served_model_name or args.model or "hymba"
+    app = create_app(engine, name)
+    with engine:
+        print(f"hymba serve: {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots of "
+              f"{engine.max_len} tokens)", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP API with continuous batching",
+        description="Serve a Hymba checkpoint over an OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics). Needs the serve extra (FastAPI, uvicorn).")
+    serve.add_argument("--model", help="checkpoint directory or hub id (default: the small model in the package)")
+    serve.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, local only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+    serve.add_argument("--max-batch", type=int, default=64, help="requests decoded together (cache slots)")
+    serve.add_argument("--max-context", type=int,
+                       help="tokens per slot, prompt + completion (default: the model's context)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests that may wait for a slot; beyond it the server answers 429")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (info logs every request)")
+    serve.set_defaults(func=run_serve)

@@ -1,0 +1,218 @@
+"""Continuous batching: every request gives what offline `generate` gives it alone, whatever shares the batch."""
+
+import queue
+
+import pytest
+import torch
+
+from hymba.cache import HymbaCache
+from hymba.config import HymbaConfig
+from hymba.engine import Engine, GenerationParams, QueueFullError, RequestError
+from hymba.errors import HymbaError
+from hymba.generate import SamplingParams, complete, generate
+from hymba.model import HymbaForCausalLM
+from hymba.tokenizer import HymbaTokenizer
+
+# Lengths straddle the window (6) and ring (7) of the tiny layout, so rings wrap while others are short.
+PROMPTS = [list(range(100, 100 + n)) for n in (3, 17, 9, 30, 1, 12, 5)]
+MAX_TOKENS = [20, 5, 33, 12, 40, 7, 25]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = HymbaForCausalLM(HymbaConfig.preset("tiny", eos_token_id=None)).eval()
+    m.init_weights()
+    return m
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return HymbaTokenizer.from_pretrained()
+
+
+def offline(model, prompt, max_tokens, **kwargs) -> list[int]:
+    return generate(model, [prompt], max_new_tokens=max_tokens, **kwargs)[0, len(prompt):].tolist()
+
+
+def run(engine: Engine, jobs, between_steps=None) -> dict[int, list]:
+    """Submit (prompt, params) jobs, step the engine to the end; returns each request's outputs, in job order."""
+    outputs = queue.Queue()
+    ids = [engine.submit(prompt, params, outputs.put) for prompt, params in jobs]
+    got = {i: [] for i in ids}
+    while any(not out or out[-1].finish_reason is None for out in got.values()):
+        engine.step()
+        if between_steps is not None:
+            between_steps(engine)
+        while not outputs.empty():
+            out = outputs.get()
+            got[out.request_id].append(out)
+    return [got[i] for i in ids]
+
+
+def tokens(outputs) -> list[int]:
+    return [o.token_id for o in outputs if o.token_id is not None]
+
+
+def test_greedy_equals_offline_whatever_shares_the_batch(model, tokenizer):
+    # 7 requests through 3 slots: requests join as others finish, at different positions and lengths.
+    engine = Engine(model, tokenizer, max_batch=3, max_len=96)
+    results = run(engine, [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS, MAX_TOKENS)])
+    for prompt, n, outputs in zip(PROMPTS, MAX_TOKENS, results):
+        assert tokens(outputs) == offline(model, prompt, n)
+        assert outputs[-1].finish_reason == "length"
+    assert engine.stats().running == 0 and sorted(engine._free_rows) == [0, 1, 2]
+
+
+def test_eos_ends_a_request_early_and_its_slot_is_reused(model, tokenizer):
+    eos = offline(model, PROMPTS[2], 33)[4]  # the 5th token request 2 generates
+    engine = Engine(model, tokenizer, max_batch=2, max_len=96, eos_token_id=eos)
+    results = run(engine, [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS, MAX_TOKENS)])
+    for prompt, n, outputs in zip(PROMPTS, MAX_TOKENS, results):
+        alone = offline(model, prompt, n)
+        expected = alone[:alone.index(eos) + 1] if eos in alone else alone
+        assert tokens(outputs) == expected
+        assert outputs[-1].finish_reason == ("stop" if eos in alone else "length")
+    assert len(tokens(results[2])) <= 5
+
+
+def test_free_slots_cannot_leak_nan(model, tokenizer):
+    """NaN poured into every free slot before each step changes nothing for the running requests."""
+    def poison(engine: Engine):
+        free = engine._free_mask.nonzero()[:, 0]
+        for buffer in [*engine.cache.keys.values(), *engine.cache.values.values()]:
+            buffer[free] = float("nan")
+        for state in engine.cache.ssm.values():
+            state.ssm[free], state.conv[free] = float("nan"), float("nan")
+
+    engine = Engine(model, tokenizer, max_batch=4, max_len=96)
+    jobs = [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS[:5], MAX_TOKENS[:5])]
+    results = run(engine, jobs, between_steps=poison)
+    for (prompt, params), outputs in zip(jobs, results):
+        assert tokens(outputs) == offline(model, prompt, params.max_tokens)
+
+
+def test_text_and_stop_strings_equal_offline_complete(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=3)
+    texts = ["Once upon a time", "The capital of France is", "def main():", "1, 2, 3,"]
+    plain = complete(model, tokenizer, texts[:1], max_new_tokens=12)[0]
+    stop = plain[4:7]  # a stop string that really occurs, inside the first completion
+    for text, got in zip(texts, engine.complete(texts, GenerationParams(max_tokens=12, stop=[stop]))):
+        assert got.text == complete(model, tokenizer, [text], max_new_tokens=12, stop_strings=[stop])[0]
+        assert got.finish_reason == ("stop" if stop in complete(model, tokenizer, [text], max_new_tokens=12)[0]
+                                     else "length")
+
+
+def test_seeded_sampling_equals_offline(model, tokenizer):
+    sampling = SamplingParams(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, min_p=0.01,
+                              repetition_penalty=1.2)
+    engine = Engine(model, tokenizer, max_batch=3, max_len=96)
+    jobs = [(p, GenerationParams(max_tokens=n, sampling=sampling, seed=i)) for i, (p, n) in
+            enumerate(zip(PROMPTS, MAX_TOKENS))]
+    jobs[1] = (PROMPTS[1], GenerationParams(max_tokens=9))  # a greedy neighbour
+    for (prompt, params), outputs in zip(jobs, run(engine, jobs)):
+        kwargs = vars(params.sampling) if params.seed is not None else {}
+        assert tokens(outputs) == offline(model, prompt, params.max_tokens, seed=params.seed, **kwargs)
+
+
+def test_logprobs_are_the_models(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64)
+    (outputs,) = run(engine, [(PROMPTS[1], GenerationParams(max_tokens=4, logprobs=3))])
+    ids = torch.tensor([PROMPTS[1] + tokens(outputs)])
+    with torch.no_grad():
+        full = torch.log_softmax(model(ids).logits[0, len(PROMPTS[1]) - 1:-1].float(), dim=-1)
+    for step, out in enumerate(outputs):
+        assert out.logprob.token_id == out.token_id == int(full[step].argmax())
+        assert out.logprob.logprob == pytest.approx(float(full[step, out.token_id]), abs=1e-4)
+        assert [t for t, _ in out.logprob.top] == full[step].topk(3).indices.tolist()
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_len=96)
+    outputs = queue.Queue()
+    first = engine.submit(PROMPTS[0], GenerationParams(max_tokens=40), outputs.put)
+    second = engine.submit(PROMPTS[1], GenerationParams(max_tokens=5), outputs.put)
+    engine.step()
+    engine.step()
+    assert engine.stats().running == 1 and engine.stats().waiting == 1
+    engine.cancel(first)
+    got = {first: [], second: []}
+    while not got[second] or got[second][-1].finish_reason is None:
+        engine.step()
+        while not outputs.empty():
+            out = outputs.get()
+            got[out.request_id].append(out)
+    assert got[first][-1].finish_reason == "cancelled" and len(tokens(got[first])) == 3  # prefill + 2 decode steps
+    assert tokens(got[second]) == offline(model, PROMPTS[1], 5)  # in the slot the cancelled one left
+
+
+def test_scheduler_thread_serves_concurrent_submitters(model, tokenizer):
+    with Engine(model, tokenizer, max_batch=2, max_len=96) as engine:
+        results = engine.complete(PROMPTS[:4], GenerationParams(max_tokens=6))
+    for prompt, result in zip(PROMPTS, results):
+        assert result.token_ids == offline(model, prompt, 6)
+
+
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on(model, tokenizer):
+    def out_of_memory(tokens):
+        raise RuntimeError("out of memory (simulated)")
+
+    engine = Engine(model, tokenizer, max_batch=2, max_len=96)
+    working, engine._step_fn = engine._step_fn, out_of_memory
+    failed = run(engine, [(p, GenerationParams(max_tokens=5)) for p in PROMPTS[:2]])
+    assert [o[-1].finish_reason for o in failed] == ["error", "error"]
+    assert failed[0][-1].error == "RuntimeError: out of memory (simulated)"
+    assert all(len(tokens(o)) == 1 for o in failed)  # the first token came from the prefill
+    engine._step_fn = working
+    (outputs,) = run(engine, [(PROMPTS[2], GenerationParams(max_tokens=5))])
+    assert tokens(outputs) == offline(model, PROMPTS[2], 5) and engine.stats().finished_total["error"] == 2
+
+
+def test_bad_requests_and_a_full_queue_are_refused(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_len=32, max_queue=1)
+    for prompt, params, param in [([], GenerationParams(), "prompt"),
+                                  ([5] * 32, GenerationParams(max_tokens=1), "prompt"),
+                                  ([5] * 20, GenerationParams(max_tokens=13), "max_tokens"),
+                                  ([model.config.vocab_size], GenerationParams(), "prompt"),
+                                  ([5], GenerationParams(max_tokens=0), "max_tokens"),
+                                  ([5], GenerationParams(stop=[""]), "stop"),
+                                  ([5], GenerationParams(logprobs=21), "logprobs")]:
+        with pytest.raises(RequestError) as info:
+            engine.submit(prompt, params)
+        assert info.value.param == param
+    engine.submit([5], GenerationParams())
+    with pytest.raises(QueueFullError):
+        engine.submit([5], GenerationParams())
+    with pytest.raises(HymbaError, match="max_len"):
+        Engine(model, tokenizer, max_len=10_000)
+
+
+def test_copy_row_and_reset_rows(model):
+    cache = HymbaCache(model.config, 3, 40)
+    one = HymbaCache(model.config, 1, 40)
+    with torch.no_grad():
+        model(torch.tensor([PROMPTS[3]]), cache=one)
+    cache.copy_row_from(2, one)
+    assert cache.next_position[2] == one.next_position[0] and cache.next_position[:2].eq(0).all()
+    for layer, state in one.ssm.items():
+        assert torch.equal(cache.ssm[layer].ssm[2], state.ssm[0]) and cache.ssm[layer].ssm[:2].eq(0).all()
+    for window, layout in one.layouts.items():
+        assert torch.equal(cache.layouts[window].valid[2], layout.valid[0])
+    cache.reset_rows([2])
+    assert cache.next_position.eq(0).all() and not any(layout.valid.any() for layout in cache.layouts.values())
+    assert all(state.ssm.eq(0).all() and state.conv.eq(0).all() for state in cache.ssm.values())
+    with pytest.raises(HymbaError, match="same max_len"):
+        cache.copy_row_from(0, HymbaCache(model.config, 1, 41))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_engine_equals_eager(model, tokenizer):
+    gpu = HymbaForCausalLM(model.config).eval().cuda()
+    gpu.load_state_dict(model.state_dict())
+    jobs = [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    graphed = run(Engine(gpu, tokenizer, max_batch=3, max_len=96), jobs)
+    eager = run(Engine(gpu, tokenizer, max_batch=3, max_len=96, cuda_graph=False), jobs)
+    assert [tokens(o) for o in graphed] == [tokens(o) for o in eager]
+    for prompt, n, outputs in zip(PROMPTS, MAX_TOKENS, graphed):
+        assert tokens(outputs) == offline(gpu, prompt, n, cuda_graph=False)
