@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeli
 
 import hymba.integrations.transformers  # noqa: E402, F401  (registers model_type "hymba")
 from hymba.config import HymbaConfig  # noqa: E402
-from hymba.generate import complete  # noqa: E402
+from hymba.generate import complete, generate  # noqa: E402
 from hymba.model import HymbaForCausalLM  # noqa: E402
 from hymba.tokenizer import HymbaTokenizer, default_tokenizer_dir  # noqa: E402
 
@@ -60,11 +60,15 @@ def test_pipeline_greedy_text_equals_complete(checkpoint):
     ours, path = checkpoint
     generator = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(path),
                          tokenizer=AutoTokenizer.from_pretrained(path))
+    tokenizer = HymbaTokenizer.from_pretrained(path)
     prompts = ["Once upon a time", "The capital of France is"]
-    expected = complete(ours, HymbaTokenizer.from_pretrained(path), prompts, max_new_tokens=8)
-    for prompt, text in zip(prompts, expected):
-        out = generator(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)
-        assert out[0]["generated_text"] == text
+    for prompt, text in zip(prompts, complete(ours, tokenizer, prompts, max_new_tokens=8)):
+        ids = generator(prompt, max_new_tokens=8, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+        assert ids == generate(ours, [prompt], tokenizer=tokenizer, max_new_tokens=8)[0].tolist()
+        out = generator(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+        # The pipeline decodes the new tokens alone, so SentencePiece drops the first word's space;
+        # `complete` reads them after the prompt and keeps it.
+        assert out == text.removeprefix(" ")
 
 
 def test_released_format_checkpoint_gives_the_released_logits(official_tiny_dir):
