@@ -265,7 +265,9 @@ class HymbaConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out.update(self.extra)
-        out["kv_reuse_group"] = self.kv_reuse_group
+        for key in ("auto_map", "transformers_version"):  # bookkeeping the release has; null breaks transformers
+            if out[key] is None:
+                del out[key]
         return dict(sorted(out.items()))
 
     @classmethod

@@ -310,6 +310,7 @@ def stream(model, tokenizer, prompt: str | Sequence[int], stop_strings: Sequence
     decoder = StreamDecoder(tokenizer)
     # Seen after the prompt, the first new word keeps its leading space (alone, SentencePiece would drop it).
     decoder.push_many(ids[0].tolist())
+    decoder.flush()  # the prompt's own pending text (e.g. a template's trailing newline) is not part of the reply
     eos = set(_eos_ids(model, None))
     text, shown = "", 0
     with torch.inference_mode():

@@ -113,6 +113,4 @@ def _flex_block_mask(q_pos, k_pos, k_valid, window, num_meta):
         # A padding query sees its own key so no row is empty (its output is never used).
         return seen | (ki == qi + (k_pos.shape[1] - q_pos.shape[1]))
 
-    # _compile=True evaluates the rule block by block instead of materialising a (b, Tq, Tk) mask first.
-    return create_block_mask(visible, q_pos.shape[0], None, q_pos.shape[1], k_pos.shape[1], device=q_pos.device,
-                             _compile=True)
+    return create_block_mask(visible, q_pos.shape[0], None, q_pos.shape[1], k_pos.shape[1], device=q_pos.device)
