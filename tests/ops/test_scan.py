@@ -16,6 +16,7 @@ from conftest import rel_err
 from hymba.ops.scan import (
     selective_scan,
     selective_scan_chunked,
+    selective_scan_cpu,
     selective_scan_ref,
     selective_state_update,
     selective_state_update_ref,
@@ -73,12 +74,13 @@ def test_reference_is_the_recurrence():
             assert max(abs(last[b, d, n].item() - h[n]) for n in range(D_STATE)) <= 1e-5 * (1 + max(map(abs, h)))
 
 
+@pytest.mark.parametrize("scan", [selective_scan_chunked, selective_scan_cpu], ids=["chunked", "cpu"])
 @pytest.mark.parametrize("optional", [True, False], ids=["z,bias,state", "bare"])
 @pytest.mark.parametrize("length", [1, 7, 63, 300])
-def test_chunked_equals_reference_forward_and_backward(length, optional):
+def test_fast_scans_equal_reference_forward_and_backward(length, optional, scan):
     inputs = scan_inputs(length, optional=optional)
     y_ref, last_ref, grads_ref = run(selective_scan_ref, inputs, grad=True)
-    y, last, grads = run(selective_scan_chunked, inputs, grad=True)
+    y, last, grads = run(scan, inputs, grad=True)
     assert y.dtype == torch.float32 and last.dtype == torch.float32
     assert y.shape == (BATCH, D_INNER, length) and last.shape == (BATCH, D_INNER, D_STATE)
     assert rel_err(y, y_ref) < 1e-5

@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan: `selective_scan` picks the fastest available implementation.
+"""Mamba-1 selective scan: `selective_scan` picks the fastest available implementation (Triton on CUDA, the
+parallel chunked scan on GPUs without Triton, the time-major recurrence on CPUs).
 
 All implementations share one signature (mamba_ssm's layout, so kernels are drop-in):
 
@@ -17,10 +18,11 @@ from __future__ import annotations
 import torch
 
 from hymba.ops.scan.chunked import selective_scan_chunked
+from hymba.ops.scan.cpu import selective_scan_cpu
 from hymba.ops.scan.reference import selective_scan_ref, selective_state_update_ref
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref", "selective_state_update",
-           "selective_state_update_ref"]
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_cpu", "selective_scan_ref",
+           "selective_state_update", "selective_state_update_ref"]
 
 # Below this length the sequential loop is cheaper than building the parallel scan's intermediates.
 SEQUENTIAL_MAX_LEN = 8
@@ -42,6 +44,8 @@ def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus
         from hymba.ops.scan.triton import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    if not u.is_cuda:
+        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     if u.shape[-1] <= SEQUENTIAL_MAX_LEN:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
