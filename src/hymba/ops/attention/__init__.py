@@ -21,6 +21,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from hymba.ops import gpu_kernels_usable
 from hymba.ops.attention.masks import visible_keys
 
 __all__ = ["AttentionPlan", "attention", "plan_attention", "visible_keys"]
@@ -36,23 +37,13 @@ class AttentionPlan:
     block_mask: object = None  # FlexAttention BlockMask, for "flex"
 
 
-def _flex_available(q_pos: torch.Tensor) -> bool:
-    if not q_pos.is_cuda:
-        return False
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def plan_attention(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor | None, window: int | None,
                    num_meta: int, backend: str | None = None) -> AttentionPlan:
     """Choose a backend (unless given) and build its mask from positions (b, Tq), (b, Tk) and validity (b, Tk)."""
     if backend is None:
         if q_pos.shape[1] == 1:
             backend = "decode"
-        elif q_pos.shape[1] >= FLEX_MIN_QUERIES and _flex_available(q_pos):
+        elif q_pos.shape[1] >= FLEX_MIN_QUERIES and gpu_kernels_usable(q_pos, "torch.nn.attention.flex_attention"):
             backend = "flex"
         else:
             backend = "sdpa"

@@ -3,26 +3,15 @@ for one decode step. x: (batch, dim, L); weight: (dim, width); the state holds t
 
 from __future__ import annotations
 
-import torch
-
+from hymba.ops import gpu_kernels_usable
 from hymba.ops.conv.reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref"]
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def causal_conv1d(x, weight, bias=None, initial_state=None, activation: str | None = "silu"):
     """Returns (out (batch, dim, L) in x's dtype, final_state (batch, dim, width-1))."""
-    if _use_triton(x):
+    if gpu_kernels_usable(x):
         from hymba.ops.conv.triton import causal_conv1d_triton
 
         return causal_conv1d_triton(x, weight, bias, initial_state, activation)
@@ -31,7 +20,7 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, activation: str | No
 
 def causal_conv1d_update(state, x, weight, bias=None, activation: str | None = "silu"):
     """One step: x (batch, dim); `state` (batch, dim, width-1) is shifted in place. Returns (batch, dim)."""
-    if _use_triton(x):
+    if gpu_kernels_usable(x):
         from hymba.ops.conv.triton import causal_conv1d_update_triton
 
         return causal_conv1d_update_triton(state, x, weight, bias, activation)

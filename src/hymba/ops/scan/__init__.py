@@ -15,8 +15,7 @@ and `selective_state_update` is the one-token form used by cached decoding (stat
 
 from __future__ import annotations
 
-import torch
-
+from hymba.ops import gpu_kernels_usable
 from hymba.ops.scan.chunked import selective_scan_chunked
 from hymba.ops.scan.cpu import selective_scan_cpu
 from hymba.ops.scan.reference import selective_scan_ref, selective_state_update_ref
@@ -28,19 +27,9 @@ __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_cpu", "se
 SEQUENTIAL_MAX_LEN = 8
 
 
-def _triton_available(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, initial_state=None):
     """Selective scan with the implementation chosen by device and length (see module docstring)."""
-    if _triton_available(u):
+    if gpu_kernels_usable(u):
         from hymba.ops.scan.triton import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
@@ -53,7 +42,7 @@ def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus
 
 def selective_state_update(state, u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
     """One decode step: updates `state` (batch, d_inner, d_state) in place and returns y (batch, d_inner)."""
-    if _triton_available(u):
+    if gpu_kernels_usable(u):
         from hymba.ops.scan.triton import selective_state_update_triton
 
         return selective_state_update_triton(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
