@@ -47,7 +47,7 @@ class HymbaConfigHF(PretrainedConfig):
         # Not defaulted: a class attribute, transformers' bookkeeping, a generation setting it pops, and auto_map,
         # which transformers only tolerates when it is a dict.
         for key in ("model_type", "transformers_version", "architectures", "torch_dtype", "use_cache", "auto_map"):
-            defaults.pop(key)
+            defaults.pop(key, None)
         kwargs = {**defaults, **kwargs}
         # The release's "flex" names its own kernel choice; transformers would read it as one of its backends.
         # Ours picks its attention backend at run time, so the key is dropped.
