@@ -72,3 +72,9 @@ def test_too_long_prompt_is_one_line(tiny_checkpoint):
     out = hymba("generate", "--model", str(tiny_checkpoint), "word " * 400, "--max-new-tokens", "4")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "exceed" in out.stderr
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_one_line(official_tiny_dir):
+    out = hymba("generate", "--model", str(official_tiny_dir), "hello world", "--max-new-tokens", "4")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "vocabulary" in out.stderr and out.stdout == ""

@@ -174,6 +174,9 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise HymbaError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) + "
                          f"{config.num_memory_tokens} meta tokens exceed the model's "
                          f"{config.max_position_embeddings} positions; shorten the prompt or max_new_tokens")
+    if int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0:
+        raise HymbaError(f"token id {int(input_ids.max())} is outside this model's vocabulary of {config.vocab_size}; "
+                         "the tokenizer does not match the checkpoint")
     device = model.device
     generator = None
     if seed is not None:

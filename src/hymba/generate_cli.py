@@ -71,9 +71,10 @@ def run_generate(args) -> int:
         raise HymbaError('give a prompt (hymba generate "Once upon a time") or --batch-file FILE')
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     if len(prompts) == 1:
-        sys.stdout.write(prompts[0])
-        for piece in stream(model, tokenizer, prompts[0], max_new_tokens=args.max_new_tokens, seed=args.seed,
-                            **sampling):
+        pieces = stream(model, tokenizer, prompts[0], max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling)
+        first = next(pieces, "")  # bad input surfaces here, before anything is printed
+        sys.stdout.write(prompts[0] + first)
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
