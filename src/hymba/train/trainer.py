@@ -50,6 +50,48 @@ LATEST_FILE = "latest"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+# What each TrainConfig field means: the `hymba train --help` text of its override flag.
+FIELD_HELP = {
+    'model': 'a preset name (hymba-1.5b, tiny, ...) or a config.json path, trained from scratch',
+    'model_overrides': 'JSON object of HymbaConfig keys to change in the preset',
+    'init_from': 'a checkpoint directory or hub id to fine-tune instead of training from scratch',
+    'tokenizer': "tokenizer files copied into checkpoints; default: init_from's, else packaged",
+    'data_dir': 'token files from `hymba data tokenize` (train.bin, val.bin, meta.json)',
+    'data_order': 'token files: "random" windows (nanoGPT) or "sequential" epochs over every token',
+    'sft_data': 'chat JSONL ({"messages": [...]}) for supervised fine-tuning; loss on assistant tokens only',
+    'sft_val_data': 'chat JSONL for validation during SFT',
+    'sft_packing': '"pack" (rows of exactly block_size) or "pad" (one conversation per row)',
+    'batch_size': 'rows per micro-batch per process',
+    'block_size': 'tokens per training row',
+    'grad_accum': 'micro-batches per optimizer step',
+    'lr': 'peak learning rate',
+    'min_lr': 'learning rate at the end of the schedule',
+    'weight_decay': 'AdamW weight decay (>= 2-D weights only; not norms, biases, meta tokens, A_log, D)',
+    'betas': 'AdamW betas, as JSON [b1, b2]',
+    'eps': 'AdamW epsilon',
+    'warmup_steps': 'linear warmup steps',
+    'schedule': '"wsd" (warmup-stable-decay, Hymba\'s), "cosine" or "constant"',
+    'decay_fraction': 'wsd: share of max_steps spent decaying to min_lr',
+    'max_steps': 'optimizer steps to train',
+    'grad_clip': 'clip the gradient norm to this (0 disables)',
+    'eval_interval': 'steps between validation passes',
+    'eval_iters': 'batches per validation pass',
+    'log_interval': 'steps between log lines',
+    'checkpoint_interval': 'steps between checkpoints',
+    'keep_checkpoints': 'how many checkpoints to keep',
+    'out_dir': 'output directory',
+    'log_file': 'JSONL log path (default: out_dir/log.jsonl)',
+    'seed': 'seed for initialisation and data order',
+    'device': '"auto": cuda if available, else cpu',
+    'dtype': '"bf16" (autocast on CUDA, float32 master weights) or "float32"; auto: bf16 on CUDA',
+    'activation_checkpointing': 'recompute each layer in backward to save memory',
+    'compile': 'torch.compile the model',
+    'distributed': 'under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard: sharded weights and Adam state)',
+    'peak_flops': 'per-device peak for MFU; None: looked up from the GPU name',
+    'progress': 'show a progress bar',
+}
+
+
 @dataclass
 class TrainConfig:
     """One training run. Paths are relative to the working directory."""
@@ -58,14 +100,14 @@ class TrainConfig:
     model: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
-    tokenizer: str | None = None  # tokenizer files copied into checkpoints; default: init_from's, else packaged
+    tokenizer: str | None = None
     # Data: token files (train.bin / val.bin / meta.json from `hymba data`), or chat JSONL for SFT.
     data_dir: str | None = None
-    data_order: str = "random"  # token files: "random" windows (nanoGPT) or "sequential" epochs over every token
+    data_order: str = "random"
     sft_data: str | None = None
     sft_val_data: str | None = None
-    sft_packing: str = "pack"  # "pack" (rows of exactly block_size) or "pad" (one conversation per row)
-    batch_size: int = 8  # rows per micro-batch per process
+    sft_packing: str = "pack"
+    batch_size: int = 8
     block_size: int = 256
     grad_accum: int = 1
     # Optimizer and schedule.
@@ -75,10 +117,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     warmup_steps: int = 100
-    schedule: str = "wsd"  # "wsd" (warmup-stable-decay, Hymba's), "cosine" or "constant"
-    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying to min_lr
+    schedule: str = "wsd"
+    decay_fraction: float = 0.2
     max_steps: int = 1000
-    grad_clip: float = 1.0  # 0 disables
+    grad_clip: float = 1.0
     # Evaluation, logging, checkpoints.
     eval_interval: int = 100
     eval_iters: int = 20
@@ -86,15 +128,15 @@ class TrainConfig:
     checkpoint_interval: int = 500
     keep_checkpoints: int = 2
     out_dir: str = "out/train"
-    log_file: str | None = None  # default: out_dir/log.jsonl
+    log_file: str | None = None
     # Runtime.
     seed: int = 1337
-    device: str = "auto"  # "auto": cuda if available, else cpu
-    dtype: str = "auto"  # "bf16" (autocast on CUDA, float32 master weights) or "float32"; auto: bf16 on CUDA
+    device: str = "auto"
+    dtype: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
-    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard: sharded weights and Adam state)
-    peak_flops: float | None = None  # per-device peak for MFU; None: looked up from the GPU name
+    distributed: str = "ddp"
+    peak_flops: float | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -629,9 +671,11 @@ def add_parser(subparsers) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=FIELD_HELP.get(f.name))
         else:
-            group.add_argument(flag, dest=f.name, type=_override_type(f), default=None, metavar=f.name.upper())
+            group.add_argument(flag, dest=f.name, type=_override_type(f), default=None, metavar=f.name.upper(),
+                               help=FIELD_HELP.get(f.name))
     parser.set_defaults(func=run)
 
 
