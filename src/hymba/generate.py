@@ -192,7 +192,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if attention_mask is not None and bool((attention_mask == 0).any()):
             seen[:, pad_id] |= (input_ids == pad_id).logical_and(attention_mask.bool()).any(dim=1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+    new_tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)  # filled step by step
 
     logits = prefill(model, cache, input_ids, attention_mask, prefill_chunk)
     step_fn = lambda tokens: decode_step(model, cache, tokens)  # noqa: E731
@@ -203,13 +203,13 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         token = sample(logits, params, generator).masked_fill(finished, pad_id)
         yield token
-        new_tokens = torch.cat([new_tokens, token[:, None]], dim=1)
+        new_tokens[:, step] = token
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         finished |= torch.isin(token, eos)
         if stop is not None:
             for row in range(batch):
-                if not finished[row] and stop(row, new_tokens[row]):
+                if not finished[row] and stop(row, new_tokens[row, :step + 1]):
                     finished[row] = True
         if step == max_new_tokens - 1 or ((stop is not None or step % SYNC_EVERY == 0) and bool(finished.all())):
             return
