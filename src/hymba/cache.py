@@ -109,6 +109,7 @@ class HymbaCache:
                     conv=torch.zeros(batch, config.d_inner, config.mamba_d_conv - 1, device=device, dtype=dtype))
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)  # per row, meta included
         self.started = False
+        self.decoding = False  # whether the current forward is one decode step (set by `begin`)
 
     # ------------------------------------------------------------------ used by the model's forward
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
@@ -116,7 +117,7 @@ class HymbaCache:
         decoding = self.started and positions.shape[1] == 1
         for layout in self.layouts.values():
             layout.begin(positions, valid, decoding)
-        self._decoding = decoding
+        self.decoding = decoding
 
     def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store a producer's new K,V (b, hkv, T, d); return what its queries attend over:
@@ -124,7 +125,7 @@ class HymbaCache:
         layout = self.layouts[self.config.window(layer)]
         k_buf, v_buf = self.keys[layer], self.values[layer]
         rows, index, slot = layout.write
-        if self._decoding:
+        if self.decoding:
             keys, values = k_buf, v_buf
         else:
             keys, values = torch.cat([k_buf, k], dim=2), torch.cat([v_buf, v], dim=2)

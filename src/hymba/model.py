@@ -164,7 +164,8 @@ class HymbaMixer(nn.Module):
         plan_key = (self.window, id(k_pos))
         if plan_key not in ctx.plans:
             ctx.plans[plan_key] = plan_attention(ctx.positions, k_pos, k_valid, self.window,
-                                                 self.config.num_memory_tokens)
+                                                 self.config.num_memory_tokens,
+                                                 cache_decode=ctx.cache is not None and ctx.cache.decoding)
         out = attention(q, k_all, v_all, ctx.plans[plan_key])  # (b, hq, T, dv)
         return out.transpose(1, 2).reshape(b, T, self.n_heads * self.d_v)
 

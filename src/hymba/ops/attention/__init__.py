@@ -9,7 +9,8 @@ forward, chunked prefill and decoding over a ring buffer alike:
 `plan_attention` turns that rule into what one backend needs, once per forward and key layout, and
 `attention` runs it:
 - "sdpa": a dense boolean mask and PyTorch's SDPA, the reference, on any device and dtype;
-- "decode": one query per row, GQA as a grouped matmul over the cache (no per-head copies of K and V);
+- "decode": one query per row over the cache, whose validity flags are the mask (nothing built per step), with
+  each KV head's query group attending in one fused SDPA call (no per-head copies of K and V);
 - "flex": FlexAttention with a block-sparse mask on CUDA, so long prefills never build an L x L mask.
 """
 
@@ -38,8 +39,13 @@ class AttentionPlan:
 
 
 def plan_attention(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor | None, window: int | None,
-                   num_meta: int, backend: str | None = None) -> AttentionPlan:
-    """Choose a backend (unless given) and build its mask from positions (b, Tq), (b, Tk) and validity (b, Tk)."""
+                   num_meta: int, backend: str | None = None, cache_decode: bool = False) -> AttentionPlan:
+    """Choose a backend (unless given) and build its mask from positions (b, Tq), (b, Tk) and validity (b, Tk).
+
+    `cache_decode` says the keys are a `HymbaCache`'s slots and the query is each row's newest token: then every
+    valid slot is visible (a ring holds exactly the last window+1 positions, meta tokens are always visible), so
+    the cache's validity flags are the mask and nothing is built per decode step.
+    """
     if backend is None:
         if q_pos.shape[1] == 1:
             backend = "decode"
@@ -49,8 +55,9 @@ def plan_attention(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tens
             backend = "sdpa"
     if backend == "flex":
         return AttentionPlan("flex", block_mask=_flex_block_mask(q_pos, k_pos, k_valid, window, num_meta))
-    mask = visible_keys(q_pos, k_pos, k_valid, window, num_meta, padded_queries=backend != "decode")
-    return AttentionPlan(backend, mask=mask)
+    if cache_decode:
+        return AttentionPlan(backend, mask=k_valid[:, None, None, :])
+    return AttentionPlan(backend, mask=visible_keys(q_pos, k_pos, k_valid, window, num_meta))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
