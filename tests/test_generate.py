@@ -5,7 +5,7 @@ import torch
 
 from hymba.config import HymbaConfig
 from hymba.errors import HymbaError
-from hymba.generate import SamplingParams, apply_repetition_penalty, generate, left_pad, sample
+from hymba.generate import SamplingParams, apply_repetition_penalty, generate, left_pad, sample, seen_tokens
 from hymba.model import HymbaForCausalLM
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [3, 4], [20, 21, 22, 23, 24, 25, 26]]
@@ -108,3 +108,14 @@ def test_stream_and_complete_join_the_prompt_exactly():
     assert "".join(stream(model, tokenizer, prompt, max_new_tokens=12)) == completion
     full = generate(model, [prompt], tokenizer=tokenizer, max_new_tokens=12)[0].tolist()
     assert tokenizer.decode(full) == prompt + completion
+
+
+def test_repetition_penalty_is_batch_invariant(model):
+    """Padding must not count as a seen token: with a penalty, padded rows still decode as they do alone."""
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    seen = seen_tokens(ids, mask, vocab_size=10)
+    assert seen.nonzero().tolist() == [[0, 5], [0, 6], [0, 7], [1, 8]]  # the pad id 0 is not seen in row 1
+    kwargs = dict(max_new_tokens=12, repetition_penalty=1.5)
+    batched = generate(model, PROMPTS, **kwargs)
+    for row, prompt in enumerate(PROMPTS):
+        assert generate(model, [prompt], **kwargs)[0, len(prompt):].tolist() == batched[row, -12:].tolist()

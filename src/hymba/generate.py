@@ -54,6 +54,14 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """(b, vocab) bool: which tokens each row's prompt holds. Padding does not count, so a padded row
+    penalises exactly what it would alone."""
+    real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    counts = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.long, device=input_ids.device)
+    return counts.scatter_add_(1, input_ids, real) > 0
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (b,) from last-position logits (b, vocab), without a host sync."""
     if not params.do_sample:
@@ -71,6 +79,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_probs = sorted_probs.masked_fill(mass_before >= params.top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def pad_token_id(config) -> int:
+    """The id that fills padding and finished rows (0 when the config names none)."""
+    return config.pad_token_id if config.pad_token_id is not None else 0
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,16 +194,12 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    pad_id = pad_token_id(config)
     eos = torch.tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=device)
     cache = HymbaCache(config, batch, max_len, device=device, dtype=model.dtype)
     seen = None
     if params.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=device)
-        prompt_tokens = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, pad_id)
-        seen.scatter_(1, prompt_tokens, True)
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            seen[:, pad_id] |= (input_ids == pad_id).logical_and(attention_mask.bool()).any(dim=1)
+        seen = seen_tokens(input_ids, attention_mask, config.vocab_size)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)  # filled step by step
 
@@ -218,7 +227,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def _as_batch(model, inputs, attention_mask, tokenizer):
     """Accept a tensor (+ mask), a list of token lists, or a list of strings (with a tokenizer)."""
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pad_id = pad_token_id(model.config)
     if isinstance(inputs, torch.Tensor):
         ids = inputs if inputs.dim() == 2 else inputs[None]
         return ids.to(model.device), None if attention_mask is None else attention_mask.to(model.device)
@@ -281,7 +290,7 @@ def trim_completion(text: str, stop_strings: Sequence[str] | None) -> str:
 def complete(model, tokenizer, prompts: Sequence[str], stop_strings: Sequence[str] | None = None,
              **kwargs) -> list[str]:
     """Text in, completions out: the generated continuation of each prompt, cut at EOS and stop strings."""
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pad_id = pad_token_id(model.config)
     ids, mask = _as_batch(model, list(prompts), None, tokenizer)
     out = generate(model, ids, mask, tokenizer=tokenizer, stop_strings=stop_strings, **kwargs)
     eos = set(_eos_ids(model, kwargs.get("eos_token_id")))

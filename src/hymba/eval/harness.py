@@ -27,7 +27,7 @@ from tqdm import tqdm
 from hymba.errors import HymbaError
 from hymba.eval import scorers
 from hymba.eval.tasks import Doc, Task
-from hymba.generate import complete, left_pad
+from hymba.generate import complete, left_pad, pad_token_id
 
 
 class Scorer(Protocol):
@@ -54,7 +54,7 @@ class ModelScorer:
         self.batch_size, self.add_bos, self.progress = batch_size, add_bos, progress
         config = model.config
         self.max_length = config.max_position_embeddings - config.num_memory_tokens  # positions left for text
-        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(config)
 
     def encode_pairs(self, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """(context ids, continuation ids) of each (context, continuation), exactly as lm-eval's `_encode_pair`."""
