@@ -124,3 +124,13 @@ def test_preset_overrides():
     assert preset.max_positions >= preset.decode_prompt + preset.decode_tokens + preset.shape.num_memory_tokens
     with pytest.raises(HymbaError, match="unknown study setting"):
         PRESETS["small"].with_overrides({"shape.depth": 3})
+
+
+def test_workers_give_the_same_results(study, data_dir, tmp_path):
+    """Runs trained in worker processes are the runs trained in the study's own process (a seed fixes a run)."""
+    out = tmp_path / "study"
+    logs: list[str] = []
+    run_study(MICRO, out, seeds=1, device="cpu", data_dir=data_dir, variants=VARIANTS, log=logs.append, workers=2)
+    assert sum("val ppl" in line for line in logs) == 2 and sum(line.startswith("decode ") for line in logs) == 2
+    serial = [r for r in load_results(study[0], MICRO) if r["seed"] == 0]
+    assert [_metrics(r) for r in load_results(out, MICRO)] == [_metrics(r) for r in serial]

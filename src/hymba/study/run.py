@@ -23,16 +23,21 @@ Protocol (the same for every variant; `hymba.study.variants.VARIANTS` lists them
    windowed layer alone cannot reach most keys. Training recall separately keeps it learnable at small scale
    (a corpus-trained model of this size does not learn in-context lookup) without contaminating step 2.
 4. Efficiency. Cache bytes per sequence at 1K and 8K tokens as the engine allocates them (bf16 K/V and conv
-   state, float32 SSM state); decode throughput of the LM model with the cached engine (`prefill`, then the decode
-   step as a CUDA graph on GPU), in bf16 on GPU.
+   state, float32 SSM state); decode throughput of the LM model with the cached engine, alone on the device
+   (`prefill`, then the decode step as a CUDA graph on GPU), in bf16 on GPU.
 5. Attention sinks (hymba.study.attention_sink): per layer, the share of attention on the first token and on
    the meta tokens, on validation windows.
 
-Resuming: each (variant, seed) run has two parts, LM and recall, each ending by atomically writing
-`runs/<variant>-seed<k>/{lm,recall}.json` with its result and the settings it depends on. A rerun skips every part
-finished with the current settings and redoes the rest from scratch (an interrupted part starts over), so changing
-only recall settings (`--set recall_steps=...`) retrains only the recall models. Reports include only runs whose
-parts match the current settings; `study.json` records the settings of the latest invocation for `--report-only`.
+Resuming: each (variant, seed) run has three parts, LM, recall and decode (the LM checkpoint's throughput), each
+ending by atomically writing `runs/<variant>-seed<k>/{lm,recall,decode}.json` with its result and the settings it
+depends on. A rerun skips every part finished with the current settings and redoes the rest from scratch (an
+interrupted part starts over; a redone LM part also redoes its decode part), so changing only recall settings
+(`--set recall_steps=...`) retrains only the recall models. Reports include only runs whose parts match the current
+settings; `study.json` records the settings of the latest invocation for `--report-only`.
+
+Parallel runs: `--workers N` trains and evaluates N runs at once in separate processes on the same device (models
+this small leave a GPU idle between kernel launches). Decode throughput is measured afterwards, one run at a time
+in the study's own process, so no timing is taken while other runs share the device.
 """
 
 from __future__ import annotations
@@ -307,9 +312,12 @@ def decode_throughput(model, batch: int, prompt_len: int, new_tokens: int, seed:
     return batch * new_tokens / (time.perf_counter() - start)
 
 
+PART_PREFIXES = {"lm": ("lm_", "val_", "sink_"), "recall": ("recall_", "mqar_"), "decode": ("decode_",)}
+
+
 def part_settings(preset: StudyPreset, part: str) -> dict[str, Any]:
-    """The settings one part ("lm" or "recall") of a run depends on: the shape, the shared optimisation, its own."""
-    own = ("recall_", "mqar_") if part == "recall" else ("lm_", "val_", "sink_", "decode_")
+    """The settings one part (see PART_PREFIXES) of a run depends on: the shape, the shared optimisation, its own."""
+    own = PART_PREFIXES[part]
     data = preset.to_dict()
     return {k: v for k, v in data.items()
             if k in ("shape", "warmup_steps", "weight_decay", "grad_clip") or k.startswith(own)}
@@ -317,7 +325,7 @@ def part_settings(preset: StudyPreset, part: str) -> dict[str, Any]:
 
 def run_lm(variant: str, seed: int, preset: StudyPreset, data_dir: Path, out_dir: Path,
            device: torch.device) -> dict[str, Any]:
-    """Corpus part of a run: train, then validation perplexity, attention sinks, cache size, decode throughput."""
+    """Corpus part of a run: train, then validation perplexity, attention sinks and cache size."""
     import numpy as np
     import torch
 
@@ -342,19 +350,28 @@ def run_lm(variant: str, seed: int, preset: StudyPreset, data_dir: Path, out_dir
                          for r in range(preset.sink_rows)])
         sinks = sink_shares(model, torch.from_numpy(rows).to(device))
     timer("lm_eval", start)
-    start = time.perf_counter()
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
-    tokens_per_s = decode_throughput(model, preset.decode_batch, preset.decode_prompt, preset.decode_tokens)
-    timer("decode", start)
     return {
-        "variant": variant, "seed": seed, "design": describe(config),
-        "params": config.num_parameters(), "body_params": body_parameters(config),
+        "variant": variant, "seed": seed, "design": describe(config), "checkpoint": str(checkpoint.relative_to(
+            out_dir.parent)), "params": config.num_parameters(), "body_params": body_parameters(config),
         "cache_bytes": {str(n): cache_bytes(config, n) for n in CACHE_LENGTHS},
         "lm": {"val_loss": val["loss"], "val_ppl": val["ppl"], "val_tokens": val["tokens"],
                "curve": [{k: r[k] for k in ("step", "loss", "val_loss", "tokens_per_s") if k in r} for r in records]},
-        "decode_tokens_per_s": tokens_per_s, "attention_sink": sinks, "seconds": timer.seconds,
+        "attention_sink": sinks, "seconds": timer.seconds,
     }
+
+
+def run_decode(lm: dict[str, Any], preset: StudyPreset, run_dir: Path, device: torch.device) -> dict[str, Any]:
+    """Decode part of a run: the LM part's checkpoint's decode throughput (bf16 on GPU), measured with nothing else
+    running, so it is always done in the study's own process, one run at a time."""
+    import torch
+
+    from hymba.model import HymbaForCausalLM
+
+    start = time.perf_counter()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = HymbaForCausalLM.from_pretrained(str(run_dir / lm["checkpoint"]), dtype=dtype, device=device)
+    tokens_per_s = decode_throughput(model, preset.decode_batch, preset.decode_prompt, preset.decode_tokens)
+    return {"decode_tokens_per_s": tokens_per_s, "seconds": {"decode": round(time.perf_counter() - start, 2)}}
 
 
 def run_recall(variant: str, seed: int, preset: StudyPreset, out_dir: Path, device: torch.device) -> dict[str, Any]:
@@ -411,11 +428,41 @@ def _prepare_device(device: torch.device) -> None:
         allow_many_recompiles()  # a study goes through dozens of shapes
 
 
+def _train_parts(name: str, seed: int, preset: StudyPreset, data_dir: Path, run_dir: Path, device: torch.device,
+                 settings: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, Any], float]:
+    """The LM and recall parts of one run that are not finished with these settings; returns (parts that ran, the
+    merged LM + recall record, seconds). Runs in the study's process or in a worker process."""
+    start = time.perf_counter()
+    _prepare_device(device)
+    parts, ran = {}, []
+    for part in ("lm", "recall"):
+        parts[part] = _load_part(run_dir / f"{part}.json", settings[part])
+        if parts[part] is None:
+            # A part starts over from nothing, so its logs and weights are its own; a new LM invalidates its decode.
+            shutil.rmtree(run_dir / part, ignore_errors=True)
+            if part == "lm":
+                (run_dir / "decode.json").unlink(missing_ok=True)
+            parts[part] = (run_lm(name, seed, preset, data_dir, run_dir / part, device) if part == "lm" else
+                           run_recall(name, seed, preset, run_dir / part, device))
+            _write_json_atomic(run_dir / f"{part}.json", {"settings": settings[part], "result": parts[part]})
+            ran.append(part)
+    return ran, merge_parts(parts["lm"], parts["recall"]), time.perf_counter() - start
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_study(preset: StudyPreset, out: str | Path, seeds: int = 2, device: str = "auto",
               data_dir: str | Path = "data/tokens", variants: list[str] | None = None,
-              report_dir: str | Path | None = None, log=print) -> dict[str, Any]:
+              report_dir: str | Path | None = None, log=print, workers: int = 1) -> dict[str, Any]:
     """Train and evaluate every (variant, seed) part not yet finished in `out` with these settings, then write the
-    reports into `report_dir` (default `out`) and return the summary. `device` "auto" takes CUDA when available."""
+    reports into `report_dir` (default `out`) and return the summary. `device` "auto" takes CUDA when available.
+
+    `workers` > 1 trains and evaluates that many runs at once in separate processes on the same device (small models
+    leave a GPU mostly idle between kernel launches); decode throughput is then measured one run at a time."""
     import torch
 
     out, data_dir = Path(out), Path(data_dir)
@@ -424,38 +471,49 @@ def run_study(preset: StudyPreset, out: str | Path, seeds: int = 2, device: str 
         get_variant(name)
     if seeds < 1:
         raise HymbaError(f"--seeds must be >= 1, got {seeds}")
+    if workers < 1:
+        raise HymbaError(f"--workers must be >= 1, got {workers}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HymbaError("--device cuda but no CUDA device is available; use --device cpu (with --preset tiny)")
-    _prepare_device(dev)
     out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(out / STUDY_FILE, {"preset": preset.to_dict(), "variants": variants, "seeds": seeds})
     settings = {"lm": {**part_settings(preset, "lm"), "data": _data_identity(data_dir)},
-                "recall": part_settings(preset, "recall")}
+                "recall": part_settings(preset, "recall"), "decode": part_settings(preset, "decode")}
     jobs = [(seed, name) for seed in range(seeds) for name in variants]
-    for index, (seed, name) in enumerate(jobs, 1):
-        run_dir = run_dir_for(out, name, seed)
-        start = time.perf_counter()
-        parts, ran = {}, []
-        for part in ("lm", "recall"):
-            parts[part] = _load_part(run_dir / f"{part}.json", settings[part])
-            if parts[part] is None:
-                # A part starts over from nothing, so its logs and weights are its own.
-                shutil.rmtree(run_dir / part, ignore_errors=True)
-                parts[part] = (run_lm(name, seed, preset, data_dir, run_dir / part, dev) if part == "lm" else
-                               run_recall(name, seed, preset, run_dir / part, dev))
-                _write_json_atomic(run_dir / f"{part}.json", {"settings": settings[part], "result": parts[part]})
-                ran.append(part)
+    longest = str(preset.recall_lengths[-1])
+
+    def report(index: int, seed: int, name: str, ran: list[str], result: dict[str, Any], seconds: float) -> None:
         if not ran:
             log(f"[{index}/{len(jobs)}] {name} seed {seed}: done, skipped")
-            continue
-        result = merge_parts(parts["lm"], parts["recall"])
-        longest = str(preset.recall_lengths[-1])
+            return
         log(f"[{index}/{len(jobs)}] {name} seed {seed} ({' + '.join(ran)}): val ppl {result['lm']['val_ppl']:.2f}, "
             f"MQAR@{longest} {result['recall']['mqar'][longest]:.3f}, phonebook@{longest} "
-            f"{result['recall']['phonebook'][longest]:.3f}, decode {result['decode_tokens_per_s']:,.0f} tok/s "
-            f"({time.perf_counter() - start:.0f} s)")
+            f"{result['recall']['phonebook'][longest]:.3f} ({seconds:.0f} s)")
+
+    args = [(name, seed, preset, data_dir, run_dir_for(out, name, seed), dev, settings) for seed, name in jobs]
+    if workers == 1:
+        for index, (job, arg) in enumerate(zip(jobs, args), 1):
+            report(index, *job, *_train_parts(*arg))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: a forked child cannot use a CUDA context, and the parent may hold one.
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _worker_init,
+                                 (max(1, (os.cpu_count() or 1) // workers),)) as pool:
+            futures = {pool.submit(_train_parts, *arg): job for job, arg in zip(jobs, args)}
+            for index, future in enumerate(as_completed(futures), 1):
+                report(index, *futures[future], *future.result())
+    _prepare_device(dev)
+    for seed, name in jobs:
+        run_dir = run_dir_for(out, name, seed)
+        if _load_part(run_dir / "decode.json", settings["decode"]) is None:
+            lm = _load_part(run_dir / "lm.json", settings["lm"])
+            result = run_decode(lm, preset, run_dir, dev)
+            _write_json_atomic(run_dir / "decode.json", {"settings": settings["decode"], "result": result})
+            log(f"decode {name} seed {seed}: {result['decode_tokens_per_s']:,.0f} tok/s")
     return write_reports(out, preset, report_dir, log)
 
 
@@ -463,24 +521,24 @@ def run_study(preset: StudyPreset, out: str | Path, seeds: int = 2, device: str 
 # Reports
 
 
-def merge_parts(lm: dict[str, Any], recall: dict[str, Any]) -> dict[str, Any]:
-    """One run's record: the LM part's fields, the recall part's, and both parts' timings."""
-    return {**lm, **recall, "seconds": {**lm["seconds"], **recall["seconds"]}}
+def merge_parts(*parts: dict[str, Any]) -> dict[str, Any]:
+    """One run's record: every part's fields, and all parts' timings."""
+    return {k: v for part in parts for k, v in part.items()} | {
+        "seconds": {k: v for part in parts for k, v in part["seconds"].items()}}
 
 
 def load_results(out: Path, preset: StudyPreset) -> list[dict[str, Any]]:
-    """Every run in `out` whose two parts finished with `preset`'s settings, in the study's variant order, then by
+    """Every run in `out` whose parts all finished with `preset`'s settings, in the study's variant order, then by
     seed. (Which data the LM part was trained on is checked when the study runs, not here.)"""
     results = []
     for run_dir in sorted((out / "runs").glob("*-seed*")):
-        paths = {part: run_dir / f"{part}.json" for part in ("lm", "recall")}
+        paths = {part: run_dir / f"{part}.json" for part in PART_PREFIXES}
         if not all(p.is_file() for p in paths.values()):
             continue
         saved = {part: json.loads(p.read_text()) for part, p in paths.items()}
-        lm_settings = {k: v for k, v in saved["lm"]["settings"].items() if k != "data"}
-        if lm_settings == part_settings(preset, "lm") and saved["recall"]["settings"] == part_settings(preset,
-                                                                                                       "recall"):
-            results.append(merge_parts(saved["lm"]["result"], saved["recall"]["result"]))
+        saved["lm"]["settings"].pop("data", None)
+        if all(saved[part]["settings"] == part_settings(preset, part) for part in PART_PREFIXES):
+            results.append(merge_parts(*(saved[part]["result"] for part in PART_PREFIXES)))
     order = {name: i for i, name in enumerate(VARIANTS)}
     return sorted(results, key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
 
@@ -647,6 +705,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="study directory (resumed when it exists)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per variant (0..N-1)")
     parser.add_argument("--data-dir", default="data/tokens", help="token folder from `hymba data` (train/val.bin)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs trained side by side on the device (small models leave a GPU mostly idle, so "
+                        "several at once finish sooner); decode throughput is still measured one run at a time")
     parser.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset setting (JSON value), e.g. lm_steps=400 or shape.hidden_size=320")
@@ -663,5 +724,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     preset = PRESETS[args.preset].with_overrides(dict(_parse_override(o) for o in args.overrides))
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    run_study(preset, args.out, args.seeds, args.device, args.data_dir, variants, args.report_dir)
+    run_study(preset, args.out, args.seeds, args.device, args.data_dir, variants, args.report_dir,
+              workers=args.workers)
     return 0
