@@ -153,8 +153,8 @@ PRESETS: dict[str, StudyPreset] = {
         name="small",
         shape=ModelShape(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=640, global_attn_idx=(0, 4, 7), sliding_window=128, num_memory_tokens=32),
-        warmup_steps=20, recall_tokens_per_step=32768, recall_steps=900, recall_lr=3e-3,
-        notes="One H100: 3.3M corpus tokens and 29.5M recall tokens per run."),
+        warmup_steps=20, recall_steps=600, recall_lr=3e-3,
+        notes="One H100: 3.3M corpus tokens and 4.9M recall tokens per run."),
     # ~49M non-embedding parameters, 2 corpus epochs: one H100 for 1-1.5 hours (unmeasured).
     "medium": StudyPreset(
         name="medium",
