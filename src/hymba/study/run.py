@@ -28,11 +28,11 @@ Protocol (the same for every variant; `hymba.study.variants.VARIANTS` lists them
 5. Attention sinks (hymba.study.attention_sink): per layer, the share of attention on the first token and on
    the meta tokens, on validation windows.
 
-Resuming: each (variant, seed) run has three parts, LM, recall and decode (the LM checkpoint's throughput), each
+Resuming: each (variant, seed) run has three parts, LM, recall and decode (the LM architecture's throughput), each
 ending by atomically writing `runs/<variant>-seed<k>/{lm,recall,decode}.json` with its result and the settings it
 depends on. A rerun skips every part finished with the current settings and redoes the rest from scratch (an
-interrupted part starts over; a redone LM part also redoes its decode part), so changing only recall settings
-(`--set recall_steps=...`) retrains only the recall models. Reports include only runs whose parts match the current
+interrupted part starts over), so changing only recall settings (`--set recall_steps=...`) retrains only the
+recall models. Reports include only runs whose parts match the current
 settings; `study.json` records the settings of the latest invocation for `--report-only`.
 
 Parallel runs: `--workers N` trains and evaluates N runs at once in separate processes on the same device (models
@@ -360,16 +360,19 @@ def run_lm(variant: str, seed: int, preset: StudyPreset, data_dir: Path, out_dir
     }
 
 
-def run_decode(lm: dict[str, Any], preset: StudyPreset, run_dir: Path, device: torch.device) -> dict[str, Any]:
-    """Decode part of a run: the LM part's checkpoint's decode throughput (bf16 on GPU), measured with nothing else
-    running, so it is always done in the study's own process, one run at a time."""
+def run_decode(variant: str, seed: int, preset: StudyPreset, vocab_size: int, device: torch.device) -> dict[str, Any]:
+    """Decode part of a run: decode throughput of the LM part's architecture (bf16 on GPU). Speed does not depend on
+    the weights' values, so a freshly initialised model of the same config stands in for the checkpoint (no EOS
+    stops the timed steps early). Measured with nothing else on the device: always in the study's own process."""
     import torch
 
     from hymba.model import HymbaForCausalLM
 
     start = time.perf_counter()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = HymbaForCausalLM.from_pretrained(str(run_dir / lm["checkpoint"]), dtype=dtype, device=device)
+    with torch.device(device):
+        model = HymbaForCausalLM(lm_config(variant, preset, vocab_size))
+    model.init_weights(torch.Generator(device).manual_seed(seed))
+    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     tokens_per_s = decode_throughput(model, preset.decode_batch, preset.decode_prompt, preset.decode_tokens)
     return {"decode_tokens_per_s": tokens_per_s, "seconds": {"decode": round(time.perf_counter() - start, 2)}}
 
@@ -438,10 +441,8 @@ def _train_parts(name: str, seed: int, preset: StudyPreset, data_dir: Path, run_
     for part in ("lm", "recall"):
         parts[part] = _load_part(run_dir / f"{part}.json", settings[part])
         if parts[part] is None:
-            # A part starts over from nothing, so its logs and weights are its own; a new LM invalidates its decode.
+            # A part starts over from nothing, so its logs and weights are its own.
             shutil.rmtree(run_dir / part, ignore_errors=True)
-            if part == "lm":
-                (run_dir / "decode.json").unlink(missing_ok=True)
             parts[part] = (run_lm(name, seed, preset, data_dir, run_dir / part, device) if part == "lm" else
                            run_recall(name, seed, preset, run_dir / part, device))
             _write_json_atomic(run_dir / f"{part}.json", {"settings": settings[part], "result": parts[part]})
@@ -510,8 +511,7 @@ def run_study(preset: StudyPreset, out: str | Path, seeds: int = 2, device: str 
     for seed, name in jobs:
         run_dir = run_dir_for(out, name, seed)
         if _load_part(run_dir / "decode.json", settings["decode"]) is None:
-            lm = _load_part(run_dir / "lm.json", settings["lm"])
-            result = run_decode(lm, preset, run_dir, dev)
+            result = run_decode(name, seed, preset, settings["lm"]["data"]["vocab_size"], dev)
             _write_json_atomic(run_dir / "decode.json", {"settings": settings["decode"], "result": result})
             log(f"decode {name} seed {seed}: {result['decode_tokens_per_s']:,.0f} tok/s")
     return write_reports(out, preset, report_dir, log)

@@ -9,8 +9,8 @@ forward, chunked prefill and decoding over a ring buffer alike:
 `plan_attention` turns that rule into what one backend needs, once per forward and key layout, and
 `attention` runs it:
 - "sdpa": a dense boolean mask and PyTorch's SDPA, the reference, on any device and dtype;
-- "decode": one query per row over the cache, whose validity flags are the mask (nothing built per step), with
-  each KV head's query group attending in one fused SDPA call (no per-head copies of K and V);
+- "decode": one query per row over the cache, whose validity flags are the mask (nothing built per step): a split-K
+  Triton kernel on CUDA, else each KV head's query group attending in one fused SDPA call (the reference);
 - "flex": FlexAttention with a block-sparse mask on CUDA, so long prefills never build an L x L mask.
 """
 
@@ -63,6 +63,11 @@ def plan_attention(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tens
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """q (b, hq, Tq, dqk); k (b, hkv, Tk, dqk); v (b, hkv, Tk, dv) -> (b, hq, Tq, dv). Scale 1/sqrt(dqk)."""
     if plan.backend == "decode":
+        # The kernel has no backward: a (rare) one-token forward that needs gradients takes the reference.
+        if gpu_kernels_usable(q) and not (q.requires_grad or k.requires_grad or v.requires_grad):
+            from hymba.ops.attention.triton_decode import decode_attention_triton
+
+            return decode_attention_triton(q, k, v, plan.mask)
         return decode_attention(q, k, v, plan.mask)
     if plan.backend == "flex":
         return _compiled_flex()(q, k, v, block_mask=plan.block_mask, enable_gqa=q.shape[1] != k.shape[1])
