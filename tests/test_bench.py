@@ -151,3 +151,20 @@ def test_bench_decode_only_from_a_real_prefill(tmp_path):
     (row,) = report["rows"]
     assert report["fill"] == "prefill" and row["prefill_tok_s"] is None and row["decode_tok_s"] > 0
     assert row["cache_bytes_per_seq_alloc"] == row["cache_bytes_per_seq_analytic"]
+
+
+def test_json_is_rewritten_after_every_case(tmp_path, monkeypatch):
+    """A run stopped part-way (a timeout, Ctrl-C) keeps the rows it finished in --json."""
+    import hymba.bench as bench
+
+    out, seen = tmp_path / "out.json", []
+    real = bench.write_json_atomic
+
+    def spy(path, data):
+        seen.append(len(data["rows"]))
+        real(path, data)
+
+    monkeypatch.setattr(bench, "write_json_atomic", spy)
+    assert main(["bench", "--device", "cpu", "--models", "tiny", "--contexts", "16", "--batches", "1,2", "--steps",
+                 "2", "--warmup-steps", "1", "--no-prefill", "--json", str(out)]) == 0
+    assert seen == [1, 2, 2]  # after each case, then the final report

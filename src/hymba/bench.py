@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -550,7 +551,8 @@ class Bench:
             specs.append(spec)
         return specs
 
-    def run(self) -> list[Row]:
+    def run(self, on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
+        """Every case; `on_row(rows so far)` after each, so a run cut short keeps what it measured."""
         import torch
         from tqdm import tqdm
 
@@ -581,6 +583,9 @@ class Bench:
                         model = self._build(spec)
                         loaded = spec.name
                     rows.append(self._case(spec, model, context, batch))
+                    self._print(row_summary(rows[-1]))
+                    if on_row is not None:
+                        on_row(rows)
         finally:
             bar.close()
             model = None
@@ -851,20 +856,33 @@ def bench_report(rows: list[Row], bench: Bench) -> dict[str, Any]:
     )
 
 
+def row_summary(row: Row) -> str:
+    """One line per finished case, printed as the run goes (the table comes at the end)."""
+    return (f"{row.model} ctx={row.context} batch={row.batch}: prefill {_num(row.prefill_tok_s, ',.0f')} tok/s, "
+            f"decode {_num(row.decode_tok_s, ',.0f')} tok/s ({_num(row.ms_per_step, '.2f')} ms/step)")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     bench = Bench(options)
-    rows = bench.run()
+    # With --json, the file is rewritten after every case: a long run that is stopped keeps its finished rows.
+    save = (lambda rows: write_json_atomic(Path(args.json), bench_report(rows, bench))) if args.json else None
+    rows = bench.run(save)
     report = bench_report(rows, bench)
     header = (f"hymba bench on {report['device']}, torch {report['torch_version']}, {report['dtype']}, "
               f"copy bandwidth {report['bandwidth_gb_s']:,.0f} GB/s, decode: {options.steps} steps"
               f"{' (CUDA graph)' if report['cuda_graph'] else ''} from a {options.fill} cache")
     print_report(rows, report["ratios"], header)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote {path}")
+        write_json_atomic(Path(args.json), report)
+        print(f"wrote {args.json}")
     return 0
 
 
