@@ -1,0 +1,53 @@
+"""Where a decode step's or a prefill's time goes: the top CUDA kernels, as a torch.profiler table.
+
+    python benchmarks/profile_step.py --model hymba-1.5b --context 8192 --batch 128 [--no-compile]
+    python benchmarks/profile_step.py --phase prefill --context 8192 --batch 4
+
+Random bf16 weights. Decode: one (compiled) step over a synthetically filled cache, as `hymba bench` does.
+Prefill: one prefill of `context` random tokens per row into a fresh cache, after an untimed one of the same shape.
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hymba.bench import build_engine_model, fill_cache_synthetic
+from hymba.cache import HymbaCache
+from hymba.config import HymbaConfig
+from hymba.generate import decode_step, prefill
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="hymba-1.5b")
+    parser.add_argument("--phase", choices=["decode", "prefill"], default="decode")
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--no-compile", action="store_true", help="decode: profile the eager step")
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+
+    model = build_engine_model(HymbaConfig.preset(args.model), torch.device("cuda"), torch.bfloat16)
+    new_cache = lambda: HymbaCache(model.config, args.batch, args.context, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    if args.phase == "prefill":
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device="cuda")
+        run = lambda: prefill(model, new_cache(), ids, None)  # noqa: E731
+    else:
+        cache = new_cache()
+        fill_cache_synthetic(cache, args.context - 8)
+        step = decode_step if args.no_compile else torch.compile(decode_step, dynamic=False)
+        tokens = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
+        run = lambda: step(model, cache, tokens)  # noqa: E731
+    with torch.inference_mode():
+        for _ in range(1 if args.phase == "prefill" else 3):
+            run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+
+
+if __name__ == "__main__":
+    main()
