@@ -1,6 +1,6 @@
 """`hymba study`: the paper's controlled architecture comparison, reproducible on one GPU.
 
-    hymba study --preset small --device cuda --out out/study --seeds 2
+    hymba study --preset small --device cuda --out out/study --seeds 2 --workers 6
     hymba study --preset small --out out/study --set lm_steps=400 --set shape.hidden_size=320
     hymba study --out out/study --report-only --report-dir docs/study   # tables and plots only, for the docs
 
@@ -147,7 +147,7 @@ PRESETS: dict[str, StudyPreset] = {
         recall_tokens_per_step=512, recall_steps=10, recall_lr=3e-3, recall_log_interval=5, recall_eval_examples=16,
         recall_eval_batch=16, decode_batch=2, decode_prompt=32, decode_tokens=8,
         notes="CI smoke test on CPU: exercises every code path, results are noise."),
-    # One H100 in ~8-10 minutes for 8 variants x 2 seeds (an estimate: ~30 s per run, see the module docstring);
+    # One H100 in about 12 minutes for 8 variants x 2 seeds with --workers 6 (measured; 54-136 s per run alone);
     # ~8.4M non-embedding parameters per variant.
     "small": StudyPreset(
         name="small",
@@ -699,7 +699,7 @@ def add_parser(subparsers) -> None:
                     "phonebook recall, cache size and decode throughput. Resumable: finished runs in --out are "
                     "skipped. Writes results.md, results.json, results.csv and plots to --out (or --report-dir).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny: CPU smoke test (minutes); small: ~8-10 minutes on one H100 (estimated); "
+                        help="tiny: CPU smoke test (minutes); small: about 12 minutes on one H100 with --workers 6; "
                         "medium: 1-1.5 hours")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     parser.add_argument("--out", required=True, help="study directory (resumed when it exists)")
@@ -707,7 +707,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data-dir", default="data/tokens", help="token folder from `hymba data` (train/val.bin)")
     parser.add_argument("--workers", type=int, default=1,
                         help="runs trained side by side on the device (small models leave a GPU mostly idle, so "
-                        "several at once finish sooner); decode throughput is still measured one run at a time")
+                        "several at once finish sooner; at preset small each needs 10-13 GiB of GPU memory, so 6 fit on 80 GB); "
+                        "decode throughput is still measured one run at a time")
     parser.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset setting (JSON value), e.g. lm_steps=400 or shape.hidden_size=320")
