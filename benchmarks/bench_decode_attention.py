@@ -24,7 +24,8 @@ for b in (1, 32, 128):
         ref = decode_attention(q, k, v, mask)
         out = decode_attention_triton(q, k, v, mask)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        t_ref = do_bench(lambda: decode_attention(q, k, v, mask), warmup=25, rep=100)
-        t_tri = do_bench(lambda: decode_attention_triton(q, k, v, mask), warmup=25, rep=100)
+        args = (q, k, v, mask)
+        t_ref = do_bench(lambda a=args: decode_attention(*a), warmup=25, rep=100)
+        t_tri = do_bench(lambda a=args: decode_attention_triton(*a), warmup=25, rep=100)
         gbs = (k.numel() + v.numel()) * 2 / (t_tri * 1e-3) / 1e9
         print(f"{b:5d} {S:6d} {t_ref * 1e3:9.1f} {t_tri * 1e3:9.1f} {t_ref / t_tri:7.2f} {gbs:11.0f} {err:8.1e}")

@@ -165,7 +165,8 @@ class HymbaMixer(nn.Module):
         if plan_key not in ctx.plans:
             ctx.plans[plan_key] = plan_attention(ctx.positions, k_pos, k_valid, self.window,
                                                  self.config.num_memory_tokens,
-                                                 cache_decode=ctx.cache is not None and ctx.cache.decoding)
+                                                 cache_decode=ctx.cache is not None and ctx.cache.decoding,
+                                                 positions_are_indices=ctx.cache is None and ctx.valid is None)
         out = attention(q, k_all, v_all, ctx.plans[plan_key])  # (b, hq, T, dv)
         return out.transpose(1, 2).reshape(b, T, self.n_heads * self.d_v)
 

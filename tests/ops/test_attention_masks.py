@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from hymba.ops.attention import attention, plan_attention, visible_keys
+from hymba.ops.attention import FLEX_MIN_QUERIES, attention, key_index_offsets, plan_attention, visible_keys
 
 HQ, HKV, D_QK, D_V = 6, 2, 8, 5
 
@@ -128,3 +128,63 @@ def test_mask_shape_and_the_no_visible_key_rule():
     assert torch.equal(mask[0, 0], expected)
     alone = visible_keys(torch.tensor([[0]]), torch.tensor([[0]]), torch.tensor([[False]]), window=None, num_meta=0)
     assert alone.all()
+
+
+def _prefill_layout(pads: list[int], length: int, empty_slots: int = 0):
+    """Query and key positions/validity of a prefill: [padding, meta, text] per row, after `empty_slots` invalid
+    cache slots on the key side (a fresh cache's buffer, as `HymbaCache.update_kv` returns it)."""
+    valid = torch.ones(len(pads), length, dtype=torch.bool)
+    for row, p in enumerate(pads):
+        valid[row, :p] = False
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    k_pos = torch.cat([torch.zeros(len(pads), empty_slots, dtype=torch.long), pos], dim=1)
+    k_valid = torch.cat([torch.zeros(len(pads), empty_slots, dtype=torch.bool), valid], dim=1)
+    return pos, k_pos, k_valid
+
+
+FLEX_CASES = {  # name -> (pads, empty cache slots, the offsets key_index_offsets finds)
+    "left-padded rows": ([0, 3, 140], 0, [0, 3, 140]),
+    "after a fresh cache's empty slots": ([2, 2, 2], 130, 132),
+}
+
+
+@pytest.mark.parametrize("case", FLEX_CASES.values(), ids=FLEX_CASES.keys())
+def test_flex_block_masks_from_indices_match_the_rule(case):
+    """FlexAttention (compiled, on CPU here) decides visibility from key indices when positions are indices minus a
+    per-row offset: the dense rule's output on every real query. At least FLEX_MIN_QUERIES queries, as the model
+    uses it (CPU FlexAttention gives wrong results below 128)."""
+    pads, empty_slots, offsets = case
+    window, num_meta, length = 37, 5, FLEX_MIN_QUERIES + 4
+    q_pos, k_pos, k_valid = _prefill_layout(pads, length, empty_slots)
+    q, k, v = (t.float() for t in random_qkv(len(pads), length, length + empty_slots))
+    found = key_index_offsets(q_pos, k_pos, k_valid)
+    assert (found.tolist() if isinstance(found, torch.Tensor) else found) == offsets
+    expected = attention(q, k, v, plan_attention(q_pos, k_pos, k_valid, window, num_meta, backend="sdpa"))
+    got = attention(q, k, v, plan_attention(q_pos, k_pos, k_valid, window, num_meta, backend="flex"))
+    for row, p in enumerate(pads):
+        torch.testing.assert_close(got[row, :, p:], expected[row, :, p:], rtol=1e-5, atol=1e-5)
+
+
+def test_flex_block_mask_from_positions_after_a_ring():
+    """A later prefill chunk after a ring buffer (cached keys out of order): no index offset describes it, so the
+    mask reads the positions, and still gives the dense rule's output."""
+    window, num_meta, ring, length = 37, 5, 64, FLEX_MIN_QUERIES + 4
+    cached = torch.arange(200 - ring, 200).roll(17)[None]  # positions 136..199 as a ring holds them
+    q_pos = torch.arange(200, 200 + length)[None]
+    k_pos = torch.cat([torch.arange(num_meta)[None], cached, q_pos], dim=1)
+    q, k, v = (t.float() for t in random_qkv(1, length, k_pos.shape[1]))
+    assert key_index_offsets(q_pos, k_pos, None) is None
+    expected = attention(q, k, v, plan_attention(q_pos, k_pos, None, window, num_meta, backend="sdpa"))
+    got = attention(q, k, v, plan_attention(q_pos, k_pos, None, window, num_meta, backend="flex"))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_unpadded_forward_needs_no_position_check():
+    """A whole unpadded forward: positions 0, 1, ... on both sides, so the model skips the check (no host sync)."""
+    length, window, num_meta = FLEX_MIN_QUERIES + 4, 37, 5
+    pos = torch.arange(length).expand(2, -1)
+    assert key_index_offsets(pos, pos, None) == 0
+    q, k, v = (t.float() for t in random_qkv(2, length, length))
+    expected = attention(q, k, v, plan_attention(pos, pos, None, window, num_meta, backend="sdpa"))
+    plan = plan_attention(pos, pos, None, window, num_meta, backend="flex", positions_are_indices=True)
+    torch.testing.assert_close(attention(q, k, v, plan), expected, rtol=1e-5, atol=1e-5)

@@ -707,8 +707,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data-dir", default="data/tokens", help="token folder from `hymba data` (train/val.bin)")
     parser.add_argument("--workers", type=int, default=1,
                         help="runs trained side by side on the device (small models leave a GPU mostly idle, so "
-                        "several at once finish sooner; at preset small each needs 10-13 GiB of GPU memory, so 6 fit on 80 GB); "
-                        "decode throughput is still measured one run at a time")
+                        "several at once finish sooner; at preset small each needs 10-13 GiB of GPU memory, so 6 fit "
+                        "on 80 GB); decode throughput is still measured one run at a time")
     parser.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset setting (JSON value), e.g. lm_steps=400 or shape.hidden_size=320")

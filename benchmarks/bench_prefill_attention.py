@@ -1,0 +1,63 @@
+"""Prefill attention at Hymba-1.5B shapes (8K tokens + 128 meta tokens, 25 query / 5 KV heads, dims 64/64/128).
+
+    python benchmarks/bench_prefill_attention.py     # needs CUDA
+
+FlexAttention with the block mask `plan_attention` builds (per-row positions, as prefill uses it), against the
+same mask written from indices alone (valid when no row is padded), and cuDNN SDPA's causal kernel for the global
+layers (a global layer with no padding is plain causal attention). Prints time per call and TFLOP/s.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask
+from triton.testing import do_bench
+
+from hymba.ops.attention import _compiled_flex, _flex_block_mask
+
+B, L, HQ, HKV, DQK, DV, META, WINDOW = 4, 8192 + 128, 25, 5, 64, 128, 128, 1024
+
+
+def index_mask(window):
+    def visible(b, h, qi, ki):
+        seen = ki <= qi
+        if window is not None:
+            seen = seen & ((qi - ki <= window) | (ki < META))
+        return seen
+    return create_block_mask(visible, None, None, L, L, device="cuda")
+
+
+def main() -> None:
+    q = torch.randn(B, HQ, L, DQK, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, HKV, L, DQK, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, HKV, L, DV, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(L, device="cuda").expand(B, L)
+    flex = _compiled_flex()
+    print(f"{'layer':>8} {'variant':>28} {'ms':>8} {'TFLOP/s':>8} {'max err':>8}")
+    for window in (WINDOW, None):
+        masks = {"flex, per-row positions": _flex_block_mask(pos, pos, None, window, META),
+                 "flex, index mask": index_mask(window)}
+        outs = {}
+        for name, mask in masks.items():
+            run = lambda m=mask: flex(q, k, v, block_mask=m, enable_gqa=True)  # noqa: E731
+            outs[name] = run()
+            ms = do_bench(run, warmup=5, rep=20)
+            flops = 4 * B * HQ * L * (DQK + DV) / 2 * (L * (1 - mask.sparsity() / 100))
+            err = (outs[name].float() - outs["flex, per-row positions"].float()).abs().max().item()
+            print(f"{'global' if window is None else 'window':>8} {name:>28} {ms:8.2f} {flops / ms / 1e9:8.0f} "
+                  f"{err:8.1e}")
+        if window is None:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                run = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+                try:
+                    out = run()
+                    ms = do_bench(run, warmup=5, rep=20)
+                    err = (out.float() - outs["flex, per-row positions"].float()).abs().max().item()
+                    print(f"{'global':>8} {'cuDNN SDPA causal':>28} {ms:8.2f} "
+                          f"{4 * B * HQ * L * L / 2 * (DQK + DV) / 2 / ms / 1e9:8.0f} {err:8.1e}")
+                except RuntimeError as exc:
+                    print(f"cuDNN SDPA causal: {str(exc).splitlines()[0]}")
+
+
+if __name__ == "__main__":
+    main()
