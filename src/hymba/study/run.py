@@ -32,8 +32,8 @@ Resuming: each (variant, seed) run has three parts, LM, recall and decode (the L
 ending by atomically writing `runs/<variant>-seed<k>/{lm,recall,decode}.json` with its result and the settings it
 depends on. A rerun skips every part finished with the current settings and redoes the rest from scratch (an
 interrupted part starts over), so changing only recall settings (`--set recall_steps=...`) retrains only the
-recall models. Reports include only runs whose parts match the current
-settings; `study.json` records the settings of the latest invocation for `--report-only`.
+recall models. Reports include only runs whose parts match the current settings; `study.json` records the settings
+of the latest invocation for `--report-only`.
 
 Parallel runs: `--workers N` trains and evaluates N runs at once in separate processes on the same device (models
 this small leave a GPU idle between kernel launches). Decode throughput is measured afterwards, one run at a time
