@@ -15,11 +15,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 torch.set_num_threads(1)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64; NaN or inf anywhere in either tensor makes it inf, so comparisons fail."""
-    a, b = a.detach().double(), b.detach().double()
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64, for tensors of one shape; NaN or inf anywhere in either tensor makes it inf, so
+    comparisons fail rather than slip through. Empty tensors agree (0)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    a, b = actual.detach().double(), expected.detach().double()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return float("inf")
+    if b.numel() == 0:
+        return 0.0
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 

@@ -15,23 +15,14 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from conftest import rel_err  # noqa: E402
+
 from hymba.ops.conv.reference import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
 from hymba.ops.conv.triton import causal_conv1d_triton, causal_conv1d_update_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (realistic sizes)")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64; NaN or inf anywhere fails rather than slipping through a comparison."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    a, b = actual.double(), expected.double()
-    assert torch.isfinite(a).all(), "non-finite values in the kernel's result"
-    assert torch.isfinite(b).all(), "non-finite values in the reference's result"
-    if b.numel() == 0:
-        return 0.0
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(batch, dim, length, width, dtype, *, bias=True, init=True, strided=False, seed=0):
@@ -124,8 +115,7 @@ def test_conv_nan_fails_the_comparison():
     inputs = make_inputs(1, 8, 5, 4, torch.float32)
     inputs["x"][0, 3, 2] = float("nan")
     out, _ = causal_conv1d_triton(*inputs.values())
-    with pytest.raises(AssertionError):
-        rel_err(out, torch.zeros_like(out))
+    assert rel_err(out, torch.zeros_like(out)) == float("inf")  # fails any `< tolerance` check
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
