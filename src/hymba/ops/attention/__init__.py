@@ -122,9 +122,11 @@ def key_index_offsets(q_pos: torch.Tensor, k_pos: torch.Tensor,
     # Padding queries (whose own key is invalid) hold position 0 whatever their index, and see only their own key.
     affine = ((first_key >= 0) == k_valid).all() & ((first_key == k_pos) | ~k_valid).all() & (
         (q_pos == first_key[:, tk - tq:]) | ~k_valid[:, tk - tq:]).all()
-    if not bool(affine):  # one host sync per plan: prefill only, never inside the CUDA-graph decode step
+    # One host sync per plan for all three answers (prefill only, never inside the CUDA-graph decode step).
+    affine, uniform, first = torch.stack([affine.long(), (offset == offset[0]).all().long(), offset[0]]).tolist()
+    if not affine:
         return None
-    return int(offset[0]) if bool((offset == offset[0]).all()) else offset
+    return first if uniform else offset
 
 
 def _flex_block_mask(q_pos, k_pos, k_valid, window, num_meta, offset=None):
