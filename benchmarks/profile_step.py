@@ -36,7 +36,7 @@ def main() -> None:
     else:
         cache = new_cache()
         fill_cache_synthetic(cache, args.context - 8)
-        step = decode_step if args.no_compile else torch.compile(decode_step, dynamic=False)
+        step = decode_step if args.no_compile else torch.compile(decode_step, dynamic=False, fullgraph=True)
         tokens = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
         run = lambda: step(model, cache, tokens)  # noqa: E731
     with torch.inference_mode():

@@ -137,7 +137,7 @@ class CudaGraphDecoder:
     def __init__(self, model, cache: HymbaCache, batch: int, compile: bool = False):
         self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
         # torch.compile fuses the step's many small elementwise kernels (norms, RoPE, masks) before capture.
-        step = torch.compile(decode_step, dynamic=False) if compile else decode_step
+        step = torch.compile(decode_step, dynamic=False, fullgraph=True) if compile else decode_step
         saved = [t.clone() for t in cache.recurrent_state()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

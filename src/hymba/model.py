@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hymba.config import HymbaConfig
+from hymba.ops import compiled_on_gpu
 from hymba.ops.attention import attention, plan_attention
 from hymba.ops.conv import causal_conv1d, causal_conv1d_update
 from hymba.ops.scan import selective_scan, selective_state_update
@@ -37,9 +38,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+@compiled_on_gpu
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def rope_inv_freq(config: HymbaConfig, device: torch.device) -> torch.Tensor:
@@ -59,6 +65,7 @@ def rope_cos_sin(config: HymbaConfig, positions: torch.Tensor, dtype: torch.dtyp
     return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
 
 
+@compiled_on_gpu
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -130,7 +137,7 @@ class HymbaMixer(nn.Module):
         if self.use_ssm:
             u, z = parts
             branches.append(self.pre_avg_layernorm2(self.ssm(u, z, ctx)))
-        fused = branches[0] if len(branches) == 1 else (branches[0] + branches[1]) / 2
+        fused = branches[0] if len(branches) == 1 else average(branches[0], branches[1])
         return self.out_proj(fused)
 
     # ------------------------------------------------------------------ attention heads
@@ -208,6 +215,11 @@ class HymbaMixer(nn.Module):
         return y.transpose(1, 2)  # (b, T, d_inner)
 
 
+@compiled_on_gpu
+def average(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a + b) / 2
+
+
 class HymbaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
@@ -218,7 +230,12 @@ class HymbaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@compiled_on_gpu
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class SingleExpert(nn.Module):

@@ -5,6 +5,7 @@ attention call) choose their implementation at run time: Triton kernels on CUDA 
 pure-PyTorch parallel path otherwise, and the sequential reference when asked for explicitly.
 """
 
+import functools
 import importlib.util
 
 import torch
@@ -16,3 +17,23 @@ def gpu_kernels_usable(x: torch.Tensor, module: str = "triton") -> bool:
     The fast paths are optional; without them (or on a CPU) the plain PyTorch implementations run.
     """
     return x.is_cuda and importlib.util.find_spec(module) is not None
+
+
+def compiled_on_gpu(fn):
+    """`fn` as written (the reference: CPUs, and inside an outer `torch.compile`, which traces it inline) and, for
+    CUDA tensors, a `torch.compile`d copy with dynamic shapes: eager PyTorch runs a chain like RMSNorm's cast, square,
+    mean, rsqrt, scale as one kernel and one pass over memory each, the compiled copy as one kernel.
+    `fn.reference` is the uncompiled function, for tests."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def dispatch(x, *args):
+        nonlocal compiled
+        if torch.compiler.is_compiling() or not gpu_kernels_usable(x):
+            return fn(x, *args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        return compiled(x, *args)
+
+    dispatch.reference = fn
+    return dispatch

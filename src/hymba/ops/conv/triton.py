@@ -205,8 +205,11 @@ def _conv_update_kernel(
     tl.store(out_ptr + pid_b * dim + offs_d, acc.to(state_dtype), mask=mask_d)
 
 
-def causal_conv1d_update_triton(state, x, weight, bias=None, activation: str | None = "silu",
-                                *, block_d: int | None = None):
+# A custom op for the same reason as `hymba::selective_state_update`: whole-graph compilation of the decode step.
+@torch.library.custom_op("hymba::causal_conv1d_update", mutates_args=("state",))
+def causal_conv1d_update_triton(state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor | None = None, activation: str | None = "silu",
+                                block_d: int | None = None) -> torch.Tensor:
     """One step: x (batch, dim); `state` (batch, dim, width-1) is shifted in place to end with x.
     Returns (batch, dim) in x's dtype, as `causal_conv1d_update_ref`."""
     silu = _check_activation(activation)
@@ -222,3 +225,8 @@ def causal_conv1d_update_triton(state, x, weight, bias=None, activation: str | N
         WIDTH=width, BLOCK_D=block_d, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
     )
     return out
+
+
+@causal_conv1d_update_triton.register_fake
+def _(state, x, weight, bias=None, activation="silu", block_d=None):
+    return x.new_empty(x.shape)
