@@ -11,12 +11,18 @@ import importlib.util
 import torch
 
 
+# Looked up once, here: `torch.compile` cannot trace `find_spec`, and the compiled decode step asks on every layer.
+_IMPORTABLE = {module: importlib.util.find_spec(module) is not None
+               for module in ("triton", "torch.nn.attention.flex_attention")}
+
+
 def gpu_kernels_usable(x: torch.Tensor, module: str = "triton") -> bool:
-    """Whether a fast path built on `module` can run on `x`: a CUDA tensor, and the module importable.
+    """Whether a fast path built on `module` ("triton" or "torch.nn.attention.flex_attention") can run on `x`: a CUDA
+    tensor, and the module importable.
 
     The fast paths are optional; without them (or on a CPU) the plain PyTorch implementations run.
     """
-    return x.is_cuda and importlib.util.find_spec(module) is not None
+    return x.is_cuda and _IMPORTABLE[module]
 
 
 def compiled_on_gpu(fn):

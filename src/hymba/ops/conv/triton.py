@@ -60,10 +60,11 @@ def _conv_fwd_kernel(
     stride_x_b, stride_x_d, stride_x_l,
     stride_w_d, stride_w_k,
     stride_init_b, stride_init_d, stride_init_k,
+    stride_out_b, stride_out_d, stride_out_l,
     HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
     WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """One program: batch pid_b, BLOCK_D channels, BLOCK_L positions; out and final_state are contiguous.
+    """One program: batch pid_b, BLOCK_D channels, BLOCK_L positions; final_state is contiguous.
 
     Each tap k reads the input tile shifted by k - (width-1); the program with pid_l == 0 also writes the final
     state (the last width-1 padded inputs), which may reach back into initial_state when length < width-1."""
@@ -91,7 +92,7 @@ def _conv_fwd_kernel(
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(x_dtype).to(tl.float32)[:, None]
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
-    out_ptrs = out_ptr + (pid_b * dim + offs_d[:, None]) * length + offs_l[None, :]
+    out_ptrs = out_ptr + pid_b * stride_out_b + offs_d[:, None] * stride_out_d + offs_l[None, :] * stride_out_l
     tl.store(out_ptrs, acc, mask=mask_d[:, None] & (offs_l < length)[None, :])
 
     if WIDTH > 1:
@@ -106,17 +107,19 @@ def _conv_fwd_kernel(
 def _conv_fwd(x, weight, bias, initial_state, silu, block_d=None, block_l=None):
     batch, dim, length = x.shape
     width = weight.shape[1]
-    out = torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
+    # out is position-major ((batch, L, dim) in memory, returned as its (batch, dim, L) view), as the model reads it.
+    out = torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
     final = torch.empty(batch, dim, width - 1, device=x.device, dtype=x.dtype)
-    # 16 x 64 tiles: every tap keeps a tile of pointers and masks live, and 64 x 64 spills on sm_90.
-    block_d = block_d or min(16, triton.next_power_of_2(dim))
-    block_l = block_l or min(64, triton.next_power_of_2(max(length, 1)))
+    # 64 x 16 tiles: channels are contiguous in the model's tensors, so a tile row is one 128-byte run; every tap
+    # keeps a tile of pointers and masks live, and 64 x 64 spills on sm_90.
+    block_d = block_d or min(64, triton.next_power_of_2(dim))
+    block_l = block_l or min(16, triton.next_power_of_2(max(length, 1)))
     grid = (batch, triton.cdiv(dim, block_d), max(1, triton.cdiv(length, block_l)))
     init_strides = (0, 0, 0) if initial_state is None else initial_state.stride()
     _conv_fwd_kernel[grid](
         x, weight, bias, initial_state, out, final,
         dim, length,
-        *x.stride(), *weight.stride(), *init_strides,
+        *x.stride(), *weight.stride(), *init_strides, *out.stride(),
         HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, SILU=silu,
         WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
     )

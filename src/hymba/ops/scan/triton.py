@@ -5,7 +5,7 @@ Shapes and semantics are those of `hymba.ops.scan` (see its docstring and `refer
     u, delta, z: (batch, d_inner, L)    A: (d_inner, d_state)    B, C: (batch, d_state, L)    D: (d_inner,)
 
 Forward (the standard Mamba-1 kernel layout): one program per (batch, block of BLOCK_D channels) keeps its
-(BLOCK_D, d_state) float32 state in registers and walks L one position at a time, fusing
+(d_state, BLOCK_D) float32 state in registers and walks L one position at a time, fusing
 softplus(delta + bias), exp(dt*A), dt*B*u, C.h, the D skip and the silu(z) gate, so nothing of size
 (batch, d_inner, L, d_state) ever reaches memory.
 
@@ -76,6 +76,7 @@ def _scan_fwd_kernel(
     stride_C_b, stride_C_n, stride_C_l,
     stride_z_b, stride_z_d, stride_z_l,
     stride_h0_b, stride_h0_d, stride_h0_n,
+    stride_y_b, stride_y_d, stride_y_l,
     stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
@@ -83,8 +84,11 @@ def _scan_fwd_kernel(
 ):
     """One program: batch `pid_b`, channels [pid_d*BLOCK_D, +BLOCK_D), all L positions in order.
 
-    y (batch, d_inner, L), hlast (batch, d_inner, d_state) and ckpt (batch, d_inner, n_chunks, d_state, last dim
-    contiguous) are outputs; ckpt[:, :, c] is the state *before* position c*CHUNK (written only when SAVE_CKPT).
+    y (batch, d_inner, L; any strides), hlast (batch, d_inner, d_state) and ckpt (batch, d_inner, n_chunks, d_state,
+    last dim contiguous) are outputs; ckpt[:, :, c] is the state *before* position c*CHUNK (only when SAVE_CKPT).
+
+    The state tile is (d_state, channels): channels run across a warp's lanes and each lane keeps its channel's
+    d_state values in registers, so C.h sums inside a thread, without shuffles, on the walk's critical path.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -92,40 +96,39 @@ def _scan_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < d_inner
     mask_n = offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
 
     # Padded lanes load A = 0 and u = B = C = 0, so their state stays 0 and nothing non-finite appears.
-    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    A = tl.load(A_ptr + offs_n[:, None] * stride_A_n + offs_d[None, :] * stride_A_d, mask=mask_nd, other=0.0)
     A = A.to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * stride_h0_b + offs_d[:, None] * stride_h0_d + offs_n[None, :] * stride_h0_n,
-                    mask=mask_dn, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        h += tl.load(h0_ptr + pid_b * stride_h0_b + offs_n[:, None] * stride_h0_n + offs_d[None, :] * stride_h0_d,
+                     mask=mask_nd, other=0.0).to(tl.float32)
 
     # Pointers at position 0, advanced by one position per step (cheaper than recomputing offsets).
     u_ptrs = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
     delta_ptrs = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
     B_ptrs = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
     C_ptrs = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n
-    y_ptrs = y_ptr + (pid_b * d_inner + offs_d) * length
+    y_ptrs = y_ptr + pid_b * stride_y_b + offs_d * stride_y_d
     z_ptrs = u_ptrs  # never read without a gate
     if HAS_Z:
         z_ptrs = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
     if SAVE_CKPT:
-        ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_d[:, None] * stride_ckpt_d + offs_n[None, :]
+        ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_n[:, None] + offs_d[None, :] * stride_ckpt_d
 
     # Each step's inputs are loaded one step ahead: the walk is a chain of dependent steps, and waiting on global
-    # memory inside it (rather than on the exp/FMA/reduction alone) made every step about 5x longer.
+    # memory inside it (rather than on the exp/FMA/reduction alone) made every step longer.
     dt, u, Bt, Ct, z = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, 0, length, HAS_Z)
     for t in range(0, length):
         if SAVE_CKPT:
             if t % CHUNK == 0:
-                tl.store(ckpt_ptrs, h, mask=mask_dn)
+                tl.store(ckpt_ptrs, h, mask=mask_nd)
                 ckpt_ptrs += stride_ckpt_c
         u_ptrs += stride_u_l
         delta_ptrs += stride_delta_l
@@ -139,17 +142,17 @@ def _scan_fwd_kernel(
             dt += bias
         if SOFTPLUS:
             dt = _softplus(dt)
-        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-        y = tl.sum(h * Ct[None, :], axis=1)
+        h = tl.exp(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
+        y = tl.sum(h * Ct[:, None], axis=0)
         if HAS_D:
             y += D * u
         if HAS_Z:
             y = y * z / (1.0 + tl.exp(-z))
         tl.store(y_ptrs, y, mask=mask_d)
-        y_ptrs += 1
+        y_ptrs += stride_y_l
         dt, u, Bt, Ct, z = dt_next, u_next, B_next, C_next, z_next
 
-    tl.store(hlast_ptr + (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :], h, mask=mask_dn)
+    tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
 
 
 @triton.jit
@@ -343,7 +346,9 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     batch, d_inner, length = u.shape
     d_state = A.shape[1]
     block_d = _block_d(d_inner, block_d)
-    y = torch.empty(batch, d_inner, length, device=u.device, dtype=u.dtype)
+    # y is stored position-major ((batch, L, d_inner) in memory, returned as its (batch, d_inner, L) view): the model
+    # reads it back as (batch, L, d_inner) rows, and each step then writes one contiguous run of channels.
+    y = torch.empty(batch, length, d_inner, device=u.device, dtype=u.dtype).transpose(1, 2)
     hlast = torch.empty(batch, d_inner, d_state, device=u.device, dtype=torch.float32)
     ckpt = None
     if save_ckpt:
@@ -354,10 +359,10 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         y, hlast, ckpt,
         d_inner, d_state, length,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-        *_strides3(initial_state), *(_strides3(ckpt)[:3]),
+        *_strides3(initial_state), *y.stride(), *(_strides3(ckpt)[:3]),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=initial_state is not None,
         SOFTPLUS=bool(delta_softplus), SAVE_CKPT=save_ckpt,
-        CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state),
+        CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=max(1, block_d // 32),
     )
     return y, hlast, ckpt
 
