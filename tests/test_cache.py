@@ -96,3 +96,28 @@ def test_released_cache_size():
     config = HymbaConfig.preset("hymba-1.5b")
     assert round(config.cache_bytes(8192) / 1e6, 1) == 82.8  # the paper's count: every entry bf16
     assert round(config.cache_bytes(8192, ssm_dtype=torch.float32) / 1e6, 1) == 86.1  # ours: float32 SSM state
+
+
+def test_restoring_step_state_undoes_decode_steps():
+    """CUDA-graph capture warms the decode step up on the live cache; restoring `step_state()` after each run must
+    leave it exactly as a cache those runs never touched (no later slot visible, no ring entry evicted early)."""
+    from hymba.generate import decode_step, prefill
+
+    torch.manual_seed(0)
+    model = HymbaForCausalLM(HymbaConfig.preset("tiny", vocab_size=257)).eval()
+    model.init_weights()
+    ids = torch.randint(1, 257, (3, 20))
+    with torch.inference_mode():
+        touched, fresh = HymbaCache(model.config, 3, 40), HymbaCache(model.config, 3, 40)
+        for cache in (touched, fresh):
+            prefill(model, cache, ids, None)
+        saved = [t.clone() for t in touched.step_state()]
+        for _ in range(3):
+            decode_step(model, touched, torch.zeros(3, dtype=torch.long))
+            for live, copy in zip(touched.step_state(), saved):
+                live.copy_(copy)
+        tokens = ids[:, -1]
+        for _ in range(4):
+            want = decode_step(model, fresh, tokens)
+            torch.testing.assert_close(decode_step(model, touched, tokens), want)
+            tokens = want.argmax(-1)

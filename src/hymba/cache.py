@@ -142,9 +142,12 @@ class HymbaCache:
         torch.maximum(self.next_position, last.amax(dim=1) + 1, out=self.next_position)  # in place: graph-safe
         self.started = True
 
-    def recurrent_state(self) -> list[torch.Tensor]:
-        """The tensors a decode step changes beyond the slot it writes: SSM and conv states, next positions."""
-        return [self.next_position, *(t for s in self.ssm.values() for t in (s.ssm, s.conv))]
+    def step_state(self) -> list[torch.Tensor]:
+        """What a decode step changes besides the K/V bytes of the slot it writes: next positions, each key slot's
+        position and validity, SSM and conv states. Restoring these undoes a step, since a slot marked invalid
+        again is never read (the next real step overwrites its K/V)."""
+        layouts = [t for layout in self.layouts.values() for t in (layout.positions, layout.valid)]
+        return [self.next_position, *layouts, *(t for s in self.ssm.values() for t in (s.ssm, s.conv))]
 
     # ------------------------------------------------------------------ rows as slots (continuous batching)
     def reset_rows(self, rows: list[int] | torch.Tensor) -> None:

@@ -129,27 +129,28 @@ def decode_step(model, cache: HymbaCache, tokens: torch.Tensor) -> torch.Tensor:
 class CudaGraphDecoder:
     """`decode_step` captured once as a CUDA graph and replayed for every token (one launch per step).
 
-    Capturing runs the step (twice to warm up, once recorded), which would advance the cache; the recurrent
-    state is saved before and restored after, and the K/V slot those runs wrote is the one the next real
-    step overwrites.
+    Warming up runs the step on the live cache. `cache.step_state()` is restored after each run, so every run
+    writes the K/V slot of the same next position, which the first real step rewrites, and evicts from a ring only
+    the entry that step evicts anyway. (Several runs without restoring would leave later slots visible and evict
+    ring entries still inside the window.) Recording the graph runs nothing.
     """
 
     def __init__(self, model, cache: HymbaCache, batch: int, compile: bool = False):
         self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
         # torch.compile fuses the step's many small elementwise kernels (norms, RoPE, masks) before capture.
         step = torch.compile(decode_step, dynamic=False, fullgraph=True) if compile else decode_step
-        saved = [t.clone() for t in cache.recurrent_state()]
+        saved = [t.clone() for t in cache.step_state()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3 if compile else 2):
                 step(model, cache, self.tokens)
+                for live, copy in zip(cache.step_state(), saved):
+                    live.copy_(copy)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = step(model, cache, self.tokens)
-        for live, copy in zip(cache.recurrent_state(), saved):
-            live.copy_(copy)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
