@@ -1,9 +1,12 @@
 """Decode attention at Hymba-1.5B shapes: the split-K Triton kernel against the SDPA reference (time, bandwidth).
 
-    python benchmarks/bench_decode_attention.py     # needs CUDA and Triton
+    python benchmarks/bench_decode_attention.py            # default launch parameters, against SDPA
+    python benchmarks/bench_decode_attention.py --sweep    # the kernel over block sizes and split counts
 
 Rows x keys cover the 1.5B cache at 8K: meta tokens + ring (1,153 keys) and global layers (8,320 keys).
 """
+
+import argparse
 
 import torch
 from triton.testing import do_bench
@@ -12,20 +15,49 @@ from hymba.ops.attention import decode_attention
 from hymba.ops.attention.triton_decode import decode_attention_triton
 
 hq, hkv, dqk, dv = 25, 5, 64, 128  # Hymba-1.5B
-print(f"{'batch':>5} {'keys':>6} {'sdpa us':>9} {'triton us':>9} {'speedup':>7} {'triton GB/s':>11} {'max err':>8}")
-for b in (1, 32, 128):
-    for S in (1153, 8320):
-        q = torch.randn(b, hq, 1, dqk, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, hkv, S, dqk, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(b, hkv, S, dv, device="cuda", dtype=torch.bfloat16)
-        valid = torch.ones(b, S, dtype=torch.bool, device="cuda")
-        valid[:, S // 2: S // 2 + 7] = False
-        mask = valid[:, None, None, :]
-        ref = decode_attention(q, k, v, mask)
-        out = decode_attention_triton(q, k, v, mask)
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        args = (q, k, v, mask)
-        t_ref = do_bench(lambda a=args: decode_attention(*a), warmup=25, rep=100)
-        t_tri = do_bench(lambda a=args: decode_attention_triton(*a), warmup=25, rep=100)
-        gbs = (k.numel() + v.numel()) * 2 / (t_tri * 1e-3) / 1e9
-        print(f"{b:5d} {S:6d} {t_ref * 1e3:9.1f} {t_tri * 1e3:9.1f} {t_ref / t_tri:7.2f} {gbs:11.0f} {err:8.1e}")
+
+
+def inputs(b: int, S: int):
+    q = torch.randn(b, hq, 1, dqk, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, hkv, S, dqk, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, hkv, S, dv, device="cuda", dtype=torch.bfloat16)
+    valid = torch.ones(b, S, dtype=torch.bool, device="cuda")
+    valid[:, S // 2: S // 2 + 7] = False
+    return q, k, v, valid[:, None, None, :]
+
+
+def gb_per_s(k, v, ms):
+    return (k.numel() + v.numel()) * k.element_size() / (ms * 1e-3) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="time block_n x num_splits instead of comparing to SDPA")
+    args = parser.parse_args()
+    if args.sweep:
+        print(f"{'batch':>5} {'keys':>6} {'block_n':>7} {'splits':>6} {'us':>8} {'GB/s':>6}")
+        for b in (1, 32, 128):
+            for S in (1153, 8320):
+                q, k, v, mask = inputs(b, S)
+                for block_n in (32, 64, 128):
+                    for splits in (0, 1, 2, 4, 8, 16, 64):
+                        ms = do_bench(lambda: decode_attention_triton(q, k, v, mask, block_n, splits), warmup=10,
+                                      rep=50)
+                        print(f"{b:5d} {S:6d} {block_n:7d} {splits or 'auto':>6} {ms * 1e3:8.1f} "
+                              f"{gb_per_s(k, v, ms):6.0f}")
+        return
+    print(f"{'batch':>5} {'keys':>6} {'sdpa us':>9} {'triton us':>9} {'speedup':>7} {'triton GB/s':>11} {'max err':>8}")
+    for b in (1, 32, 128):
+        for S in (1153, 8320):
+            q, k, v, mask = inputs(b, S)
+            ref = decode_attention(q, k, v, mask)
+            out = decode_attention_triton(q, k, v, mask)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            t_ref = do_bench(lambda: decode_attention(q, k, v, mask), warmup=25, rep=100)
+            t_tri = do_bench(lambda: decode_attention_triton(q, k, v, mask), warmup=25, rep=100)
+            print(f"{b:5d} {S:6d} {t_ref * 1e3:9.1f} {t_tri * 1e3:9.1f} {t_ref / t_tri:7.2f} "
+                  f"{gb_per_s(k, v, t_tri):11.0f} {err:8.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -81,15 +81,15 @@ def test_training_step_gradients_match_reference():
 
 
 def test_compiled_elementwise_pieces_match_their_reference():
-    """RMSNorm, RoPE, SwiGLU and the branch average run compiled on CUDA; each equals its eager reference."""
-    from hymba.model import apply_rope, average, rms_norm, swiglu
+    """RMSNorm, RoPE, SwiGLU and the branch fusion run compiled on CUDA; each equals its eager reference."""
+    from hymba.model import apply_rope, average_of_norms, rms_norm, swiglu
 
     torch.manual_seed(0)
     x = torch.randn(3, 37, 2 * 100, device="cuda", dtype=torch.bfloat16)[..., ::2]  # odd shape, not contiguous
     weight = torch.randn(100, device="cuda", dtype=torch.bfloat16)
     cos, sin = torch.randn(2, 1, 37, 100, device="cuda", dtype=torch.bfloat16).unbind(0)
     cases = [(rms_norm, (x, weight, 1e-6)), (apply_rope, (x[:, None], cos[:, None], sin[:, None])),
-             (swiglu, (x, x.flip(1))), (average, (x, x.flip(1)))]
+             (swiglu, (x, x.flip(1))), (average_of_norms, (x, weight, x.flip(1), weight.flip(0), 1e-6))]
     for fn, args in cases:
         assert rel(fn(*args).float(), fn.reference(*args).float()) < 1e-2, fn.__name__
     leaf = x.detach().float().requires_grad_()

@@ -129,15 +129,19 @@ class HymbaMixer(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         parts = list(torch.split(self.in_proj(h), self.split_sizes, dim=-1))
-        branches = []
+        attn = ssm = None
         if self.use_attention:
             q = parts.pop(0)
             k, v = (None, None) if self.reuses_kv else (parts.pop(0), parts.pop(0))
-            branches.append(self.pre_avg_layernorm1(self.attention(q, k, v, ctx)))
+            attn = self.attention(q, k, v, ctx)
         if self.use_ssm:
             u, z = parts
-            branches.append(self.pre_avg_layernorm2(self.ssm(u, z, ctx)))
-        fused = branches[0] if len(branches) == 1 else average(branches[0], branches[1])
+            ssm = self.ssm(u, z, ctx)
+        if attn is None or ssm is None:
+            fused = self.pre_avg_layernorm1(attn) if ssm is None else self.pre_avg_layernorm2(ssm)
+        else:
+            norm_a, norm_s = self.pre_avg_layernorm1, self.pre_avg_layernorm2
+            fused = average_of_norms(attn, norm_a.weight, ssm, norm_s.weight, norm_a.eps)
         return self.out_proj(fused)
 
     # ------------------------------------------------------------------ attention heads
@@ -216,8 +220,10 @@ class HymbaMixer(nn.Module):
 
 
 @compiled_on_gpu
-def average(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a + b) / 2
+def average_of_norms(a: torch.Tensor, weight_a: torch.Tensor, b: torch.Tensor, weight_b: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    """(norm_a(a) + norm_b(b)) / 2, the fusion of the two branches; compiled on CUDA into one pass over a and b."""
+    return (rms_norm.reference(a, weight_a, eps) + rms_norm.reference(b, weight_b, eps)) / 2
 
 
 class HymbaMLP(nn.Module):

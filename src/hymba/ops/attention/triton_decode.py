@@ -103,35 +103,36 @@ def _decode_split_kernel(
 def _decode_combine_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr,
     num_splits,
-    GROUP: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr,
+    GROUP: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """One program: row b, KV head h. Merges the splits' partials by rescaling each to the running max, and
-    writes the G heads' outputs to out (b, hq, 1, dv), contiguous, so head h * GROUP + g sits at row
-    (b * hkv + h) * GROUP + g."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    offs_g = tl.arange(0, BLOCK_G)
+    """One program: query head `pid` of all b * hq, i.e. row (b * hkv + h) * GROUP + g of out (b, hq, 1, dv),
+    contiguous. Merges the splits' partials BLOCK_S at a time (one load per block, not a chain of dependent loads
+    per split: at batch 1 there are ~100 splits), rescaling each to the running max."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh, g = pid // GROUP, pid % GROUP
+    offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_g = offs_g < GROUP
-    mask = mask_g[:, None] & (offs_dv < DV)[None, :]
+    mask_dv = offs_dv < DV
 
-    m_tot = tl.full((BLOCK_G,), EMPTY_MAX, tl.float32)
-    l_tot = tl.zeros((BLOCK_G,), tl.float32)
-    out = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
-    for split in range(num_splits):
-        part = (pid_bh * num_splits + split) * GROUP + offs_g
-        m_s = tl.load(m_ptr + part, mask=mask_g, other=EMPTY_MAX)
-        l_s = tl.load(l_ptr + part, mask=mask_g, other=0.0)
-        acc_s = tl.load(acc_ptr + part[:, None] * DV + offs_dv[None, :], mask=mask, other=0.0)
-        m_new = tl.maximum(m_tot, m_s)
+    m_tot = tl.full((1,), EMPTY_MAX, tl.float32)
+    l_tot = tl.zeros((1,), tl.float32)
+    out = tl.zeros((BLOCK_DV,), tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        mask_s = start + offs_s < num_splits
+        part = (bh * num_splits + start + offs_s) * GROUP + g
+        m_s = tl.load(m_ptr + part, mask=mask_s, other=EMPTY_MAX)
+        l_s = tl.load(l_ptr + part, mask=mask_s, other=0.0)
+        acc_s = tl.load(acc_ptr + part[:, None] * DV + offs_dv[None, :], mask=mask_s[:, None] & mask_dv[None, :],
+                        other=0.0)
+        m_new = tl.maximum(m_tot, tl.max(m_s, axis=0))
         alpha = tl.exp2(m_tot - m_new)
         beta = tl.exp2(m_s - m_new)
-        l_tot = l_tot * alpha + l_s * beta
-        out = out * alpha[:, None] + acc_s * beta[:, None]
+        l_tot = l_tot * alpha + tl.sum(l_s * beta, axis=0)
+        out = out * alpha + tl.sum(acc_s * beta[:, None], axis=0)
         m_tot = m_new
     # No valid key leaves l_tot = 0 and out = 0 (every p was 0): divide by 1 to return zeros, not NaN.
-    out = out / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
-    rows = pid_bh * GROUP + offs_g
-    tl.store(out_ptr + rows[:, None] * DV + offs_dv[None, :], out, mask=mask)
+    out = out / tl.where(l_tot > 0, l_tot, 1.0)
+    tl.store(out_ptr + pid * DV + offs_dv, out, mask=mask_dv)
 
 
 # Triton's interpreter multiplies bf16 dot operands as their raw bits (triton-lang/triton#11584; it does not support
@@ -174,8 +175,9 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_DQK=max(MIN_DOT, triton.next_power_of_2(dqk)), BLOCK_DV=block_dv,
         DOT_FP32=INTERPRETED,
     )
-    _decode_combine_kernel[(b * hkv,)](part_max, part_sum, part_out, out, num_splits,
-                                       GROUP=group, DV=dv, BLOCK_G=block_g, BLOCK_DV=block_dv)
+    _decode_combine_kernel[(b * hq,)](part_max, part_sum, part_out, out, num_splits,
+                                      GROUP=group, DV=dv, BLOCK_S=min(32, triton.next_power_of_2(num_splits)),
+                                      BLOCK_DV=block_dv)
     return out
 
 

@@ -110,7 +110,7 @@ def _scan_fwd_kernel(
         h += tl.load(h0_ptr + pid_b * stride_h0_b + offs_n[:, None] * stride_h0_n + offs_d[None, :] * stride_h0_d,
                      mask=mask_nd, other=0.0).to(tl.float32)
 
-    # Pointers at position 0, advanced by one position per step (cheaper than recomputing offsets).
+    # Pointers at position 0.
     u_ptrs = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
     delta_ptrs = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
     B_ptrs = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
@@ -122,22 +122,20 @@ def _scan_fwd_kernel(
     if SAVE_CKPT:
         ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_n[:, None] + offs_d[None, :] * stride_ckpt_d
 
-    # Each step's inputs are loaded one step ahead: the walk is a chain of dependent steps, and waiting on global
-    # memory inside it (rather than on the exp/FMA/reduction alone) made every step longer.
+    # Each step's inputs are loaded two steps ahead: the walk is a chain of dependent steps, and a step's compute
+    # is shorter than a load's latency, so waiting on memory inside the chain made every step several times longer.
     dt, u, Bt, Ct, z = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, 0, length, HAS_Z)
+    dt1, u1, B1, C1, z1 = _load_step(delta_ptrs + stride_delta_l, u_ptrs + stride_u_l, B_ptrs + stride_B_l,
+                                     C_ptrs + stride_C_l, z_ptrs + stride_z_l, mask_d, mask_n, 1, length, HAS_Z)
     for t in range(0, length):
         if SAVE_CKPT:
             if t % CHUNK == 0:
                 tl.store(ckpt_ptrs, h, mask=mask_nd)
                 ckpt_ptrs += stride_ckpt_c
-        u_ptrs += stride_u_l
-        delta_ptrs += stride_delta_l
-        B_ptrs += stride_B_l
-        C_ptrs += stride_C_l
-        if HAS_Z:
-            z_ptrs += stride_z_l
-        dt_next, u_next, B_next, C_next, z_next = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs,
-                                                             mask_d, mask_n, t + 1, length, HAS_Z)
+        ahead = t + 2
+        dt2, u2, B2, C2, z2 = _load_step(delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l,
+                                         B_ptrs + ahead * stride_B_l, C_ptrs + ahead * stride_C_l,
+                                         z_ptrs + ahead * stride_z_l, mask_d, mask_n, ahead, length, HAS_Z)
         if HAS_BIAS:
             dt += bias
         if SOFTPLUS:
@@ -150,7 +148,8 @@ def _scan_fwd_kernel(
             y = y * z / (1.0 + tl.exp(-z))
         tl.store(y_ptrs, y, mask=mask_d)
         y_ptrs += stride_y_l
-        dt, u, Bt, Ct, z = dt_next, u_next, B_next, C_next, z_next
+        dt, u, Bt, Ct, z = dt1, u1, B1, C1, z1
+        dt1, u1, B1, C1, z1 = dt2, u2, B2, C2, z2
 
     tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
 
