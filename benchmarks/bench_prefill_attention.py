@@ -1,11 +1,14 @@
 """Prefill attention at Hymba-1.5B shapes (8K tokens + 128 meta tokens, 25 query / 5 KV heads, dims 64/64/128).
 
-    python benchmarks/bench_prefill_attention.py     # needs CUDA
+    python benchmarks/bench_prefill_attention.py                    # needs CUDA
+    python benchmarks/bench_prefill_attention.py --kernel-options   # FlexAttention launch parameters, index mask
 
 FlexAttention with the block mask `plan_attention` builds (per-row positions, as prefill uses it), against the
 same mask written from indices alone (valid when no row is padded), and cuDNN SDPA's causal kernel for the global
 layers (a global layer with no padding is plain causal attention). Prints time per call and TFLOP/s.
 """
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +30,39 @@ def index_mask(window):
     return create_block_mask(visible, None, None, L, L, device="cuda")
 
 
+# FlexAttention's Triton kernel parameters to try (None: its defaults for the device and head dims).
+KERNEL_OPTIONS = [None, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)]
+
+
+def sweep_kernel_options(q, k, v, flex) -> None:
+    print(f"{'layer':>8} {'kernel options':>60} {'ms':>8}")
+    for window in (WINDOW, None):
+        mask = index_mask(window)
+        for options in KERNEL_OPTIONS:
+            run = lambda o=options: flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=o)  # noqa: E731
+            try:
+                run()
+                cell = f"{do_bench(run, warmup=5, rep=20):8.2f}"
+            except Exception as exc:  # noqa: BLE001 - a rejected option set is a result too
+                cell = str(exc).splitlines()[0][:60]
+            print(f"{'global' if window is None else 'window':>8} {str(options or 'default'):>60} {cell}")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernel-options", action="store_true", help="sweep FlexAttention's kernel options")
+    args = parser.parse_args()
     q = torch.randn(B, HQ, L, DQK, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, HKV, L, DQK, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, HKV, L, DV, device="cuda", dtype=torch.bfloat16)
     pos = torch.arange(L, device="cuda").expand(B, L)
     flex = _compiled_flex()
+    if args.kernel_options:
+        sweep_kernel_options(q, k, v, flex)
+        return
     print(f"{'layer':>8} {'variant':>28} {'ms':>8} {'TFLOP/s':>8} {'max err':>8}")
     for window in (WINDOW, None):
         masks = {"flex, per-row positions": _flex_block_mask(pos, pos, None, window, META),
