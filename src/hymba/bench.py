@@ -308,8 +308,8 @@ def engine_prefill(model, context: int, batch: int, chunk: int | None, device: t
     config = model.config
     ids = torch.randint(0, config.vocab_size, (batch, context), device=device)
     # The warm-up must see every shape the timed run sees: compiled FlexAttention is specialised on (batch,
-    # queries, keys), and keys = cache capacity + chunk, so it uses a cache of the same size and covers the
-    # first chunk (with meta tokens), a continuation chunk and a shorter last chunk.
+    # queries, keys), and keys = the first chunk's own (with meta tokens), then cache capacity + chunk, so it uses a
+    # cache of the same size and covers the first chunk, a continuation chunk and a shorter last chunk.
     warm = context if chunk is None else min(context, 2 * chunk + (context - chunk) % chunk)
     cache = HymbaCache(config, batch, context, device=device, dtype=model.dtype)
     prefill(model, cache, ids[:, :warm], None, chunk)

@@ -11,8 +11,9 @@ is decided from the position stored beside each slot (`hymba.ops.attention`), so
 reordering and decoding needs no `torch.cat`: one token per row is written into its slot and attention runs
 over the whole buffer.
 
-A prefill chunk attends over [buffer before the chunk, the chunk's own keys] and then writes into the buffer
-only the keys that stay needed (meta tokens, and for a ring the last window+1 positions of each row).
+A prefill chunk attends over [buffer before the chunk, the chunk's own keys] (the first chunk into a fresh cache
+over its own keys alone) and then writes into the buffer only the keys that stay needed (meta tokens, and for a
+ring the last window+1 positions of each row).
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ class KeyLayout:
         M = self.num_meta
         return torch.where(positions < M, positions, M + (positions - M) % self.ring)
 
-    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None, decoding: bool) -> None:
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor | None, decoding: bool, fresh: bool) -> None:
         """Plan this forward's writes. Decoding writes first and attends over the buffer; a prefill chunk
-        attends over [old buffer, chunk] and writes the entries that stay needed."""
+        attends over [old buffer, chunk] (over the chunk alone when the cache is `fresh`: nothing in the buffer is
+        valid yet) and writes the entries that stay needed."""
         b, T = positions.shape
         if decoding:
             # No bounds check here: it would cost a host sync per token (and break CUDA graphs); the cache
@@ -73,8 +75,11 @@ class KeyLayout:
         slot = self.slots(positions[rows, index])
         self.write = (rows, index, slot)
         chunk_valid = torch.ones_like(keep) if valid is None else valid
-        self.attend_pos = torch.cat([self.positions, positions], dim=1)
-        self.attend_valid = torch.cat([self.valid, chunk_valid], dim=1)
+        if fresh:
+            self.attend_pos, self.attend_valid = positions, chunk_valid
+        else:
+            self.attend_pos = torch.cat([self.positions, positions], dim=1)
+            self.attend_valid = torch.cat([self.valid, chunk_valid], dim=1)
         self.positions[rows, slot] = positions[rows, index]
         self.valid[rows, slot] = True
 
@@ -110,14 +115,15 @@ class HymbaCache:
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)  # per row, meta included
         self.started = False
         self.decoding = False  # whether the current forward is one decode step (set by `begin`)
+        self.fresh = True  # whether the current forward is the first into this cache (set by `begin`)
 
     # ------------------------------------------------------------------ used by the model's forward
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Called once per forward before the layers, with that forward's positions (b, T) and validity."""
         decoding = self.started and positions.shape[1] == 1
         for layout in self.layouts.values():
-            layout.begin(positions, valid, decoding)
-        self.decoding = decoding
+            layout.begin(positions, valid, decoding, fresh=not self.started)
+        self.decoding, self.fresh = decoding, not self.started
 
     def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store a producer's new K,V (b, hkv, T, d); return what its queries attend over:
@@ -127,6 +133,8 @@ class HymbaCache:
         rows, index, slot = layout.write
         if self.decoding:
             keys, values = k_buf, v_buf
+        elif self.fresh:
+            keys, values = k, v
         else:
             keys, values = torch.cat([k_buf, k], dim=2), torch.cat([v_buf, v], dim=2)
         k_buf[rows, :, slot] = k[rows, :, index]  # (n, hkv, d) entries into their slots

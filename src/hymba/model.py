@@ -177,7 +177,8 @@ class HymbaMixer(nn.Module):
             ctx.plans[plan_key] = plan_attention(ctx.positions, k_pos, k_valid, self.window,
                                                  self.config.num_memory_tokens,
                                                  cache_decode=ctx.cache is not None and ctx.cache.decoding,
-                                                 positions_are_indices=ctx.cache is None and ctx.valid is None)
+                                                 positions_are_indices=ctx.valid is None and (
+                                                     ctx.cache is None or ctx.cache.fresh))
         out = attention(q, k_all, v_all, ctx.plans[plan_key])  # (b, hq, T, dv)
         return out.transpose(1, 2).reshape(b, T, self.n_heads * self.d_v)
 
