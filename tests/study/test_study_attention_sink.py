@@ -27,12 +27,17 @@ def test_maps_reproduce_the_attention_output(name):
     model = _model(name)
     ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     outputs = {}
-    hooks = [layer.mamba.pre_avg_layernorm1.register_forward_hook(
-        lambda m, args, out, i=i: outputs.__setitem__(i, args[0])) for i, layer in enumerate(model.model.layers)
-        if model.config.has_attention(i)]
+
+    def recording(i, attention):
+        def attention_recorded(*args):
+            outputs[i] = attention(*args)
+            return outputs[i]
+        return attention_recorded
+
+    for i, layer in enumerate(model.model.layers):
+        if model.config.has_attention(i):
+            layer.mamba.attention = recording(i, layer.mamba.attention)  # the heads' output, before any norm
     maps = attention_maps(model, ids)
-    for hook in hooks:
-        hook.remove()
     M = model.config.num_memory_tokens
     assert sorted(maps) == sorted(outputs)
     for layer, amap in maps.items():
