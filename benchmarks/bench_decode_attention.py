@@ -41,8 +41,8 @@ def main() -> None:
                 q, k, v, mask = inputs(b, S)
                 for block_n in (32, 64, 128):
                     for splits in (0, 1, 2, 4, 8, 16, 64):
-                        ms = do_bench(lambda: decode_attention_triton(q, k, v, mask, block_n, splits), warmup=10,
-                                      rep=50)
+                        run = lambda a=(q, k, v, mask, block_n, splits): decode_attention_triton(*a)  # noqa: E731
+                        ms = do_bench(run, warmup=10, rep=50)
                         print(f"{b:5d} {S:6d} {block_n:7d} {splits or 'auto':>6} {ms * 1e3:8.1f} "
                               f"{gb_per_s(k, v, ms):6.0f}")
         return
@@ -53,8 +53,9 @@ def main() -> None:
             ref = decode_attention(q, k, v, mask)
             out = decode_attention_triton(q, k, v, mask)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            t_ref = do_bench(lambda: decode_attention(q, k, v, mask), warmup=25, rep=100)
-            t_tri = do_bench(lambda: decode_attention_triton(q, k, v, mask), warmup=25, rep=100)
+            args = (q, k, v, mask)
+            t_ref = do_bench(lambda a=args: decode_attention(*a), warmup=25, rep=100)
+            t_tri = do_bench(lambda a=args: decode_attention_triton(*a), warmup=25, rep=100)
             print(f"{b:5d} {S:6d} {t_ref * 1e3:9.1f} {t_tri * 1e3:9.1f} {t_ref / t_tri:7.2f} "
                   f"{gb_per_s(k, v, t_tri):11.0f} {err:8.1e}")
 

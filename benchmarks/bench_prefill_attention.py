@@ -42,7 +42,7 @@ def sweep_kernel_options(q, k, v, flex) -> None:
     for window in (WINDOW, None):
         mask = index_mask(window)
         for options in KERNEL_OPTIONS:
-            run = lambda o=options: flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=o)  # noqa: E731
+            run = lambda o=options, m=mask: flex(q, k, v, block_mask=m, enable_gqa=True, kernel_options=o)  # noqa: E731
             try:
                 run()
                 cell = f"{do_bench(run, warmup=5, rep=20):8.2f}"

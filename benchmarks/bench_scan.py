@@ -24,7 +24,7 @@ def main() -> None:
     D, bias = torch.ones(D_INNER, device=dev), torch.zeros(D_INNER, device=dev)
     print(f"{'block_d':>7} {'programs':>8} {'ms':>8} {'ns/position':>11}")
     for block_d in (16, 32, 64, 128):
-        ms = do_bench(lambda: selective_scan_triton(u, delta, A, B, C, D, z, bias, True, block_d=block_d),
+        ms = do_bench(lambda bd=block_d: selective_scan_triton(u, delta, A, B, C, D, z, bias, True, block_d=bd),
                       warmup=3, rep=10)
         programs = BATCH * -(-D_INNER // block_d)
         print(f"{block_d:7d} {programs:8d} {ms:8.2f} {ms * 1e6 / LENGTH:11.0f}")

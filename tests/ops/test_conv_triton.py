@@ -6,22 +6,14 @@ applies SiLU in float32 (and the interpreter truncates float32 -> bf16 casts ins
 bf16 results are compared with the reference's math in float32 on the same bf16 values (`reference_fp32`).
 """
 
-import os
-
 import pytest
 import torch
+from conftest import rel_err
+from triton_setup import DEVICE, gpu_only  # sets TRITON_INTERPRET without CUDA; skips without Triton
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from hymba.ops.conv.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from hymba.ops.conv.triton import causal_conv1d_triton, causal_conv1d_update_triton
 
-from conftest import rel_err  # noqa: E402
-
-from hymba.ops.conv.reference import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
-from hymba.ops.conv.triton import causal_conv1d_triton, causal_conv1d_update_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (realistic sizes)")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

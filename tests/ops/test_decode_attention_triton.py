@@ -8,22 +8,14 @@ tolerance is loose because the kernel rounds the softmax weights to bf16 before 
 interpreter truncates float32 -> bf16 casts instead of rounding to nearest).
 """
 
-import os
-
 import pytest
 import torch
+from conftest import rel_err
+from triton_setup import DEVICE, gpu_only  # sets TRITON_INTERPRET without CUDA; skips without Triton
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from hymba.ops.attention import decode_attention
+from hymba.ops.attention.triton_decode import decode_attention_triton
 
-from conftest import rel_err  # noqa: E402
-
-from hymba.ops.attention import decode_attention  # noqa: E402
-from hymba.ops.attention.triton_decode import decode_attention_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (realistic sizes, torch.compile)")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

@@ -7,22 +7,14 @@ that split L unevenly); the realistic sizes run only on a GPU.
 """
 
 import math
-import os
 
 import pytest
 import torch
+from conftest import rel_err
+from triton_setup import DEVICE, gpu_only  # sets TRITON_INTERPRET without CUDA; skips without Triton
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-
-from conftest import rel_err  # noqa: E402
-
-from hymba.ops.scan.reference import selective_scan_ref, selective_state_update_ref  # noqa: E402
-from hymba.ops.scan.triton import selective_scan_triton, selective_state_update_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (realistic sizes)")
+from hymba.ops.scan.reference import selective_scan_ref, selective_state_update_ref
+from hymba.ops.scan.triton import selective_scan_triton, selective_state_update_triton
 
 
 def make_inputs(batch, d_inner, d_state, length, dtype=torch.float32, *, z=True, bias=True, h0=True, strided=False,

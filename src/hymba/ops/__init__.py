@@ -10,7 +10,6 @@ import importlib.util
 
 import torch
 
-
 # Looked up once, here: `torch.compile` cannot trace `find_spec`, and the compiled decode step asks on every layer.
 _IMPORTABLE = {module: importlib.util.find_spec(module) is not None
                for module in ("triton", "torch.nn.attention.flex_attention")}
