@@ -120,14 +120,3 @@ def test_compiled_cuda_graph_decode_equals_eager_step():
             assert rel(got, want) < 1e-4
             tokens = want.argmax(-1)
 
-
-def test_vocab_logits_with_an_unaligned_vocabulary_equal_the_linear_layer():
-    from hymba.model import vocab_logits
-
-    torch.manual_seed(0)
-    weight = torch.randn(32001, 96, device="cuda", dtype=torch.bfloat16)
-    for shape in [(3, 1, 96), (5, 7, 96), (2000, 96)]:
-        hidden = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-        got = vocab_logits(hidden, weight)
-        assert got.is_contiguous() and got.shape == (*shape[:-1], 32001)
-        assert rel(got.float(), torch.nn.functional.linear(hidden, weight).float()) < 1e-2
