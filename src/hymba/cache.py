@@ -115,7 +115,6 @@ class HymbaCache:
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)  # per row, meta included
         self.started = False
         self.decoding = False  # whether the current forward is one decode step (set by `begin`)
-        self.fresh = True  # whether the current forward is the first into this cache (set by `begin`)
 
     # ------------------------------------------------------------------ used by the model's forward
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
@@ -123,7 +122,7 @@ class HymbaCache:
         decoding = self.started and positions.shape[1] == 1
         for layout in self.layouts.values():
             layout.begin(positions, valid, decoding, fresh=not self.started)
-        self.decoding, self.fresh = decoding, not self.started
+        self.decoding = decoding
 
     def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store a producer's new K,V (b, hkv, T, d); return what its queries attend over:
@@ -133,7 +132,7 @@ class HymbaCache:
         rows, index, slot = layout.write
         if self.decoding:
             keys, values = k_buf, v_buf
-        elif self.fresh:
+        elif not self.started:  # the first forward into this cache: nothing in the buffer is valid yet
             keys, values = k, v
         else:
             keys, values = torch.cat([k_buf, k], dim=2), torch.cat([v_buf, v], dim=2)

@@ -178,7 +178,7 @@ class HymbaMixer(nn.Module):
                                                  self.config.num_memory_tokens,
                                                  cache_decode=ctx.cache is not None and ctx.cache.decoding,
                                                  positions_are_indices=ctx.valid is None and (
-                                                     ctx.cache is None or ctx.cache.fresh))
+                                                     ctx.cache is None or not ctx.cache.started))
         out = attention(q, k_all, v_all, ctx.plans[plan_key])  # (b, hq, T, dv)
         return out.transpose(1, 2).reshape(b, T, self.n_heads * self.d_v)
 

@@ -122,18 +122,17 @@ def _scan_fwd_kernel(
     if SAVE_CKPT:
         ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_n[:, None] + offs_d[None, :] * stride_ckpt_d
 
-    # Each step's inputs are loaded two steps ahead: the walk is a chain of dependent steps, and a step's compute
-    # is shorter than a load's latency, so waiting on memory inside the chain made every step several times longer.
+    # Each step's inputs are loaded one step ahead, so the walk's chain of dependent steps does not also wait on
+    # memory: 22% less scan time on an H100, measured before the state tile was transposed (a second step ahead,
+    # measured after, gained nothing).
     dt, u, Bt, Ct, z = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, 0, length, HAS_Z)
-    dt1, u1, B1, C1, z1 = _load_step(delta_ptrs + stride_delta_l, u_ptrs + stride_u_l, B_ptrs + stride_B_l,
-                                     C_ptrs + stride_C_l, z_ptrs + stride_z_l, mask_d, mask_n, 1, length, HAS_Z)
     for t in range(0, length):
         if SAVE_CKPT:
             if t % CHUNK == 0:
                 tl.store(ckpt_ptrs, h, mask=mask_nd)
                 ckpt_ptrs += stride_ckpt_c
-        ahead = t + 2
-        dt2, u2, B2, C2, z2 = _load_step(delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l,
+        ahead = t + 1
+        dt1, u1, B1, C1, z1 = _load_step(delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l,
                                          B_ptrs + ahead * stride_B_l, C_ptrs + ahead * stride_C_l,
                                          z_ptrs + ahead * stride_z_l, mask_d, mask_n, ahead, length, HAS_Z)
         if HAS_BIAS:
@@ -149,7 +148,6 @@ def _scan_fwd_kernel(
         tl.store(y_ptrs, y, mask=mask_d)
         y_ptrs += stride_y_l
         dt, u, Bt, Ct, z = dt1, u1, B1, C1, z1
-        dt1, u1, B1, C1, z1 = dt2, u2, B2, C2, z2
 
     tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
 
