@@ -22,8 +22,9 @@ from torch import nn
 from hymba.config import HymbaConfig
 from hymba.ops import compiled_on_gpu
 from hymba.ops.attention import attention, plan_attention
-from hymba.ops.conv import causal_conv1d, causal_conv1d_update
-from hymba.ops.scan import selective_scan, selective_state_update
+from hymba.ops.conv import causal_conv1d
+from hymba.ops.norm import rms_norm
+from hymba.ops.scan import selective_scan, selective_state_update, ssm_projections, ssm_step_inputs
 
 if TYPE_CHECKING:
     from hymba.cache import HymbaCache
@@ -39,13 +40,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
-
-
-@compiled_on_gpu
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
 
 
 def rope_inv_freq(config: HymbaConfig, device: torch.device) -> torch.Tensor:
@@ -184,39 +178,37 @@ class HymbaMixer(nn.Module):
 
     # ------------------------------------------------------------------ SSM heads
     def ssm(self, u, z, ctx: ForwardContext) -> torch.Tensor:
-        """Mamba-1 heads: causal conv + SiLU, input-dependent dt/B/C (each RMS-normed), selective scan, gate."""
-        u, z = u.transpose(1, 2), z.transpose(1, 2)  # (b, d_inner, T)
-        keep = None if ctx.valid is None else ctx.valid[:, None, :].to(u.dtype)
-        if keep is not None:
-            u = u * keep  # padding must not enter the conv window of the tokens after it
-        conv_weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
-        step = ctx.cache is not None and u.shape[-1] == 1 and ctx.cache.started
-        state = None if ctx.cache is None else ctx.cache.ssm_layer(self.layer_idx)
-        if step:
-            u = causal_conv1d_update(state.conv, u[..., 0], conv_weight, self.conv1d.bias).unsqueeze(-1)
-        else:
-            u, conv_state = causal_conv1d(u, conv_weight, self.conv1d.bias,
-                                          None if state is None else state.conv)
-            if state is not None:
-                state.conv.copy_(conv_state)
-        if keep is not None:
-            u = u * keep  # with u = 0 the SSM state stays exactly zero through left padding
+        """Mamba-1 heads: causal conv + SiLU, input-dependent dt/B/C (each RMS-normed), selective scan, gate.
+        u, z (b, T, d_inner) -> (b, T, d_inner).
 
-        dt, B, C = torch.split(self.x_proj[0](u.transpose(1, 2)), [self.config.dt_rank, self.config.mamba_d_state,
-                                                                    self.config.mamba_d_state], dim=-1)
-        if self.config.mamba_inner_layernorms:
-            dt, B, C = self.dt_layernorm(dt), self.B_layernorm(B), self.C_layernorm(C)
-        delta = F.linear(dt, self.dt_proj[0].weight).transpose(1, 2)  # (b, d_inner, T); bias goes inside softplus
+        x_proj, dt_proj and the dt/B/C norms are applied through their weights (`ssm_projections`): dt_proj's bias
+        goes inside softplus, and a decode step fuses the conv update and the projections (`ssm_step_inputs`)."""
+        keep = None if ctx.valid is None else ctx.valid.to(u.dtype)  # (b, T): 0 at padding
+        conv_weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
+        projections = (self.x_proj[0].weight, self.dt_proj[0].weight,
+                       (self.dt_layernorm.weight, self.B_layernorm.weight, self.C_layernorm.weight)
+                       if self.config.mamba_inner_layernorms else None, self.config.rms_norm_eps)
         A = -torch.exp(self.A_log[0].float())  # (d_inner, d_state)
         D, dt_bias = self.D[0].float(), self.dt_proj[0].bias.float()
-        if step:
-            y = selective_state_update(state.ssm, u[..., 0], delta[..., 0], A, B[:, 0], C[:, 0], D, z[..., 0],
-                                       dt_bias).unsqueeze(-1)
-        else:
-            y, last = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, dt_bias, True,
-                                     None if state is None else state.ssm)
-            if state is not None:
-                state.ssm.copy_(last)
+        state = None if ctx.cache is None else ctx.cache.ssm_layer(self.layer_idx)
+        if ctx.cache is not None and u.shape[1] == 1 and ctx.cache.started:  # one decode step
+            u, delta, B, C = ssm_step_inputs(state.conv, u[:, 0], conv_weight, self.conv1d.bias, *projections,
+                                             keep=None if keep is None else keep[:, 0])
+            return selective_state_update(state.ssm, u, delta, A, B, C, D, z[:, 0], dt_bias).unsqueeze(1)
+
+        u = u.transpose(1, 2)  # (b, d_inner, T)
+        if keep is not None:
+            u = u * keep[:, None]  # padding must not enter the conv window of the tokens after it
+        u, conv_state = causal_conv1d(u, conv_weight, self.conv1d.bias, None if state is None else state.conv)
+        if state is not None:
+            state.conv.copy_(conv_state)
+        if keep is not None:
+            u = u * keep[:, None]  # with u = 0 the SSM state stays exactly zero through left padding
+        delta, B, C = ssm_projections(u.transpose(1, 2), *projections)  # (b, T, d_inner), (b, T, d_state) x 2
+        y, last = selective_scan(u, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
+                                 z.transpose(1, 2), dt_bias, True, None if state is None else state.ssm)
+        if state is not None:
+            state.ssm.copy_(last)
         return y.transpose(1, 2)  # (b, T, d_inner)
 
 

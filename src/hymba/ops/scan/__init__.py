@@ -11,17 +11,27 @@ All implementations share one signature (mamba_ssm's layout, so kernels are drop
 
 They return `(y, last_state)` with `y` in u's dtype and `last_state` (batch, d_inner, d_state) float32,
 and `selective_state_update` is the one-token form used by cached decoding (state updated in place).
+`ssm_projections` computes delta, B and C from u (x_proj, norms, dt_proj); `ssm_step_inputs` is one decode
+step's conv update and projections, fused into two kernels on CUDA.
 """
 
 from __future__ import annotations
 
+import torch
+
 from hymba.ops import gpu_kernels_usable
 from hymba.ops.scan.chunked import selective_scan_chunked
 from hymba.ops.scan.cpu import selective_scan_cpu
-from hymba.ops.scan.reference import selective_scan_ref, selective_state_update_ref
+from hymba.ops.scan.reference import (
+    selective_scan_ref,
+    selective_state_update_ref,
+    ssm_projections,
+    ssm_step_inputs_ref,
+)
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_cpu", "selective_scan_ref",
-           "selective_state_update", "selective_state_update_ref"]
+           "selective_state_update", "selective_state_update_ref", "ssm_projections", "ssm_step_inputs",
+           "ssm_step_inputs_ref"]
 
 # Below this length the sequential loop is cheaper than building the parallel scan's intermediates.
 SEQUENTIAL_MAX_LEN = 8
@@ -47,3 +57,15 @@ def selective_state_update(state, u, delta, A, B, C, D, z=None, delta_bias=None,
 
         return selective_state_update_triton(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_state_update_ref(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def ssm_step_inputs(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, norm_weights=None,
+                    eps=1e-6, keep=None):
+    """One decode step up to the state update: returns (u, delta, B, C); see `ssm_step_inputs_ref`."""
+    if gpu_kernels_usable(x) and not torch.is_grad_enabled():
+        from hymba.ops.scan.triton_step import ssm_step_inputs_triton
+
+        return ssm_step_inputs_triton(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                                      *(norm_weights or (None, None, None)), eps, keep)
+    return ssm_step_inputs_ref(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, norm_weights,
+                               eps, keep)

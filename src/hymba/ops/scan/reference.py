@@ -1,12 +1,16 @@
-"""The selective scan written as the recurrence it is: one step per position, float32 state.
+"""The selective scan written as the recurrence it is: one step per position, float32 state; and the projections
+that feed it, for the fused decode step to be tested against.
 
-Slow and obviously right; every faster implementation is tested against these two functions.
+Slow and obviously right; every faster implementation is tested against these functions.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from hymba.ops.conv.reference import causal_conv1d_update_ref
+from hymba.ops.norm import rms_norm
 
 
 def discretize(delta, A, B, u, delta_bias=None, delta_softplus=True):
@@ -49,3 +53,29 @@ def selective_state_update_ref(state, u, delta, A, B, C, D, z=None, delta_bias=N
     state.mul_(dA[:, :, 0]).add_(dBu[:, :, 0])
     y = torch.einsum("bdn,bn->bd", state, C.float())
     return finish_output(y.unsqueeze(-1), u.unsqueeze(-1), D, None if z is None else z.unsqueeze(-1), u.dtype)[..., 0]
+
+
+def ssm_projections(u, x_proj_weight, dt_proj_weight, norm_weights=None, eps=1e-6):
+    """The selective scan's input-dependent parameters from its input u (..., d_inner), position-major:
+    x_proj splits into (dt, B, C), each RMS-normed when `norm_weights` = (dt, B, C) norm weights are given, and
+    dt_proj maps dt to delta without its bias (which goes inside softplus). Returns delta (..., d_inner) and
+    B, C (..., d_state), in u's dtype."""
+    dt_rank = dt_proj_weight.shape[1]
+    d_state = (x_proj_weight.shape[0] - dt_rank) // 2
+    dt, B, C = torch.split(F.linear(u, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
+    if norm_weights is not None:
+        dt, B, C = (rms_norm(t, weight, eps) for t, weight in zip((dt, B, C), norm_weights))
+    return F.linear(dt, dt_proj_weight), B, C
+
+
+def ssm_step_inputs_ref(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, norm_weights=None,
+                        eps=1e-6, keep=None):
+    """One decode step up to the state update: the conv update (SiLU) of x (b, d_inner), `conv_state` shifted in
+    place, then `ssm_projections`. `keep` (b,), 0 at a padded token, zeroes x before the conv and u after it.
+    Returns (u, delta (b, d_inner), B, C (b, d_state))."""
+    if keep is not None:
+        x = x * keep[:, None]
+    u = causal_conv1d_update_ref(conv_state, x, conv_weight, conv_bias)
+    if keep is not None:
+        u = u * keep[:, None]
+    return (u, *ssm_projections(u, x_proj_weight, dt_proj_weight, norm_weights, eps))

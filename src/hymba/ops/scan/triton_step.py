@@ -1,0 +1,227 @@
+"""The SSM heads' inputs for one decode step, in two Triton kernels instead of about nine.
+
+Per layer, a decode step computes before the state update (see `ssm_step_inputs_ref`, the reference):
+
+    u = silu(conv update of x)            conv state shifted in place
+    dt, B, C = split(x_proj(u))           x_proj: (dt_rank + 2 d_state) x d_inner, a few hundred KB
+    dt, B, C = rms_norm(dt), rms_norm(B), rms_norm(C)
+    delta = dt_proj(dt)                   dt_proj: d_inner x dt_rank
+
+Run as written, that is a conv kernel, two small GEMMs (about 5 us each on an H100 however small the batch, plus a
+split-K reduction at batch 128) and several elementwise kernels. Here:
+
+1. `_conv_x_proj_kernel`, one program per (16 rows, channel block): the conv update, then that block's share of
+   x_proj as a `tl.dot`, written as float32 partial sums per channel block. Splitting x_proj over channels gives it
+   as many programs as the conv has, instead of the few a (rows x 132) output tile gives a GEMM.
+2. `_dt_proj_kernel`, one program per (16 rows, channel block): sums the partials in a fixed order (no atomics,
+   so results do not change from run to run), rounds to the model's dtype as the reference's GEMM output is,
+   applies the three RMSNorms, and computes its block of delta as a `tl.dot` with dt_proj's weight.
+
+Rounding follows the reference wherever it rounds to the model's dtype (x_proj's output, the norms, delta); the conv
+accumulates in float32 as `hymba.ops.conv.triton` does. Inference only: no backward.
+
+Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the kernels also
+take CPU tensors, which is how the tests exercise them without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ssm_step_inputs_triton"]
+
+BLOCK_ROWS = 16  # the smallest M of tl.dot; rows beyond the batch are masked
+
+
+@triton.jit
+def _conv_x_proj_kernel(
+    state_ptr, x_ptr, keep_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr, u_ptr, part_ptr,
+    batch, dim, n_proj,
+    stride_state_b, stride_state_d, stride_state_k,
+    stride_x_b, stride_x_d,
+    stride_conv_w_d, stride_conv_w_k,
+    stride_x_proj_p, stride_x_proj_d,
+    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
+    P_BLOCKS: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """u = silu(conv_w . [state, x] + conv_b) for (BLOCK_B rows, BLOCK_D channels), state <- [state, x][1:];
+    part[pid_d, rows, :] = u @ x_proj[:, channels].T in float32."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_w = tl.arange(0, BLOCK_W)
+    mask_b, mask_d = rows < batch, chans < dim
+    mask_bd = mask_b[:, None] & mask_d[None, :]
+    state_dtype = state_ptr.dtype.element_ty
+
+    x = tl.load(x_ptr + rows[:, None] * stride_x_b + chans[None, :] * stride_x_d, mask=mask_bd, other=0.0)
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + rows, mask=mask_b, other=0.0)
+        x = x * keep[:, None]
+    x = x.to(state_dtype)
+    w_last = tl.load(conv_w_ptr + chans * stride_conv_w_d + (WIDTH - 1) * stride_conv_w_k, mask=mask_d, other=0.0)
+    acc = w_last.to(state_dtype).to(tl.float32)[None, :] * x.to(tl.float32)
+    if WIDTH > 1:
+        state_ptrs = state_ptr + rows[:, None, None] * stride_state_b + chans[None, :, None] * stride_state_d
+        in_state = offs_w < WIDTH - 1
+        mask = mask_bd[:, :, None] & in_state[None, None, :]
+        window = tl.load(state_ptrs + offs_w[None, None, :] * stride_state_k, mask=mask, other=0.0)
+        w = tl.load(conv_w_ptr + chans[:, None] * stride_conv_w_d + offs_w[None, :] * stride_conv_w_k,
+                    mask=mask_d[:, None] & in_state[None, :], other=0.0)
+        acc += tl.sum(w.to(state_dtype).to(tl.float32)[None, :, :] * window.to(tl.float32), axis=2)
+        # The shifted state is read now: after the barrier the stores may overwrite what other threads read.
+        from_state = offs_w + 1 < WIDTH - 1
+        shifted = tl.load(state_ptrs + (offs_w[None, None, :] + 1) * stride_state_k,
+                          mask=mask_bd[:, :, None] & from_state[None, None, :], other=0.0)
+        shifted = tl.where(from_state[None, None, :], shifted, x[:, :, None])
+        tl.debug_barrier()
+        tl.store(state_ptrs + offs_w[None, None, :] * stride_state_k, shifted, mask=mask)
+    if HAS_BIAS:
+        acc += tl.load(conv_b_ptr + chans, mask=mask_d, other=0.0).to(state_dtype).to(tl.float32)[None, :]
+    u = (acc / (1.0 + tl.exp(-acc))).to(u_ptr.dtype.element_ty)  # SiLU; 0 wherever masked
+    if HAS_KEEP:
+        u = u * keep[:, None]
+    tl.store(u_ptr + rows[:, None] * dim + chans[None, :], u, mask=mask_bd)
+
+    part_rows = part_ptr + pid_d * batch * n_proj + rows[:, None] * n_proj
+    for p_block in tl.static_range(P_BLOCKS):
+        offs_p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < n_proj
+        w_p = tl.load(x_proj_ptr + chans[:, None] * stride_x_proj_d + offs_p[None, :] * stride_x_proj_p,
+                      mask=mask_d[:, None] & mask_p[None, :], other=0.0)  # (BLOCK_D, BLOCK_P)
+        part = _dot(u, w_p, DOT_FP32)
+        tl.store(part_rows + offs_p[None, :], part, mask=mask_b[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def _dot(a, b, FP32: tl.constexpr):
+    """a @ b accumulated in float32: on a's dtype (bf16 tensor cores), or exactly in float32 for float32 inputs and
+    under the interpreter, whose bf16 tl.dot is wrong."""
+    if FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype))
+
+
+@triton.jit
+def _sum_partials(part_rows, offs, mask, n_blocks, block_stride, out_dtype: tl.constexpr):
+    """Sum over channel blocks of the partials at offsets `offs`, rounded to out_dtype as a GEMM's output is."""
+    total = tl.zeros(mask.shape, dtype=tl.float32)
+    for block in range(n_blocks):
+        total += tl.load(part_rows + block * block_stride + offs[None, :], mask=mask, other=0.0)
+    return total.to(out_dtype).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_rows(v, weight_ptr, offs, mask, n, eps, out_dtype: tl.constexpr):
+    """`hymba.ops.norm.rms_norm` over each row of v (masked columns hold 0), with its two roundings."""
+    inv_rms = tl.rsqrt(tl.sum(v * v, axis=1) / n + eps)
+    normed = (v * inv_rms[:, None]).to(out_dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return (weight[None, :] * normed).to(out_dtype).to(tl.float32)
+
+
+@triton.jit
+def _dt_proj_kernel(
+    part_ptr, dt_proj_ptr, dt_norm_ptr, B_norm_ptr, C_norm_ptr, delta_ptr, B_ptr, C_ptr,
+    batch, dim, dt_rank, d_state, n_blocks, eps,
+    stride_dt_proj_d, stride_dt_proj_r,
+    HAS_NORMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """dt, B, C = the summed partials (normed); delta[rows, channels] = dt @ dt_proj[channels].T; B, C stored by the
+    programs of the first channel block."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_r, offs_n = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_N)
+    mask_b, mask_r, mask_n = rows < batch, offs_r < dt_rank, offs_n < d_state
+    mask_br, mask_bn = mask_b[:, None] & mask_r[None, :], mask_b[:, None] & mask_n[None, :]
+    out_dtype = delta_ptr.dtype.element_ty
+    n_proj = dt_rank + 2 * d_state
+
+    part_rows = part_ptr + rows[:, None] * n_proj
+    block_stride = batch * n_proj
+    dt = _sum_partials(part_rows, offs_r, mask_br, n_blocks, block_stride, out_dtype)
+    B = _sum_partials(part_rows, dt_rank + offs_n, mask_bn, n_blocks, block_stride, out_dtype)
+    C = _sum_partials(part_rows, dt_rank + d_state + offs_n, mask_bn, n_blocks, block_stride, out_dtype)
+    if HAS_NORMS:
+        dt = _rms_norm_rows(dt, dt_norm_ptr, offs_r, mask_r, dt_rank, eps, out_dtype)
+        B = _rms_norm_rows(B, B_norm_ptr, offs_n, mask_n, d_state, eps, out_dtype)
+        C = _rms_norm_rows(C, C_norm_ptr, offs_n, mask_n, d_state, eps, out_dtype)
+    if pid_d == 0:
+        bn_offs = rows[:, None] * d_state + offs_n[None, :]
+        tl.store(B_ptr + bn_offs, B.to(out_dtype), mask=mask_bn)
+        tl.store(C_ptr + bn_offs, C.to(out_dtype), mask=mask_bn)
+
+    chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = chans < dim
+    w = tl.load(dt_proj_ptr + offs_r[:, None] * stride_dt_proj_r + chans[None, :] * stride_dt_proj_d,
+                mask=mask_r[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_R, BLOCK_D)
+    delta = _dot(dt.to(out_dtype), w, DOT_FP32)
+    tl.store(delta_ptr + rows[:, None] * dim + chans[None, :], delta.to(out_dtype),
+             mask=mask_b[:, None] & mask_d[None, :])
+
+
+def launch_parameters(batch: int) -> tuple[int, int]:
+    """Channels per program of the two kernels. Small batches: narrow blocks, so reading x_proj and dt_proj is
+    spread over many programs. Large batches: wide blocks, so fewer partial sums are written and re-read."""
+    return (64, 128) if batch <= BLOCK_ROWS else (256, 256)
+
+
+# A custom op, so that the compiled decode step (`torch.compile(..., fullgraph=True)`) keeps both launches whole.
+@torch.library.custom_op("hymba::ssm_step_inputs", mutates_args=("conv_state",))
+def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor,
+                           conv_bias: torch.Tensor | None, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
+                           dt_norm_weight: torch.Tensor | None = None, B_norm_weight: torch.Tensor | None = None,
+                           C_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                           keep: torch.Tensor | None = None, block_d_in: int = 0, block_d_out: int = 0,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `ssm_step_inputs_ref` (norm weights all given or all None). x (batch, d_inner); conv_state
+    (batch, d_inner, width-1) shifted in place. Returns (u, delta, B, C) in x's dtype. Zero block sizes are chosen
+    by `launch_parameters`."""
+    batch, dim = x.shape
+    width = conv_weight.shape[1]
+    dt_rank = dt_proj_weight.shape[1]
+    n_proj = x_proj_weight.shape[0]
+    d_state = (n_proj - dt_rank) // 2
+    chosen = launch_parameters(batch)
+    block_d_in, block_d_out = block_d_in or chosen[0], block_d_out or chosen[1]
+    block_p = 32
+    dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    n_blocks = triton.cdiv(dim, block_d_in)
+    u = torch.empty_like(x)
+    part = torch.empty(n_blocks, batch, n_proj, device=x.device, dtype=torch.float32)
+    _conv_x_proj_kernel[(triton.cdiv(batch, BLOCK_ROWS), n_blocks)](
+        conv_state, x, keep, conv_weight, conv_bias, x_proj_weight, u, part,
+        batch, dim, n_proj,
+        *conv_state.stride(), *x.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
+        HAS_BIAS=conv_bias is not None, HAS_KEEP=keep is not None, WIDTH=width,
+        BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_in, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
+        BLOCK_P=block_p, P_BLOCKS=triton.cdiv(n_proj, block_p), DOT_FP32=dot_fp32,
+    )
+    delta = torch.empty_like(x)
+    B = torch.empty(batch, d_state, device=x.device, dtype=x.dtype)
+    C = torch.empty_like(B)
+    _dt_proj_kernel[(triton.cdiv(batch, BLOCK_ROWS), triton.cdiv(dim, block_d_out))](
+        part, dt_proj_weight, dt_norm_weight, B_norm_weight, C_norm_weight, delta, B, C,
+        batch, dim, dt_rank, d_state, n_blocks, eps,
+        *dt_proj_weight.stride(),
+        HAS_NORMS=dt_norm_weight is not None, BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_out,
+        BLOCK_R=max(16, triton.next_power_of_2(dt_rank)), BLOCK_N=triton.next_power_of_2(d_state),
+        DOT_FP32=dot_fp32,
+    )
+    return u, delta, B, C
+
+
+@ssm_step_inputs_triton.register_fake
+def _(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_norm_weight=None, B_norm_weight=None,
+      C_norm_weight=None, eps=1e-6, keep=None, block_d_in=0, block_d_out=0):
+    d_state = (x_proj_weight.shape[0] - dt_proj_weight.shape[1]) // 2
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[0], d_state), \
+        x.new_empty(x.shape[0], d_state)

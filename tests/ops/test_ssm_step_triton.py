@@ -1,0 +1,110 @@
+"""The fused decode-step SSM inputs (conv update, x_proj, dt/B/C norms, dt_proj in two Triton kernels) against
+`ssm_step_inputs_ref`, the same steps as plain PyTorch.
+
+Without CUDA the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set before the
+kernels are defined). float32 must agree to rounding; bf16 within a few bf16 ulps (the kernels accumulate the conv
+and x_proj in float32 and round where the reference does, but the reference's products are bf16 ops, and the
+interpreter truncates float32 -> bf16 casts instead of rounding to nearest).
+"""
+
+import pytest
+import torch
+from conftest import rel_err
+from triton_setup import DEVICE, gpu_only  # sets TRITON_INTERPRET without CUDA; skips without Triton
+
+from hymba.ops.scan import ssm_step_inputs_ref
+from hymba.ops.scan.triton_step import ssm_step_inputs_triton
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def make_inputs(batch, d_inner, dt_rank, d_state, width, dtype, *, norms=True, bias=True, keep=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    # x as one slice of a wider in_proj output, as the model passes it: rows are not contiguous.
+    x = rand(batch, 3 * d_inner)[:, d_inner:2 * d_inner]
+    inputs = dict(
+        conv_state=rand(batch, d_inner, width - 1), x=x, conv_weight=rand(d_inner, width, scale=width ** -0.5),
+        conv_bias=rand(d_inner) if bias else None, x_proj_weight=rand(dt_rank + 2 * d_state, d_inner,
+                                                                         scale=d_inner ** -0.5),
+        dt_proj_weight=rand(d_inner, dt_rank, scale=dt_rank ** -0.5),
+        norm_weights=(rand(dt_rank), rand(d_state), rand(d_state)) if norms else None, eps=1e-5,
+        keep=None)
+    if keep:
+        inputs["keep"] = torch.ones(batch, dtype=dtype, device=DEVICE)
+        inputs["keep"][batch // 2] = 0
+    return inputs
+
+
+def run_both(inputs, **launch):
+    """(kernel results, reference results), each (u, delta, B, C, conv_state after the step)."""
+    results = []
+    for fused in (True, False):
+        args = dict(inputs, conv_state=inputs["conv_state"].clone())
+        if fused:
+            norms = args.pop("norm_weights") or (None, None, None)
+            out = ssm_step_inputs_triton(args["conv_state"], args["x"], args["conv_weight"], args["conv_bias"],
+                                         args["x_proj_weight"], args["dt_proj_weight"], *norms, args["eps"],
+                                         args["keep"], **launch)
+        else:
+            out = ssm_step_inputs_ref(**args)
+        results.append((*out, args["conv_state"]))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,d_inner,dt_rank,d_state,width", [
+    (1, 48, 4, 16, 4),     # one row: 15 masked rows in the block
+    (3, 80, 5, 6, 4),      # channels not a multiple of the block, odd ranks
+    (19, 40, 12, 8, 3),    # rows across two blocks of 16
+    (2, 32, 3, 4, 1),      # width 1: no conv state to shift
+])
+def test_fused_step_inputs_match_reference(dtype, batch, d_inner, dt_rank, d_state, width):
+    inputs = make_inputs(batch, d_inner, dt_rank, d_state, width, dtype)
+    fused, ref = run_both(inputs, block_d_in=16, block_d_out=32)
+    for name, a, b in zip(("u", "delta", "B", "C", "conv_state"), fused, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < TOL[dtype], (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("norms,bias,keep", [(False, True, False), (True, False, False), (True, True, True)])
+def test_fused_step_inputs_options(norms, bias, keep):
+    """Without the inner norms, without a conv bias, and with a padded row (zero input and output u)."""
+    inputs = make_inputs(5, 40, 6, 8, 4, torch.float32, norms=norms, bias=bias, keep=keep)
+    fused, ref = run_both(inputs, block_d_in=16, block_d_out=16)
+    for name, a, b in zip(("u", "delta", "B", "C", "conv_state"), fused, ref):
+        assert rel_err(a, b) < TOL[torch.float32], (name, rel_err(a, b))
+    if keep:
+        assert fused[0][2].abs().max() == 0  # row 2 (batch // 2) is padding: u = 0
+
+
+def test_default_launch_parameters():
+    """The block sizes chosen from the batch (narrow at one row, wide at many) give the same results."""
+    for batch in (1, 40):
+        inputs = make_inputs(batch, 300, 10, 16, 4, torch.float32)
+        fused, ref = run_both(inputs)
+        for name, a, b in zip(("u", "delta", "B", "C", "conv_state"), fused, ref):
+            assert rel_err(a, b) < TOL[torch.float32], (batch, name, rel_err(a, b))
+
+
+@gpu_only
+@pytest.mark.parametrize("batch", [1, 128])
+def test_fused_step_inputs_at_hymba_size_compiled(batch):
+    """Hymba-1.5B's sizes in bf16, eager and inside `torch.compile(fullgraph=True)` (as the decode step runs)."""
+    inputs = make_inputs(batch, 3200, 100, 16, 4, torch.bfloat16)
+    fused, ref = run_both(inputs)
+    for name, a, b in zip(("u", "delta", "B", "C", "conv_state"), fused, ref):
+        assert rel_err(a, b) < TOL[torch.bfloat16], (name, rel_err(a, b))
+
+    from hymba.ops.scan import ssm_step_inputs
+
+    state = inputs["conv_state"].clone()
+    step = torch.compile(ssm_step_inputs, fullgraph=True)
+    with torch.inference_mode():
+        compiled = step(state, *(v for k, v in inputs.items() if k != "conv_state"))
+    for name, a, b in zip(("u", "delta", "B", "C"), compiled, fused):
+        assert torch.equal(a, b), name
+    assert torch.equal(state, fused[4])
