@@ -8,7 +8,7 @@ two-kernel op against the same steps as PyTorch ops compiled by inductor, as the
 import argparse
 
 import torch
-from triton.testing import do_bench
+from torch.profiler import ProfilerActivity, profile
 
 from hymba.ops.scan import ssm_step_inputs_ref
 from hymba.ops.scan.triton_step import ssm_step_inputs_triton
@@ -26,29 +26,54 @@ def inputs(batch: int):
             rand(d_inner, dt_rank, scale=dt_rank ** -0.5), norms)
 
 
+def graph_time_us(fn, sets, replays: int = 20) -> float:
+    """GPU time per call: one CUDA graph calls `fn` once per input set (distinct buffers, together larger than the
+    L2 cache, as successive layers are), replayed; CPU launch overhead is not counted, as in the decode graph."""
+    for args in sets:  # compile and warm up outside the graph
+        fn(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in sets:
+            fn(*args)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * len(sets))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="time block_d_in x block_d_out")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--layers", type=int, default=16, help="input sets per graph (distinct buffers)")
     args = parser.parse_args()
     reference = torch.compile(ssm_step_inputs_ref, fullgraph=True, dynamic=False)
+
+    def fused(state, x, conv_w, conv_b, x_proj, dt_proj, norms, block_d_in=0, block_d_out=0):
+        return ssm_step_inputs_triton(state, x, conv_w, conv_b, x_proj, dt_proj, *norms, 1e-5, None, block_d_in,
+                                      block_d_out)
+
     print(f"{'batch':>5} {'compiled ref us':>15} {'fused us':>9} {'speedup':>7}")
-    for batch in args.batches:
-        state, x, conv_w, conv_b, x_proj, dt_proj, norms = inputs(batch)
-
-        def fused(block_d_in=0, block_d_out=0, a=(state, x, conv_w, conv_b, x_proj, dt_proj, *norms)):
-            return ssm_step_inputs_triton(*a, 1e-5, None, block_d_in, block_d_out)
-
-        with torch.inference_mode():
-            ref = lambda a=(state, x, conv_w, conv_b, x_proj, dt_proj, norms): reference(*a, 1e-5)  # noqa: E731
-            t_ref = do_bench(ref, warmup=25, rep=100)
-            t_fused = do_bench(fused, warmup=25, rep=100)
-            print(f"{batch:5d} {t_ref * 1e3:15.1f} {t_fused * 1e3:9.1f} {t_ref / t_fused:7.2f}", flush=True)
+    with torch.inference_mode():
+        for batch in args.batches:
+            sets = [inputs(batch) for _ in range(args.layers)]
+            t_ref = graph_time_us(lambda *a: reference(*a, 1e-5), sets)
+            t_fused = graph_time_us(fused, sets)
+            print(f"{batch:5d} {t_ref:15.1f} {t_fused:9.1f} {t_ref / t_fused:7.2f}", flush=True)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fused(*sets[0])
+                torch.cuda.synchronize()
+            for event in prof.key_averages():
+                print(f"    {event.key[:60]:60s} {event.device_time:7.1f} us")
             if args.sweep:
-                for block_in in (32, 64, 128, 256):
+                for block_in in (16, 32, 64, 128):
                     for block_out in (32, 64, 128, 256):
-                        t = do_bench(lambda i=block_in, o=block_out: fused(i, o), warmup=10, rep=50)
-                        print(f"    block_d_in {block_in:3d} block_d_out {block_out:3d}  {t * 1e3:7.1f} us")
+                        t = graph_time_us(lambda *a, i=block_in, o=block_out: fused(*a, i, o), sets)
+                        print(f"    block_d_in {block_in:3d} block_d_out {block_out:3d}  {t:7.1f} us", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The SSM heads' inputs for one decode step, in two Triton kernels instead of about nine.
+"""The SSM heads' inputs for one decode step, in three small Triton kernels instead of about nine.
 
 Per layer, a decode step computes before the state update (see `ssm_step_inputs_ref`, the reference):
 
@@ -13,9 +13,10 @@ split-K reduction at batch 128) and several elementwise kernels. Here:
 1. `_conv_x_proj_kernel`, one program per (16 rows, channel block): the conv update, then that block's share of
    x_proj as a `tl.dot`, written as float32 partial sums per channel block. Splitting x_proj over channels gives it
    as many programs as the conv has, instead of the few a (rows x 132) output tile gives a GEMM.
-2. `_dt_proj_kernel`, one program per (16 rows, channel block): sums the partials in a fixed order (no atomics,
-   so results do not change from run to run), rounds to the model's dtype as the reference's GEMM output is,
-   applies the three RMSNorms, and computes its block of delta as a `tl.dot` with dt_proj's weight.
+2. `_sum_partials_kernel`, one program per (row, 32 outputs): sums the partials of all channel blocks as one tile,
+   in a fixed order (no atomics, so results do not change from run to run).
+3. `_dt_proj_kernel`, one program per (16 rows, channel block): the three RMSNorms, then its block of delta as a
+   `tl.dot` with dt_proj's weight.
 
 Rounding follows the reference wherever it rounds to the model's dtype (x_proj's output, the norms, delta); the conv
 accumulates in float32 as `hymba.ops.conv.triton` does. Inference only: no backward.
@@ -93,9 +94,9 @@ def _conv_x_proj_kernel(
     for p_block in tl.static_range(P_BLOCKS):
         offs_p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < n_proj
-        w_p = tl.load(x_proj_ptr + chans[:, None] * stride_x_proj_d + offs_p[None, :] * stride_x_proj_p,
-                      mask=mask_d[:, None] & mask_p[None, :], other=0.0)  # (BLOCK_D, BLOCK_P)
-        part = _dot(u, w_p, DOT_FP32)
+        w_p = tl.load(x_proj_ptr + offs_p[:, None] * stride_x_proj_p + chans[None, :] * stride_x_proj_d,
+                      mask=mask_p[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_P, BLOCK_D), read along rows
+        part = _dot(u, tl.trans(w_p), DOT_FP32)
         tl.store(part_rows + offs_p[None, :], part, mask=mask_b[:, None] & mask_p[None, :])
 
 
@@ -109,12 +110,19 @@ def _dot(a, b, FP32: tl.constexpr):
 
 
 @triton.jit
-def _sum_partials(part_rows, offs, mask, n_blocks, block_stride, out_dtype: tl.constexpr):
-    """Sum over channel blocks of the partials at offsets `offs`, rounded to out_dtype as a GEMM's output is."""
-    total = tl.zeros(mask.shape, dtype=tl.float32)
-    for block in range(n_blocks):
-        total += tl.load(part_rows + block * block_stride + offs[None, :], mask=mask, other=0.0)
-    return total.to(out_dtype).to(tl.float32)
+def _sum_partials_kernel(
+    part_ptr, proj_ptr, batch, n_proj, n_blocks,
+    BLOCK_BLOCKS: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """proj[row, p-block] = sum over channel blocks of the partials, in one (blocks x BLOCK_P) tile, rounded to the
+    model's dtype as a GEMM's output is."""
+    row = tl.program_id(0)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    blocks = tl.arange(0, BLOCK_BLOCKS)
+    mask = (blocks[:, None] < n_blocks) & (offs_p[None, :] < n_proj)
+    part = tl.load(part_ptr + blocks[:, None] * batch * n_proj + row * n_proj + offs_p[None, :], mask=mask, other=0.0)
+    tl.store(proj_ptr + row * n_proj + offs_p, tl.sum(part, axis=0).to(proj_ptr.dtype.element_ty),
+             mask=offs_p < n_proj)
 
 
 @triton.jit
@@ -128,13 +136,13 @@ def _rms_norm_rows(v, weight_ptr, offs, mask, n, eps, out_dtype: tl.constexpr):
 
 @triton.jit
 def _dt_proj_kernel(
-    part_ptr, dt_proj_ptr, dt_norm_ptr, B_norm_ptr, C_norm_ptr, delta_ptr, B_ptr, C_ptr,
-    batch, dim, dt_rank, d_state, n_blocks, eps,
+    proj_ptr, dt_proj_ptr, dt_norm_ptr, B_norm_ptr, C_norm_ptr, delta_ptr, B_ptr, C_ptr,
+    batch, dim, dt_rank, d_state, eps,
     stride_dt_proj_d, stride_dt_proj_r,
     HAS_NORMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """dt, B, C = the summed partials (normed); delta[rows, channels] = dt @ dt_proj[channels].T; B, C stored by the
+    """dt, B, C = split(x_proj(u)), normed; delta[rows, channels] = dt @ dt_proj[channels].T; B, C stored by the
     programs of the first channel block."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -145,11 +153,10 @@ def _dt_proj_kernel(
     out_dtype = delta_ptr.dtype.element_ty
     n_proj = dt_rank + 2 * d_state
 
-    part_rows = part_ptr + rows[:, None] * n_proj
-    block_stride = batch * n_proj
-    dt = _sum_partials(part_rows, offs_r, mask_br, n_blocks, block_stride, out_dtype)
-    B = _sum_partials(part_rows, dt_rank + offs_n, mask_bn, n_blocks, block_stride, out_dtype)
-    C = _sum_partials(part_rows, dt_rank + d_state + offs_n, mask_bn, n_blocks, block_stride, out_dtype)
+    proj_rows = proj_ptr + rows[:, None] * n_proj
+    dt = tl.load(proj_rows + offs_r[None, :], mask=mask_br, other=0.0).to(tl.float32)
+    B = tl.load(proj_rows + dt_rank + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
+    C = tl.load(proj_rows + dt_rank + d_state + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
     if HAS_NORMS:
         dt = _rms_norm_rows(dt, dt_norm_ptr, offs_r, mask_r, dt_rank, eps, out_dtype)
         B = _rms_norm_rows(B, B_norm_ptr, offs_n, mask_n, d_state, eps, out_dtype)
@@ -169,9 +176,9 @@ def _dt_proj_kernel(
 
 
 def launch_parameters(batch: int) -> tuple[int, int]:
-    """Channels per program of the two kernels. Small batches: narrow blocks, so reading x_proj and dt_proj is
-    spread over many programs. Large batches: wide blocks, so fewer partial sums are written and re-read."""
-    return (64, 128) if batch <= BLOCK_ROWS else (256, 256)
+    """Channels per program of the conv/x_proj kernel and of the dt_proj kernel. The conv's (16 rows, channels,
+    width) window tile must stay in registers; narrow dt_proj blocks spread its weight over more programs."""
+    return 64, 128
 
 
 # A custom op, so that the compiled decode step (`torch.compile(..., fullgraph=True)`) keeps both launches whole.
@@ -205,12 +212,15 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
         BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_in, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
         BLOCK_P=block_p, P_BLOCKS=triton.cdiv(n_proj, block_p), DOT_FP32=dot_fp32,
     )
+    proj = torch.empty(batch, n_proj, device=x.device, dtype=x.dtype)
+    _sum_partials_kernel[(batch, triton.cdiv(n_proj, block_p))](
+        part, proj, batch, n_proj, n_blocks, BLOCK_BLOCKS=triton.next_power_of_2(n_blocks), BLOCK_P=block_p)
     delta = torch.empty_like(x)
     B = torch.empty(batch, d_state, device=x.device, dtype=x.dtype)
     C = torch.empty_like(B)
     _dt_proj_kernel[(triton.cdiv(batch, BLOCK_ROWS), triton.cdiv(dim, block_d_out))](
-        part, dt_proj_weight, dt_norm_weight, B_norm_weight, C_norm_weight, delta, B, C,
-        batch, dim, dt_rank, d_state, n_blocks, eps,
+        proj, dt_proj_weight, dt_norm_weight, B_norm_weight, C_norm_weight, delta, B, C,
+        batch, dim, dt_rank, d_state, eps,
         *dt_proj_weight.stride(),
         HAS_NORMS=dt_norm_weight is not None, BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_out,
         BLOCK_R=max(16, triton.next_power_of_2(dt_rank)), BLOCK_N=triton.next_power_of_2(d_state),
