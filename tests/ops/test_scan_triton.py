@@ -170,6 +170,20 @@ def test_state_update_matches_reference(d_inner, d_state, dtype, z, bias, softpl
     assert rel_err(y, y_scan[..., -1]) < tol
 
 
+def test_state_update_from_A_log():
+    """Given A_log (`A_is_log`), the kernel and the reference take A = -exp(A_log) themselves: same step as with A."""
+    inputs = make_inputs(3, 37, 16, 1, torch.float32)
+    A_log = torch.log(-inputs["A"])
+    step = [inputs[k][..., 0] for k in ("u", "delta")]
+    rest = (inputs["B"][..., 0], inputs["C"][..., 0], inputs["D"], inputs["z"][..., 0], inputs["delta_bias"])
+    states = [inputs["initial_state"].clone() for _ in range(3)]
+    y_ref = selective_state_update_ref(states[0], *step, inputs["A"], *rest)
+    y_ref_log = selective_state_update_ref(states[1], *step, A_log, *rest, A_is_log=True)
+    y = selective_state_update_triton(states[2], *step, A_log, *rest, A_is_log=True)
+    assert rel_err(y_ref_log, y_ref) < 1e-6 and rel_err(y, y_ref) < 1e-5
+    assert rel_err(states[2], states[0]) < 1e-5
+
+
 @gpu_only
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])

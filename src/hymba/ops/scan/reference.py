@@ -47,8 +47,12 @@ def selective_scan_ref(u, delta, A, B, C, D, z=None, delta_bias=None, delta_soft
     return finish_output(y, u, D, z, u.dtype), h
 
 
-def selective_state_update_ref(state, u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
-    """One step of the recurrence. state (b, d, n) float32 is updated in place; u, delta, z (b, d); B, C (b, n)."""
+def selective_state_update_ref(state, u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True,
+                               A_is_log=False):
+    """One step of the recurrence. state (b, d, n) float32 is updated in place; u, delta, z (b, d); B, C (b, n).
+    With `A_is_log`, `A` holds A_log (A = -exp(A_log))."""
+    if A_is_log:
+        A = -torch.exp(A.float())
     _, dA, dBu = discretize(delta.unsqueeze(-1), A, B.unsqueeze(-1), u.unsqueeze(-1), delta_bias, delta_softplus)
     state.mul_(dA[:, :, 0]).add_(dBu[:, :, 0])
     y = torch.einsum("bdn,bn->bd", state, C.float())

@@ -443,10 +443,10 @@ def _state_update_kernel(
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d,
     stride_A_d, stride_A_n, stride_B_b, stride_B_n, stride_C_b, stride_C_n, stride_z_b, stride_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One decode step for (batch pid_b, channel block pid_d): h = exp(dt*A) h + dt B u in place,
-    y = (C.h + D u) * silu(z)."""
+    y = (C.h + D u) * silu(z). With A_IS_LOG the A pointer holds A_log and A = -exp(A_log)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -459,6 +459,9 @@ def _state_update_kernel(
                   + offs_n[None, :] * stride_state_n)
     h = tl.load(state_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    A = A.to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
     x = tl.load(delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -470,7 +473,7 @@ def _state_update_kernel(
     Bt = tl.load(B_ptr + pid_b * stride_B_b + offs_n * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + pid_b * stride_C_b + offs_n * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
 
-    h = tl.exp(dt[:, None] * A.to(tl.float32)) * h + (dt * u)[:, None] * Bt[None, :]
+    h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
     # Round the state to its storage dtype before reading it out, as the in-place reference does.
     h = h.to(state_ptr.dtype.element_ty).to(tl.float32)
     y = tl.sum(h * Ct[None, :], axis=1)
@@ -491,9 +494,11 @@ def _state_update_kernel(
 def selective_state_update_triton(state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
                                   B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
                                   z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
-                                  delta_softplus: bool = True, block_d: int | None = None) -> torch.Tensor:
+                                  delta_softplus: bool = True, block_d: int | None = None,
+                                  A_is_log: bool = False) -> torch.Tensor:
     """One decode step, fused: `state` (batch, d_inner, d_state) is updated in place; u, delta, z (batch, d_inner);
-    B, C (batch, d_state). Returns y (batch, d_inner) in u's dtype, as `selective_state_update_ref`."""
+    B, C (batch, d_state). Returns y (batch, d_inner) in u's dtype, as `selective_state_update_ref`.
+    With `A_is_log`, `A` holds A_log and the kernel takes -exp of it."""
     batch, d_inner = u.shape
     d_state = A.shape[1]
     block_d = _block_d(d_inner, block_d)
@@ -504,11 +509,11 @@ def selective_state_update_triton(state: torch.Tensor, u: torch.Tensor, delta: t
         d_inner, d_state,
         *state.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state),
+        A_IS_LOG=A_is_log, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state),
     )
     return y
 
 
 @selective_state_update_triton.register_fake
-def _(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, block_d=None):
+def _(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, block_d=None, A_is_log=False):
     return u.new_empty(u.shape)
