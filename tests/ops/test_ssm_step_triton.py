@@ -91,20 +91,24 @@ def test_default_launch_parameters():
 
 
 @gpu_only
-@pytest.mark.parametrize("batch", [1, 128])
+@pytest.mark.parametrize("batch", [1, 32, 128])
 def test_fused_step_inputs_at_hymba_size_compiled(batch):
-    """Hymba-1.5B's sizes in bf16, eager and inside `torch.compile(fullgraph=True)` (as the decode step runs)."""
+    """Hymba-1.5B's sizes in bf16: the kernels against the reference, and the dispatcher inside
+    `torch.compile(fullgraph=True)` (as the decode step runs it): the kernels' exact results up to
+    FUSED_STEP_MAX_BATCH, the reference's (compiled) beyond."""
     inputs = make_inputs(batch, 3200, 100, 16, 4, torch.bfloat16)
     fused, ref = run_both(inputs)
     for name, a, b in zip(("u", "delta", "B", "C", "conv_state"), fused, ref):
         assert rel_err(a, b) < TOL[torch.bfloat16], (name, rel_err(a, b))
 
-    from hymba.ops.scan import ssm_step_inputs
+    from hymba.ops.scan import FUSED_STEP_MAX_BATCH, ssm_step_inputs
 
     state = inputs["conv_state"].clone()
     step = torch.compile(ssm_step_inputs, fullgraph=True)
     with torch.inference_mode():
-        compiled = step(state, *(v for k, v in inputs.items() if k != "conv_state"))
-    for name, a, b in zip(("u", "delta", "B", "C"), compiled, fused):
-        assert torch.equal(a, b), name
-    assert torch.equal(state, fused[4])
+        compiled = (*step(state, *(v for k, v in inputs.items() if k != "conv_state")), state)
+    for name, a, b, c in zip(("u", "delta", "B", "C", "conv_state"), compiled, fused, ref):
+        if batch <= FUSED_STEP_MAX_BATCH:
+            assert torch.equal(a, b), name
+        else:
+            assert rel_err(a, c) < TOL[torch.bfloat16], (name, rel_err(a, c))
