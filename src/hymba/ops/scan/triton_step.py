@@ -175,13 +175,13 @@ def _dt_proj_kernel(
              mask=mask_b[:, None] & mask_d[None, :])
 
 
-def launch_parameters(batch: int) -> tuple[int, int]:
-    """Channels per program of the conv/x_proj kernel and of the dt_proj kernel. The conv's (16 rows, channels,
-    width) window tile must stay in registers; narrow dt_proj blocks spread its weight over more programs."""
-    return 64, 128
+# Channels per program. The conv's (16 rows, channels, width) window tile must stay in registers; narrow dt_proj
+# blocks spread its weight over more programs (bench_ssm_step.py --sweep on an H100).
+BLOCK_D_CONV = 64
+BLOCK_D_DT_PROJ = 128
 
 
-# A custom op, so that the compiled decode step (`torch.compile(..., fullgraph=True)`) keeps both launches whole.
+# A custom op, so that the compiled decode step (`torch.compile(..., fullgraph=True)`) keeps the launches whole.
 @torch.library.custom_op("hymba::ssm_step_inputs", mutates_args=("conv_state",))
 def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor,
                            conv_bias: torch.Tensor | None, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
@@ -190,15 +190,14 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
                            keep: torch.Tensor | None = None, block_d_in: int = 0, block_d_out: int = 0,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """As `ssm_step_inputs_ref` (norm weights all given or all None). x (batch, d_inner); conv_state
-    (batch, d_inner, width-1) shifted in place. Returns (u, delta, B, C) in x's dtype. Zero block sizes are chosen
-    by `launch_parameters`."""
+    (batch, d_inner, width-1) shifted in place. Returns (u, delta, B, C) in x's dtype. Zero block sizes mean
+    BLOCK_D_CONV and BLOCK_D_DT_PROJ."""
     batch, dim = x.shape
     width = conv_weight.shape[1]
     dt_rank = dt_proj_weight.shape[1]
     n_proj = x_proj_weight.shape[0]
     d_state = (n_proj - dt_rank) // 2
-    chosen = launch_parameters(batch)
-    block_d_in, block_d_out = block_d_in or chosen[0], block_d_out or chosen[1]
+    block_d_in, block_d_out = block_d_in or BLOCK_D_CONV, block_d_out or BLOCK_D_DT_PROJ
     block_p = 32
     dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     n_blocks = triton.cdiv(dim, block_d_in)
