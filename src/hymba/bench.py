@@ -335,7 +335,7 @@ def engine_prefill_any_chunk(model, context: int, batch: int, chunks: tuple, dev
 
 
 def engine_decode(model, context: int, batch: int, steps: int, warmup: int, fill: str, device: torch.device,
-                  cuda_graph: bool = True, compile: bool = False, autotune_gemms: bool = False) -> dict[str, Any]:
+                  cuda_graph: bool = True, compile: bool = False) -> dict[str, Any]:
     """Time `steps` decode steps whose last one fills a cache sized for exactly `context` tokens."""
     import torch
 
@@ -353,7 +353,7 @@ def engine_decode(model, context: int, batch: int, steps: int, warmup: int, fill
         prefill(model, cache, ids, None, min(start, 512))  # small chunks: the fill is untimed, memory matters
         del ids
     if device.type == "cuda" and cuda_graph:
-        step = CudaGraphDecoder(model, cache, batch, compile=compile, autotune_gemms=autotune_gemms)
+        step = CudaGraphDecoder(model, cache, batch, compile=compile)
     else:
         step = lambda tokens: decode_step(model, cache, tokens)  # noqa: E731
     tokens = torch.randint(0, config.vocab_size, (batch,), device=device)
@@ -522,7 +522,6 @@ class BenchOptions:
     prefill: bool = True
     cuda_graph: bool = True
     compile: bool = False
-    autotune_gemms: bool = False
     seed: int = 0
 
 
@@ -648,7 +647,7 @@ class Bench:
                                                o.device)
         else:
             fn = lambda b: engine_decode(model, context, b, o.steps, o.warmup_steps, o.fill, o.device,  # noqa: E731
-                                         o.cuda_graph, o.compile, o.autotune_gemms)
+                                         o.cuda_graph, o.compile)
         ran, result = self._measure(spec, context, batch, "decode", fn)
         if ran is not None:
             step_s = result["seconds"] / o.steps
@@ -834,7 +833,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                         warmup_steps=args.warmup_steps, device=device,
                         dtype=resolve_dtype(args.dtype or defaults["dtype"]), fill=args.fill, prefill_chunks=chunks,
                         prefill=not args.no_prefill, cuda_graph=not args.no_cuda_graph,
-                        compile=args.compile or args.autotune, autotune_gemms=args.autotune, seed=args.seed)
+                        compile=args.compile, seed=args.seed)
 
 
 def bench_report(rows: list[Row], bench: Bench) -> dict[str, Any]:
@@ -852,7 +851,6 @@ def bench_report(rows: list[Row], bench: Bench) -> dict[str, Any]:
         device=device_name(o.device), device_type=o.device.type, torch_version=torch.__version__,
         transformers_version=transformers_version, dtype=str(o.dtype).removeprefix("torch."), fill=o.fill,
         steps=o.steps, warmup_steps=o.warmup_steps, cuda_graph=o.cuda_graph and o.device.type == "cuda",
-        compile=o.compile, autotune_gemms=o.autotune_gemms,
         bandwidth_gb_s=bench.bandwidth_gb_s, notes=bench.notes, rows=[asdict(r) for r in rows],
         ratios=compute_ratios(rows),
     )
@@ -913,9 +911,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA too (for comparison)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before capturing it (fuses small kernels; slow to start)")
-    parser.add_argument("--autotune", action="store_true",
-                        help="--compile, and let inductor time Triton GEMM tiles against cuBLAS for each weight "
-                             "shape (faster few-row GEMMs; minutes more compiling per batch size)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--json", metavar="PATH", help="write rows, ratios, device and versions as JSON")
     parser.set_defaults(func=run_bench)

@@ -135,17 +135,10 @@ class CudaGraphDecoder:
     ring entries still inside the window.) Recording the graph runs nothing.
     """
 
-    def __init__(self, model, cache: HymbaCache, batch: int, compile: bool = False, autotune_gemms: bool = False):
+    def __init__(self, model, cache: HymbaCache, batch: int, compile: bool = False):
         self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
-        step = decode_step
-        if compile or autotune_gemms:
-            # torch.compile fuses the step's many small elementwise kernels (norms, RoPE, masks) before capture.
-            # With `autotune_gemms` inductor also times its Triton GEMM templates against cuBLAS for every weight
-            # shape and keeps the fastest: cuBLAS's tiles leave most SMs idle for a few-row product with a narrow
-            # output. That costs minutes of compiling per batch size.
-            options = {"max_autotune_gemm": True} if autotune_gemms else None
-            step = torch.compile(decode_step, dynamic=False, fullgraph=True, options=options)
-            compile = True
+        # torch.compile fuses the step's many small elementwise kernels (norms, RoPE, masks) before capture.
+        step = torch.compile(decode_step, dynamic=False, fullgraph=True) if compile else decode_step
         saved = [t.clone() for t in cache.step_state()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
