@@ -53,9 +53,9 @@ def main() -> None:
     args = parser.parse_args()
     reference = torch.compile(ssm_step_inputs_ref, fullgraph=True, dynamic=False)
 
-    def fused(state, x, conv_w, conv_b, x_proj, dt_proj, norms, block_d_in=0, block_d_out=0):
+    def fused(state, x, conv_w, conv_b, x_proj, dt_proj, norms, block_d_in=0, block_d_out=0, separate_conv=None):
         return ssm_step_inputs_triton(state, x, conv_w, conv_b, x_proj, dt_proj, *norms, 1e-5, None, block_d_in,
-                                      block_d_out)
+                                      block_d_out, separate_conv)
 
     print(f"{'batch':>5} {'compiled ref us':>15} {'fused us':>9} {'speedup':>7}")
     with torch.inference_mode():
@@ -64,6 +64,9 @@ def main() -> None:
             t_ref = graph_time_us(lambda *a: reference(*a, 1e-5), sets)
             t_fused = graph_time_us(fused, sets)
             print(f"{batch:5d} {t_ref:15.1f} {t_fused:9.1f} {t_ref / t_fused:7.2f}", flush=True)
+            for separate in (False, True):
+                t = graph_time_us(lambda *a, sep=separate: fused(*a, separate_conv=sep), sets)
+                print(f"    separate conv kernel {separate!s:5}: {t:7.1f} us", flush=True)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 fused(*sets[0])
                 torch.cuda.synchronize()

@@ -7,8 +7,10 @@ v (b, hkv, S, dv), query head h reading KV head h // (hq // hkv), softmax at sca
 One program per (row, KV head) is far too few to keep a GPU busy on long caches, so the keys are split too:
 each program streams one key range in BLOCK_N chunks with a float32 online softmax for all G query heads of its
 KV head at once (each K and V byte is read once) and writes a partial (max, sum, output); a second kernel merges
-the splits. The split count depends on shapes only, so a call never syncs with the host and can be captured in a
-CUDA graph. The function is a torch custom op, so a compiled decode step calls it as one opaque op.
+the splits. Where one split covers all keys (many rows: batch x KV heads programs are enough already), the first
+kernel writes the output itself. The split count depends on shapes only, so a call never syncs with the host and
+can be captured in a CUDA graph. The function is a torch custom op, so a compiled decode step calls it as one
+opaque op.
 
 Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the
 kernels also take CPU tensors, which is how the tests exercise them without a GPU.
@@ -36,7 +38,7 @@ EMPTY_MAX: tl.constexpr = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
     hkv, seq_len, blocks_per_split, qk_scale,
     stride_q_b, stride_q_h, stride_q_d,
     stride_k_b, stride_k_h, stride_k_n, stride_k_d,
@@ -44,7 +46,7 @@ def _decode_split_kernel(
     stride_valid_b, stride_valid_n,
     GROUP: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
     """One program: row b, KV head h, key split `split`. Scores are in log2 units (qk_scale folds in log2(e)).
 
@@ -94,9 +96,15 @@ def _decode_split_kernel(
         m_i = m_new
 
     part = (pid_bh * tl.num_programs(1) + split) * GROUP + offs_g
-    tl.store(m_ptr + part, m_i, mask=mask_g)
-    tl.store(l_ptr + part, l_i, mask=mask_g)
-    tl.store(acc_ptr + part[:, None] * DV + offs_dv[None, :], acc, mask=mask_g[:, None] & mask_dv[None, :])
+    if SINGLE_SPLIT:
+        # The whole key range was this program's: normalise and write the output (as the merge would), so no merge
+        # kernel runs. out (b, hq, 1, dv) is contiguous and part is then its query-head row. No valid key: zeros.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + part[:, None] * DV + offs_dv[None, :], out, mask=mask_g[:, None] & mask_dv[None, :])
+    else:
+        tl.store(m_ptr + part, m_i, mask=mask_g)
+        tl.store(l_ptr + part, l_i, mask=mask_g)
+        tl.store(acc_ptr + part[:, None] * DV + offs_dv[None, :], acc, mask=mask_g[:, None] & mask_dv[None, :])
 
 
 @triton.jit
@@ -159,27 +167,32 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     blocks_per_split = triton.cdiv(num_blocks, min(wanted, num_blocks))
     num_splits = triton.cdiv(num_blocks, blocks_per_split)
 
-    part_max = torch.empty(b * hkv, num_splits, group, device=q.device, dtype=torch.float32)
-    part_sum = torch.empty_like(part_max)
-    part_out = torch.empty(b * hkv, num_splits, group, dv, device=q.device, dtype=torch.float32)
     out = torch.empty(b, hq, 1, dv, device=q.device, dtype=q.dtype)
+    single = num_splits == 1
+    if single:
+        part_max = part_sum = part_out = out  # not written
+    else:
+        part_max = torch.empty(b * hkv, num_splits, group, device=q.device, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+        part_out = torch.empty(b * hkv, num_splits, group, dv, device=q.device, dtype=torch.float32)
     block_g = max(MIN_DOT, triton.next_power_of_2(group))
     block_dv = max(MIN_DOT, triton.next_power_of_2(dv))
     # The mask goes in as bytes, the way PyTorch stores bool (a view: same storage and strides); AOTInductor has
     # compiled *i1 arguments as packed bits (pytorch/pytorch#176353).
     _decode_split_kernel[(b * hkv, num_splits)](
-        q, k, v, valid.view(torch.uint8), part_max, part_sum, part_out,
+        q, k, v, valid.view(torch.uint8), part_max, part_sum, part_out, out,
         hkv, seq_len, blocks_per_split, math.log2(math.e) / math.sqrt(dqk),
         q.stride(0), q.stride(1), q.stride(3),
         *k.stride(), *v.stride(),
         valid.stride(0), valid.stride(3),
         GROUP=group, DQK=dqk, DV=dv,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_DQK=max(MIN_DOT, triton.next_power_of_2(dqk)), BLOCK_DV=block_dv,
-        DOT_FP32=INTERPRETED,
+        DOT_FP32=INTERPRETED, SINGLE_SPLIT=single,
     )
-    _decode_combine_kernel[(b * hq,)](part_max, part_sum, part_out, out, num_splits,
-                                      GROUP=group, DV=dv, BLOCK_S=min(32, triton.next_power_of_2(num_splits)),
-                                      BLOCK_DV=block_dv)
+    if not single:
+        _decode_combine_kernel[(b * hq,)](part_max, part_sum, part_out, out, num_splits,
+                                          GROUP=group, DV=dv, BLOCK_S=min(32, triton.next_power_of_2(num_splits)),
+                                          BLOCK_DV=block_dv)
     return out
 
 

@@ -33,11 +33,6 @@ __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_cpu", "se
            "selective_state_update", "selective_state_update_ref", "ssm_projections", "ssm_step_inputs",
            "ssm_step_inputs_ref"]
 
-# Up to this batch the fused decode-step kernels beat inductor's kernels and cuBLAS's small GEMMs for the same steps
-# (H100, Hymba-1.5B, benchmarks/bench_ssm_step.py: 10.0 vs 15.1 us at batch 1, 15.6 vs 21.1 at 32); at 128 they tie
-# in isolation (30.7 vs 31.8 us) and the decode step ran 1.8% slower with them (13,720 vs 13,966 tok/s at 8K).
-FUSED_STEP_MAX_BATCH = 32
-
 # Below this length the sequential loop is cheaper than building the parallel scan's intermediates.
 SEQUENTIAL_MAX_LEN = 8
 
@@ -70,7 +65,7 @@ def selective_state_update(state, u, delta, A, B, C, D, z=None, delta_bias=None,
 def ssm_step_inputs(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, norm_weights=None,
                     eps=1e-6, keep=None):
     """One decode step up to the state update: returns (u, delta, B, C); see `ssm_step_inputs_ref`."""
-    if gpu_kernels_usable(x) and not torch.is_grad_enabled() and x.shape[0] <= FUSED_STEP_MAX_BATCH:
+    if gpu_kernels_usable(x) and not torch.is_grad_enabled():
         from hymba.ops.scan.triton_step import ssm_step_inputs_triton
 
         return ssm_step_inputs_triton(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,

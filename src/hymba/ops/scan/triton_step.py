@@ -36,6 +36,12 @@ import triton.language as tl
 __all__ = ["ssm_step_inputs_triton"]
 
 BLOCK_ROWS = 16  # the smallest M of tl.dot; rows beyond the batch are masked
+# From this batch on the conv update runs as its own kernel (`hymba.ops.conv.triton`) and the first kernel only
+# reads u for its x_proj partials. Done inside it, over a (16 rows, channels, width) window tile, the conv was the
+# slow part at many rows: on an H100 at batch 128 the first kernel took 22.7 us, and the 8K decode step ran 13,940
+# tok/s with the reference's ops in place of this op and 14,507 with this op and the separate conv. 64 lies between
+# the batches measured (32 and 128) and was not itself measured.
+SEPARATE_CONV_MIN_BATCH = 64
 
 
 @triton.jit
@@ -48,10 +54,11 @@ def _conv_x_proj_kernel(
     stride_x_proj_p, stride_x_proj_d,
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
-    P_BLOCKS: tl.constexpr, DOT_FP32: tl.constexpr,
+    P_BLOCKS: tl.constexpr, DOT_FP32: tl.constexpr, CONV: tl.constexpr,
 ):
     """u = silu(conv_w . [state, x] + conv_b) for (BLOCK_B rows, BLOCK_D channels), state <- [state, x][1:];
-    part[pid_d, rows, :] = u @ x_proj[:, channels].T in float32."""
+    part[pid_d, rows, :] = u @ x_proj[:, channels].T in float32. Without CONV, u is read from u_ptr instead
+    (computed by the conv update kernel)."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -59,36 +66,39 @@ def _conv_x_proj_kernel(
     offs_w = tl.arange(0, BLOCK_W)
     mask_b, mask_d = rows < batch, chans < dim
     mask_bd = mask_b[:, None] & mask_d[None, :]
-    state_dtype = state_ptr.dtype.element_ty
+    if CONV:
+        state_dtype = state_ptr.dtype.element_ty
 
-    x = tl.load(x_ptr + rows[:, None] * stride_x_b + chans[None, :] * stride_x_d, mask=mask_bd, other=0.0)
-    if HAS_KEEP:
-        keep = tl.load(keep_ptr + rows, mask=mask_b, other=0.0)
-        x = x * keep[:, None]
-    x = x.to(state_dtype)
-    w_last = tl.load(conv_w_ptr + chans * stride_conv_w_d + (WIDTH - 1) * stride_conv_w_k, mask=mask_d, other=0.0)
-    acc = w_last.to(state_dtype).to(tl.float32)[None, :] * x.to(tl.float32)
-    if WIDTH > 1:
-        state_ptrs = state_ptr + rows[:, None, None] * stride_state_b + chans[None, :, None] * stride_state_d
-        in_state = offs_w < WIDTH - 1
-        mask = mask_bd[:, :, None] & in_state[None, None, :]
-        window = tl.load(state_ptrs + offs_w[None, None, :] * stride_state_k, mask=mask, other=0.0)
-        w = tl.load(conv_w_ptr + chans[:, None] * stride_conv_w_d + offs_w[None, :] * stride_conv_w_k,
-                    mask=mask_d[:, None] & in_state[None, :], other=0.0)
-        acc += tl.sum(w.to(state_dtype).to(tl.float32)[None, :, :] * window.to(tl.float32), axis=2)
-        # The shifted state is read now: after the barrier the stores may overwrite what other threads read.
-        from_state = offs_w + 1 < WIDTH - 1
-        shifted = tl.load(state_ptrs + (offs_w[None, None, :] + 1) * stride_state_k,
-                          mask=mask_bd[:, :, None] & from_state[None, None, :], other=0.0)
-        shifted = tl.where(from_state[None, None, :], shifted, x[:, :, None])
-        tl.debug_barrier()
-        tl.store(state_ptrs + offs_w[None, None, :] * stride_state_k, shifted, mask=mask)
-    if HAS_BIAS:
-        acc += tl.load(conv_b_ptr + chans, mask=mask_d, other=0.0).to(state_dtype).to(tl.float32)[None, :]
-    u = (acc / (1.0 + tl.exp(-acc))).to(u_ptr.dtype.element_ty)  # SiLU; 0 wherever masked
-    if HAS_KEEP:
-        u = u * keep[:, None]
-    tl.store(u_ptr + rows[:, None] * dim + chans[None, :], u, mask=mask_bd)
+        x = tl.load(x_ptr + rows[:, None] * stride_x_b + chans[None, :] * stride_x_d, mask=mask_bd, other=0.0)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + rows, mask=mask_b, other=0.0)
+            x = x * keep[:, None]
+        x = x.to(state_dtype)
+        w_last = tl.load(conv_w_ptr + chans * stride_conv_w_d + (WIDTH - 1) * stride_conv_w_k, mask=mask_d, other=0.0)
+        acc = w_last.to(state_dtype).to(tl.float32)[None, :] * x.to(tl.float32)
+        if WIDTH > 1:
+            state_ptrs = state_ptr + rows[:, None, None] * stride_state_b + chans[None, :, None] * stride_state_d
+            in_state = offs_w < WIDTH - 1
+            mask = mask_bd[:, :, None] & in_state[None, None, :]
+            window = tl.load(state_ptrs + offs_w[None, None, :] * stride_state_k, mask=mask, other=0.0)
+            w = tl.load(conv_w_ptr + chans[:, None] * stride_conv_w_d + offs_w[None, :] * stride_conv_w_k,
+                        mask=mask_d[:, None] & in_state[None, :], other=0.0)
+            acc += tl.sum(w.to(state_dtype).to(tl.float32)[None, :, :] * window.to(tl.float32), axis=2)
+            # The shifted state is read now: after the barrier the stores may overwrite what other threads read.
+            from_state = offs_w + 1 < WIDTH - 1
+            shifted = tl.load(state_ptrs + (offs_w[None, None, :] + 1) * stride_state_k,
+                              mask=mask_bd[:, :, None] & from_state[None, None, :], other=0.0)
+            shifted = tl.where(from_state[None, None, :], shifted, x[:, :, None])
+            tl.debug_barrier()
+            tl.store(state_ptrs + offs_w[None, None, :] * stride_state_k, shifted, mask=mask)
+        if HAS_BIAS:
+            acc += tl.load(conv_b_ptr + chans, mask=mask_d, other=0.0).to(state_dtype).to(tl.float32)[None, :]
+        u = (acc / (1.0 + tl.exp(-acc))).to(u_ptr.dtype.element_ty)  # SiLU; 0 wherever masked
+        if HAS_KEEP:
+            u = u * keep[:, None]
+        tl.store(u_ptr + rows[:, None] * dim + chans[None, :], u, mask=mask_bd)
+    else:
+        u = tl.load(u_ptr + rows[:, None] * dim + chans[None, :], mask=mask_bd, other=0.0)
 
     part_rows = part_ptr + pid_d * batch * n_proj + rows[:, None] * n_proj
     for p_block in tl.static_range(P_BLOCKS):
@@ -188,10 +198,12 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
                            dt_norm_weight: torch.Tensor | None = None, B_norm_weight: torch.Tensor | None = None,
                            C_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                            keep: torch.Tensor | None = None, block_d_in: int = 0, block_d_out: int = 0,
+                           separate_conv: bool | None = None,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """As `ssm_step_inputs_ref` (norm weights all given or all None). x (batch, d_inner); conv_state
     (batch, d_inner, width-1) shifted in place. Returns (u, delta, B, C) in x's dtype. Zero block sizes mean
-    BLOCK_D_CONV and BLOCK_D_DT_PROJ."""
+    BLOCK_D_CONV and BLOCK_D_DT_PROJ; `separate_conv` (default: from SEPARATE_CONV_MIN_BATCH rows) runs the conv
+    update as its own kernel (`hymba.ops.conv.triton`) before x_proj's."""
     batch, dim = x.shape
     width = conv_weight.shape[1]
     dt_rank = dt_proj_weight.shape[1]
@@ -201,7 +213,16 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
     block_p = 32
     dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     n_blocks = triton.cdiv(dim, block_d_in)
-    u = torch.empty_like(x)
+    if separate_conv is None:
+        separate_conv = batch >= SEPARATE_CONV_MIN_BATCH
+    if separate_conv:
+        from hymba.ops.conv.triton import causal_conv1d_update_triton
+
+        u = causal_conv1d_update_triton(conv_state, x if keep is None else x * keep[:, None], conv_weight, conv_bias)
+        if keep is not None:
+            u = u * keep[:, None]
+    else:
+        u = torch.empty_like(x)
     part = torch.empty(n_blocks, batch, n_proj, device=x.device, dtype=torch.float32)
     _conv_x_proj_kernel[(triton.cdiv(batch, BLOCK_ROWS), n_blocks)](
         conv_state, x, keep, conv_weight, conv_bias, x_proj_weight, u, part,
@@ -209,7 +230,7 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
         *conv_state.stride(), *x.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
         HAS_BIAS=conv_bias is not None, HAS_KEEP=keep is not None, WIDTH=width,
         BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_in, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
-        BLOCK_P=block_p, P_BLOCKS=triton.cdiv(n_proj, block_p), DOT_FP32=dot_fp32,
+        BLOCK_P=block_p, P_BLOCKS=triton.cdiv(n_proj, block_p), DOT_FP32=dot_fp32, CONV=not separate_conv,
     )
     proj = torch.empty(batch, n_proj, device=x.device, dtype=x.dtype)
     _sum_partials_kernel[(batch, triton.cdiv(n_proj, block_p))](
@@ -230,7 +251,7 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
 
 @ssm_step_inputs_triton.register_fake
 def _(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_norm_weight=None, B_norm_weight=None,
-      C_norm_weight=None, eps=1e-6, keep=None, block_d_in=0, block_d_out=0):
+      C_norm_weight=None, eps=1e-6, keep=None, block_d_in=0, block_d_out=0, separate_conv=None):
     d_state = (x_proj_weight.shape[0] - dt_proj_weight.shape[1]) // 2
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[0], d_state), \
         x.new_empty(x.shape[0], d_state)
