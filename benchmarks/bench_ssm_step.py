@@ -1,5 +1,5 @@
 """One decode step's SSM inputs at Hymba-1.5B sizes (conv update, x_proj, dt/B/C norms, dt_proj): the fused
-two-kernel op against the same steps as PyTorch ops compiled by inductor, as the decode step ran them before.
+four-kernel op against the same steps as PyTorch ops compiled by inductor, as the decode step ran them before.
 
     python benchmarks/bench_ssm_step.py            # default launch parameters, against the compiled reference
     python benchmarks/bench_ssm_step.py --sweep    # the fused op over its two channel-block sizes
@@ -53,9 +53,9 @@ def main() -> None:
     args = parser.parse_args()
     reference = torch.compile(ssm_step_inputs_ref, fullgraph=True, dynamic=False)
 
-    def fused(state, x, conv_w, conv_b, x_proj, dt_proj, norms, block_d_in=0, block_d_out=0, separate_conv=None):
+    def fused(state, x, conv_w, conv_b, x_proj, dt_proj, norms, block_d_in=0, block_d_out=0):
         return ssm_step_inputs_triton(state, x, conv_w, conv_b, x_proj, dt_proj, *norms, 1e-5, None, block_d_in,
-                                      block_d_out, separate_conv)
+                                      block_d_out)
 
     print(f"{'batch':>5} {'compiled ref us':>15} {'fused us':>9} {'speedup':>7}")
     with torch.inference_mode():
@@ -64,9 +64,6 @@ def main() -> None:
             t_ref = graph_time_us(lambda *a: reference(*a, 1e-5), sets)
             t_fused = graph_time_us(fused, sets)
             print(f"{batch:5d} {t_ref:15.1f} {t_fused:9.1f} {t_ref / t_fused:7.2f}", flush=True)
-            for separate in (False, True):
-                t = graph_time_us(lambda *a, sep=separate: fused(*a, separate_conv=sep), sets)
-                print(f"    separate conv kernel {separate!s:5}: {t:7.1f} us", flush=True)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 fused(*sets[0])
                 torch.cuda.synchronize()

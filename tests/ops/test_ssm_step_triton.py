@@ -81,19 +81,9 @@ def test_fused_step_inputs_options(norms, bias, keep):
         assert fused[0][2].abs().max() == 0  # row 2 (batch // 2) is padding: u = 0
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_separate_conv_kernel(keep):
-    """With the conv update as its own kernel (the large-batch form) the results are the reference's too."""
-    inputs = make_inputs(5, 40, 6, 8, 4, torch.float32, keep=keep)
-    fused, ref = run_both(inputs, block_d_in=16, block_d_out=16, separate_conv=True)
-    for name, a, b in zip(("u", "delta", "B", "C", "conv_state"), fused, ref):
-        assert rel_err(a, b) < TOL[torch.float32], (name, rel_err(a, b))
-
-
 def test_default_launch_parameters():
-    """The default block sizes give the reference's results at one row, across row blocks, and from
-    SEPARATE_CONV_MIN_BATCH rows, where the conv runs as its own kernel."""
-    for batch in (1, 40, 70):
+    """The default block sizes give the reference's results at one row and across row blocks."""
+    for batch in (1, 40):
         inputs = make_inputs(batch, 300, 10, 16, 4, torch.float32)
         fused, ref = run_both(inputs)
         for name, a, b in zip(("u", "delta", "B", "C", "conv_state"), fused, ref):
@@ -104,8 +94,7 @@ def test_default_launch_parameters():
 @pytest.mark.parametrize("batch", [1, 32, 128])
 def test_fused_step_inputs_at_hymba_size_compiled(batch):
     """Hymba-1.5B's sizes in bf16: the kernels against the reference, and the dispatcher inside
-    `torch.compile(fullgraph=True)` (as the decode step runs it) gives the kernels' exact results. Batch 128 runs
-    the conv as its own kernel."""
+    `torch.compile(fullgraph=True)` (as the decode step runs it) gives the kernels' exact results."""
     inputs = make_inputs(batch, 3200, 100, 16, 4, torch.bfloat16)
     fused, ref = run_both(inputs)
     for name, a, b in zip(("u", "delta", "B", "C", "conv_state"), fused, ref):

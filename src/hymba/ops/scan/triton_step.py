@@ -1,4 +1,4 @@
-"""The SSM heads' inputs for one decode step, in three small Triton kernels instead of about nine.
+"""The SSM heads' inputs for one decode step, in four small kernels instead of about nine.
 
 Per layer, a decode step computes before the state update (see `ssm_step_inputs_ref`, the reference):
 
@@ -10,16 +10,18 @@ Per layer, a decode step computes before the state update (see `ssm_step_inputs_
 Run as written, that is a conv kernel, two small GEMMs (about 5 us each on an H100 however small the batch, plus a
 split-K reduction at batch 128) and several elementwise kernels. Here:
 
-1. `_conv_x_proj_kernel`, one program per (16 rows, channel block): the conv update, then that block's share of
-   x_proj as a `tl.dot`, written as float32 partial sums per channel block. Splitting x_proj over channels gives it
-   as many programs as the conv has, instead of the few a (rows x 132) output tile gives a GEMM.
-2. `_sum_partials_kernel`, one program per (row, 32 outputs): sums the partials of all channel blocks as one tile,
+1. the conv update, `hymba.ops.conv.triton`'s one-step kernel. (Done inside kernel 2 over a (16 rows, channels,
+   width) window tile, it made that kernel take 22.7 us at batch 128 on an H100, against 5.6 us on its own.)
+2. `_x_proj_partials_kernel`, one program per (16 rows, channel block): that block's share of x_proj as a `tl.dot`,
+   written as float32 partial sums. Splitting x_proj over channels gives it many programs, instead of the few a
+   (rows x 132) output tile gives a GEMM.
+3. `_sum_partials_kernel`, one program per (row, 32 outputs): sums the partials of all channel blocks as one tile,
    in a fixed order (no atomics, so results do not change from run to run).
-3. `_dt_proj_kernel`, one program per (16 rows, channel block): the three RMSNorms, then its block of delta as a
+4. `_dt_proj_kernel`, one program per (16 rows, channel block): the three RMSNorms, then its block of delta as a
    `tl.dot` with dt_proj's weight.
 
-Rounding follows the reference wherever it rounds to the model's dtype (x_proj's output, the norms, delta); the conv
-accumulates in float32 as `hymba.ops.conv.triton` does. Inference only: no backward.
+Rounding follows the reference wherever it rounds to the model's dtype (x_proj's output, the norms, delta).
+Inference only: no backward.
 
 Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the kernels also
 take CPU tensors, which is how the tests exercise them without a GPU.
@@ -33,72 +35,27 @@ import torch
 import triton
 import triton.language as tl
 
+from hymba.ops.conv.triton import causal_conv1d_update_triton
+
 __all__ = ["ssm_step_inputs_triton"]
 
 BLOCK_ROWS = 16  # the smallest M of tl.dot; rows beyond the batch are masked
-# From this batch on the conv update runs as its own kernel (`hymba.ops.conv.triton`) and the first kernel only
-# reads u for its x_proj partials. Done inside it, over a (16 rows, channels, width) window tile, the conv was the
-# slow part at many rows: on an H100 at batch 128 the first kernel took 22.7 us, and the 8K decode step ran 13,940
-# tok/s with the reference's ops in place of this op and 14,507 with this op and the separate conv. 64 lies between
-# the batches measured (32 and 128) and was not itself measured.
-SEPARATE_CONV_MIN_BATCH = 64
-
-
 @triton.jit
-def _conv_x_proj_kernel(
-    state_ptr, x_ptr, keep_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr, u_ptr, part_ptr,
+def _x_proj_partials_kernel(
+    u_ptr, x_proj_ptr, part_ptr,
     batch, dim, n_proj,
-    stride_state_b, stride_state_d, stride_state_k,
-    stride_x_b, stride_x_d,
-    stride_conv_w_d, stride_conv_w_k,
     stride_x_proj_p, stride_x_proj_d,
-    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, WIDTH: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
-    P_BLOCKS: tl.constexpr, DOT_FP32: tl.constexpr, CONV: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, P_BLOCKS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
-    """u = silu(conv_w . [state, x] + conv_b) for (BLOCK_B rows, BLOCK_D channels), state <- [state, x][1:];
-    part[pid_d, rows, :] = u @ x_proj[:, channels].T in float32. Without CONV, u is read from u_ptr instead
-    (computed by the conv update kernel)."""
+    """part[pid_d, rows, :] = u[rows, channels] @ x_proj[:, channels].T in float32, for BLOCK_B rows and the
+    BLOCK_D channels of block pid_d; u is contiguous (batch, dim)."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_w = tl.arange(0, BLOCK_W)
     mask_b, mask_d = rows < batch, chans < dim
-    mask_bd = mask_b[:, None] & mask_d[None, :]
-    if CONV:
-        state_dtype = state_ptr.dtype.element_ty
-
-        x = tl.load(x_ptr + rows[:, None] * stride_x_b + chans[None, :] * stride_x_d, mask=mask_bd, other=0.0)
-        if HAS_KEEP:
-            keep = tl.load(keep_ptr + rows, mask=mask_b, other=0.0)
-            x = x * keep[:, None]
-        x = x.to(state_dtype)
-        w_last = tl.load(conv_w_ptr + chans * stride_conv_w_d + (WIDTH - 1) * stride_conv_w_k, mask=mask_d, other=0.0)
-        acc = w_last.to(state_dtype).to(tl.float32)[None, :] * x.to(tl.float32)
-        if WIDTH > 1:
-            state_ptrs = state_ptr + rows[:, None, None] * stride_state_b + chans[None, :, None] * stride_state_d
-            in_state = offs_w < WIDTH - 1
-            mask = mask_bd[:, :, None] & in_state[None, None, :]
-            window = tl.load(state_ptrs + offs_w[None, None, :] * stride_state_k, mask=mask, other=0.0)
-            w = tl.load(conv_w_ptr + chans[:, None] * stride_conv_w_d + offs_w[None, :] * stride_conv_w_k,
-                        mask=mask_d[:, None] & in_state[None, :], other=0.0)
-            acc += tl.sum(w.to(state_dtype).to(tl.float32)[None, :, :] * window.to(tl.float32), axis=2)
-            # The shifted state is read now: after the barrier the stores may overwrite what other threads read.
-            from_state = offs_w + 1 < WIDTH - 1
-            shifted = tl.load(state_ptrs + (offs_w[None, None, :] + 1) * stride_state_k,
-                              mask=mask_bd[:, :, None] & from_state[None, None, :], other=0.0)
-            shifted = tl.where(from_state[None, None, :], shifted, x[:, :, None])
-            tl.debug_barrier()
-            tl.store(state_ptrs + offs_w[None, None, :] * stride_state_k, shifted, mask=mask)
-        if HAS_BIAS:
-            acc += tl.load(conv_b_ptr + chans, mask=mask_d, other=0.0).to(state_dtype).to(tl.float32)[None, :]
-        u = (acc / (1.0 + tl.exp(-acc))).to(u_ptr.dtype.element_ty)  # SiLU; 0 wherever masked
-        if HAS_KEEP:
-            u = u * keep[:, None]
-        tl.store(u_ptr + rows[:, None] * dim + chans[None, :], u, mask=mask_bd)
-    else:
-        u = tl.load(u_ptr + rows[:, None] * dim + chans[None, :], mask=mask_bd, other=0.0)
+    u = tl.load(u_ptr + rows[:, None] * dim + chans[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
 
     part_rows = part_ptr + pid_d * batch * n_proj + rows[:, None] * n_proj
     for p_block in tl.static_range(P_BLOCKS):
@@ -185,9 +142,9 @@ def _dt_proj_kernel(
              mask=mask_b[:, None] & mask_d[None, :])
 
 
-# Channels per program. The conv's (16 rows, channels, width) window tile must stay in registers; narrow dt_proj
-# blocks spread its weight over more programs (bench_ssm_step.py --sweep on an H100).
-BLOCK_D_CONV = 64
+# Channels per program (bench_ssm_step.py --sweep on an H100); narrow dt_proj blocks spread its weight over more
+# programs.
+BLOCK_D_X_PROJ = 64
 BLOCK_D_DT_PROJ = 128
 
 
@@ -198,39 +155,28 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
                            dt_norm_weight: torch.Tensor | None = None, B_norm_weight: torch.Tensor | None = None,
                            C_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                            keep: torch.Tensor | None = None, block_d_in: int = 0, block_d_out: int = 0,
-                           separate_conv: bool | None = None,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """As `ssm_step_inputs_ref` (norm weights all given or all None). x (batch, d_inner); conv_state
     (batch, d_inner, width-1) shifted in place. Returns (u, delta, B, C) in x's dtype. Zero block sizes mean
-    BLOCK_D_CONV and BLOCK_D_DT_PROJ; `separate_conv` (default: from SEPARATE_CONV_MIN_BATCH rows) runs the conv
-    update as its own kernel (`hymba.ops.conv.triton`) before x_proj's."""
+    BLOCK_D_X_PROJ and BLOCK_D_DT_PROJ."""
     batch, dim = x.shape
-    width = conv_weight.shape[1]
     dt_rank = dt_proj_weight.shape[1]
     n_proj = x_proj_weight.shape[0]
     d_state = (n_proj - dt_rank) // 2
-    block_d_in, block_d_out = block_d_in or BLOCK_D_CONV, block_d_out or BLOCK_D_DT_PROJ
+    block_d_in, block_d_out = block_d_in or BLOCK_D_X_PROJ, block_d_out or BLOCK_D_DT_PROJ
     block_p = 32
     dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     n_blocks = triton.cdiv(dim, block_d_in)
-    if separate_conv is None:
-        separate_conv = batch >= SEPARATE_CONV_MIN_BATCH
-    if separate_conv:
-        from hymba.ops.conv.triton import causal_conv1d_update_triton
-
-        u = causal_conv1d_update_triton(conv_state, x if keep is None else x * keep[:, None], conv_weight, conv_bias)
-        if keep is not None:
-            u = u * keep[:, None]
-    else:
-        u = torch.empty_like(x)
+    if keep is not None:
+        x = x * keep[:, None]  # a padding row's x enters the conv state as 0 and its u is 0
+    u = causal_conv1d_update_triton(conv_state, x, conv_weight, conv_bias)
+    if keep is not None:
+        u = u * keep[:, None]
     part = torch.empty(n_blocks, batch, n_proj, device=x.device, dtype=torch.float32)
-    _conv_x_proj_kernel[(triton.cdiv(batch, BLOCK_ROWS), n_blocks)](
-        conv_state, x, keep, conv_weight, conv_bias, x_proj_weight, u, part,
-        batch, dim, n_proj,
-        *conv_state.stride(), *x.stride(), *conv_weight.stride(), *x_proj_weight.stride(),
-        HAS_BIAS=conv_bias is not None, HAS_KEEP=keep is not None, WIDTH=width,
-        BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_in, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
-        BLOCK_P=block_p, P_BLOCKS=triton.cdiv(n_proj, block_p), DOT_FP32=dot_fp32, CONV=not separate_conv,
+    _x_proj_partials_kernel[(triton.cdiv(batch, BLOCK_ROWS), n_blocks)](
+        u, x_proj_weight, part, batch, dim, n_proj, *x_proj_weight.stride(),
+        BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_in, BLOCK_P=block_p, P_BLOCKS=triton.cdiv(n_proj, block_p),
+        DOT_FP32=dot_fp32,
     )
     proj = torch.empty(batch, n_proj, device=x.device, dtype=x.dtype)
     _sum_partials_kernel[(batch, triton.cdiv(n_proj, block_p))](
@@ -251,7 +197,7 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
 
 @ssm_step_inputs_triton.register_fake
 def _(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_norm_weight=None, B_norm_weight=None,
-      C_norm_weight=None, eps=1e-6, keep=None, block_d_in=0, block_d_out=0, separate_conv=None):
+      C_norm_weight=None, eps=1e-6, keep=None, block_d_in=0, block_d_out=0):
     d_state = (x_proj_weight.shape[0] - dt_proj_weight.shape[1]) // 2
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[0], d_state), \
         x.new_empty(x.shape[0], d_state)
