@@ -40,6 +40,8 @@ from hymba.ops.conv.triton import causal_conv1d_update_triton
 __all__ = ["ssm_step_inputs_triton"]
 
 BLOCK_ROWS = 16  # the smallest M of tl.dot; rows beyond the batch are masked
+
+
 @triton.jit
 def _x_proj_partials_kernel(
     u_ptr, x_proj_ptr, part_ptr,
