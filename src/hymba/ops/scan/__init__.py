@@ -12,7 +12,7 @@ All implementations share one signature (mamba_ssm's layout, so kernels are drop
 They return `(y, last_state)` with `y` in u's dtype and `last_state` (batch, d_inner, d_state) float32,
 and `selective_state_update` is the one-token form used by cached decoding (state updated in place).
 `ssm_projections` computes delta, B and C from u (x_proj, norms, dt_proj); `ssm_step_inputs` is one decode
-step's conv update and projections, fused into three kernels on CUDA.
+step's conv update and projections, in four small kernels on CUDA.
 """
 
 from __future__ import annotations
