@@ -1,5 +1,6 @@
 """Continuous batching: every request gives what offline `generate` gives it alone, whatever shares the batch."""
 
+import collections
 import queue
 
 import pytest
@@ -79,7 +80,7 @@ def test_eos_ends_a_request_early_and_its_slot_is_reused(model, tokenizer):
 def test_free_slots_cannot_leak_nan(model, tokenizer):
     """NaN poured into every free slot before each step changes nothing for the running requests."""
     def poison(engine: Engine):
-        free = engine._free_mask.nonzero()[:, 0]
+        free = engine.runner.idle.nonzero()[:, 0]
         for buffer in [*engine.cache.keys.values(), *engine.cache.values.values()]:
             buffer[free] = float("nan")
         for state in engine.cache.ssm.values():
@@ -142,7 +143,8 @@ def test_cancel_frees_the_slot_for_a_waiting_request(model, tokenizer):
         while not outputs.empty():
             out = outputs.get()
             got[out.request_id].append(out)
-    assert got[first][-1].finish_reason == "cancelled" and len(tokens(got[first])) == 3  # prefill + 2 decode steps
+    # Two steps: the prefill's token, then a decode step whose token is still on the device when the cancel lands.
+    assert got[first][-1].finish_reason == "cancelled" and len(tokens(got[first])) == 1
     assert tokens(got[second]) == offline(model, PROMPTS[1], 5)  # in the slot the cancelled one left
 
 
@@ -216,3 +218,83 @@ def test_cuda_graph_engine_equals_eager(model, tokenizer):
     assert [tokens(o) for o in graphed] == [tokens(o) for o in eager]
     for prompt, n, outputs in zip(PROMPTS, MAX_TOKENS, graphed):
         assert tokens(outputs) == offline(gpu, prompt, n, cuda_graph=False)
+
+
+def test_scheduler_groups_arrivals_under_the_token_budget():
+    from hymba.engine import Scheduler
+
+    s = Scheduler(max_batch_tokens=100, max_rows=4, chunk=16, num_meta=4)
+    assert s.group_size([10, 10, 10, 10, 10], free_slots=8, decoding=False) == 4  # max_rows
+    assert s.group_size([10, 10, 10], free_slots=2, decoding=False) == 2  # free slots
+    assert s.group_size([10, 10, 10], free_slots=0, decoding=False) == 0
+    # Each row costs meta + its first piece: (4 + 10) x 7 = 98 fits, but the budget is for the widest forward: a
+    # 30-token prompt pads the others to a first piece of min(30, 30 - 10 + 16) = 26 tokens.
+    assert Scheduler(100, 16, 16, 4).group_size([10] * 9, 16, False) == 7
+    assert Scheduler(100, 16, 16, 4).group_size([10, 30, 10], 16, False) == 2
+    assert s.group_size([500], free_slots=4, decoding=True) == 1  # the first request always goes, however long
+    waiting = Scheduler(1000, 8, 16, 4, prefill_wait_s=0.5)
+    assert waiting.group_size([10, 10], 8, decoding=True, oldest_wait_s=0.1) == 0  # not full: wait for more
+    assert waiting.group_size([10, 10], 8, decoding=True, oldest_wait_s=0.6) == 2
+    assert waiting.group_size([10, 10], 8, decoding=False, oldest_wait_s=0.0) == 2  # nothing to stall
+
+
+def test_arrivals_during_chunked_group_prefills_equal_offline(model, tokenizer):
+    """Small pieces and budget: groups take several steps, requests arrive while others prefill and decode, and
+    each still gets exactly what offline `generate` gives it alone; so does the one-at-a-time reference."""
+    jobs = [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    want = [offline(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    for kwargs in (dict(prefill_chunk=4, max_batch_tokens=40), dict(max_prefill_rows=1)):
+        engine = Engine(model, tokenizer, max_batch=4, max_len=96, **kwargs)
+        outputs = queue.Queue()
+        ids, pending = [], list(jobs)
+        got = collections.defaultdict(list)
+        while pending or any(not got[i] or got[i][-1].finish_reason is None for i in ids):
+            if pending:  # one arrival per step, landing in the middle of other groups' prefills
+                ids.append(engine.submit(*pending.pop(0), outputs.put))
+            engine.step()
+            while not outputs.empty():
+                out = outputs.get()
+                got[out.request_id].append(out)
+        assert [tokens(got[i]) for i in ids] == want, kwargs
+
+
+def test_cancel_mid_prefill_frees_the_slot(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_len=96, prefill_chunk=4)
+    outputs = queue.Queue()
+    first = engine.submit(PROMPTS[3], GenerationParams(max_tokens=5), outputs.put)  # 30 tokens: 8 pieces
+    second = engine.submit(PROMPTS[1], GenerationParams(max_tokens=5), outputs.put)
+    engine.step()
+    engine.step()
+    engine.cancel(first)
+    results = collections.defaultdict(list)
+    while not results[second] or results[second][-1].finish_reason is None:
+        engine.step()
+        while not outputs.empty():
+            out = outputs.get()
+            results[out.request_id].append(out)
+    assert [o.finish_reason for o in results[first]] == ["cancelled"]
+    assert tokens(results[second]) == offline(model, PROMPTS[1], 5)
+
+
+def test_seeded_sampling_is_the_same_under_any_load(model, tokenizer):
+    sampling = SamplingParams(do_sample=True, temperature=0.9, top_p=0.95)
+    job = (PROMPTS[2], GenerationParams(max_tokens=15, sampling=sampling, seed=1234))
+    alone = run(Engine(model, tokenizer, max_batch=1, max_len=96), [job])[0]
+    crowd = [(p, GenerationParams(max_tokens=n, sampling=sampling)) for p, n in zip(PROMPTS[3:], MAX_TOKENS[3:])]
+    busy = run(Engine(model, tokenizer, max_batch=3, max_len=96, prefill_chunk=8), crowd[:2] + [job] + crowd[2:])[2]
+    assert tokens(alone) == tokens(busy) == offline(model, job[0], 15, seed=1234, **vars(sampling))
+
+
+def test_a_failing_prefill_ends_its_group_and_the_engine_goes_on(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=96)
+    working = engine._prefill_piece
+
+    def out_of_memory():
+        raise RuntimeError("out of memory (simulated)")
+
+    engine._prefill_piece = out_of_memory
+    failed = run(engine, [(PROMPTS[0], GenerationParams(max_tokens=5))])[0]
+    assert failed[-1].finish_reason == "error" and not tokens(failed)
+    engine._prefill_piece = working
+    (outputs,) = run(engine, [(PROMPTS[2], GenerationParams(max_tokens=5))])
+    assert tokens(outputs) == offline(model, PROMPTS[2], 5)

@@ -5,7 +5,7 @@ import torch
 
 from hymba.config import HymbaConfig
 from hymba.errors import HymbaError
-from hymba.generate import SamplingParams, apply_repetition_penalty, generate, left_pad, sample, seen_tokens
+from hymba.generate import RowSampling, SamplingParams, generate, left_pad, sample, sampling_noise, seen_tokens
 from hymba.model import HymbaForCausalLM
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [3, 4], [20, 21, 22, 23, 24, 25, 26]]
@@ -68,18 +68,55 @@ def test_eos_stops_a_row_while_others_continue(model):
             assert torch.equal(new[row], greedy[row, -20:])
 
 
+def draws(logits, params: SamplingParams, n=400, seen=None):
+    """The set of tokens sampled over n seeds (each a different draw) for one row."""
+    rows = RowSampling.of([params] * n)
+    seeds = torch.arange(n)
+    return set(sample(logits.expand(n, -1), rows, seeds, torch.zeros(n, dtype=torch.long),
+                      None if seen is None else seen.expand(n, -1)).tolist())
+
+
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
-    g = torch.Generator().manual_seed(0)
-    draws = {int(sample(logits, SamplingParams(do_sample=True, top_k=2), g)) for _ in range(200)}
-    assert draws == {0, 1}
-    draws = {int(sample(logits, SamplingParams(do_sample=True, top_p=0.5), g)) for _ in range(200)}
-    assert draws == {0}  # p(0) = 0.64 already covers half the mass
-    draws = {int(sample(logits, SamplingParams(do_sample=True, min_p=0.3), g)) for _ in range(200)}
-    assert draws == {0, 1}  # p(1)/p(0) = e^-1 = 0.37 >= 0.3 > p(2)/p(0)
-    assert int(sample(logits, SamplingParams())) == 0
-    penalised = apply_repetition_penalty(logits, torch.tensor([[True, False, False, False, True]]), 2.0)
-    assert penalised.tolist() == [[1.5, 2.0, 1.0, 0.0, -2.0]]
+    assert draws(logits, SamplingParams(do_sample=True, top_k=2)) == {0, 1}
+    assert draws(logits, SamplingParams(do_sample=True, top_p=0.5)) == {0}  # p(0) = 0.64 covers half the mass
+    assert draws(logits, SamplingParams(do_sample=True, min_p=0.3)) == {0, 1}  # p(1)/p(0) = e^-1 >= 0.3 > p(2)/p(0)
+    assert draws(logits, SamplingParams(do_sample=True)) == {0, 1, 2, 3, 4}
+    assert draws(logits, SamplingParams()) == {0}
+    seen = torch.tensor([[True, False, False, False, True]])
+    # Penalised: [1.5, 2.0, 1.0, 0.0, -2.0], so greedy picks token 1.
+    assert draws(logits, SamplingParams(repetition_penalty=2.0), seen=seen) == {1}
+
+
+def test_sampling_draws_from_the_distribution():
+    """Over many seeds and counters, token frequencies match softmax(logits / T) (a chi-square bound)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    n = 20_000
+    rows = RowSampling.of([SamplingParams(do_sample=True, temperature=0.7)] * n)
+    got = sample(logits.expand(n, -1), rows, torch.arange(n) % 97, torch.arange(n) // 97)
+    expected = torch.softmax(logits[0] / 0.7, -1) * n
+    chi2 = float(((torch.bincount(got, minlength=6) - expected) ** 2 / expected).sum())
+    assert chi2 < 25  # 5 degrees of freedom: p < 1e-4 for a correct sampler
+
+
+def test_sampling_noise_is_a_function_of_seed_and_counter_only():
+    a = sampling_noise(torch.tensor([7, 8, 7]), torch.tensor([0, 0, 1]), 50)
+    b = sampling_noise(torch.tensor([7]), torch.tensor([0]), 50)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    assert bool((a > 0).all()) and torch.isfinite(a).all()
+
+
+def test_rows_with_different_settings_sample_as_they_would_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100)
+    params = [SamplingParams(do_sample=True, top_k=5), SamplingParams(), SamplingParams(do_sample=True, top_p=0.7),
+              SamplingParams(do_sample=True, min_p=0.1, temperature=1.5, repetition_penalty=1.3)]
+    seen = torch.rand(4, 100) < 0.2
+    seeds, counters = torch.tensor([3, 1, 4, 1]), torch.tensor([0, 5, 9, 2])
+    batched = sample(logits, RowSampling.of(params), seeds, counters, seen)
+    for i, p in enumerate(params):
+        alone = sample(logits[i:i + 1], RowSampling.of([p]), seeds[i:i + 1], counters[i:i + 1], seen[i:i + 1])
+        assert int(alone) == int(batched[i])
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),

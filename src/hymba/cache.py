@@ -157,6 +157,29 @@ class HymbaCache:
         return [self.next_position, *layouts, *(t for s in self.ssm.values() for t in (s.ssm, s.conv))]
 
     # ------------------------------------------------------------------ rows as slots (continuous batching)
+    def rows(self, n: int) -> HymbaCache:
+        """A cache over this one's first `n` rows, sharing their storage: a forward through it reads and writes those
+        rows in place. A decode step captured for `n` rows runs on such a view (`hymba.generate.DecodeRunner`), and a
+        prefill into it fills the rows a decode over the whole cache then continues. The view starts as this cache
+        is (`started`); set it to False before a first prefill into rows that were reset."""
+        if not 1 <= n <= self.batch:
+            raise HymbaError(f"a view of {n} rows of a cache of {self.batch}")
+        view = object.__new__(HymbaCache)
+        view.config, view.batch, view.max_len = self.config, n, self.max_len
+        view.layouts = {}
+        for window, layout in self.layouts.items():
+            part = object.__new__(KeyLayout)
+            part.num_meta, part.ring, part.capacity = layout.num_meta, layout.ring, layout.capacity
+            part.positions, part.valid = layout.positions[:n], layout.valid[:n]
+            part.attend_pos = part.attend_valid = part.write = None
+            view.layouts[window] = part
+        view.keys = {layer: t[:n] for layer, t in self.keys.items()}
+        view.values = {layer: t[:n] for layer, t in self.values.items()}
+        view.ssm = {layer: SSMState(s.ssm[:n], s.conv[:n]) for layer, s in self.ssm.items()}
+        view.next_position = self.next_position[:n]
+        view.started, view.decoding = self.started, False
+        return view
+
     def reset_rows(self, rows: list[int] | torch.Tensor) -> None:
         """Empty `rows`: no key visible, zero SSM and conv state, next position 0. In place (CUDA-graph safe).
 
@@ -172,25 +195,33 @@ class HymbaCache:
             state.conv.index_fill_(0, rows, 0.0)
         self.next_position.index_fill_(0, rows, 0)
 
-    def copy_row_from(self, row: int, other: HymbaCache, other_row: int = 0) -> None:
-        """Make `row` hold exactly `other`'s row `other_row`: K/V, key positions and validity, SSM and conv
-        state, next position. Both caches must have the same config and layout (same `max_len`); the copy is
-        in place, so a CUDA graph captured over this cache stays valid."""
+    def copy_rows_from(self, rows: list[int], other: HymbaCache, other_rows: list[int]) -> None:
+        """Make each of `rows` hold exactly `other`'s row at the same place in `other_rows`: K/V, key positions and
+        validity, SSM and conv state, next position. Both caches must have the same config and layout (same
+        `max_len`). One indexed copy per tensor whatever the number of rows, and in place, so a CUDA graph
+        captured over this cache stays valid."""
         if other.config is not self.config and other.config != self.config:
-            raise HymbaError("copy_row_from needs two caches of the same model config")
+            raise HymbaError("copy_rows_from needs two caches of the same model config")
         for window, layout in self.layouts.items():
             if other.layouts[window].capacity != layout.capacity:
-                raise HymbaError(f"copy_row_from: key layouts differ ({other.layouts[window].capacity} vs "
+                raise HymbaError(f"copy_rows_from: key layouts differ ({other.layouts[window].capacity} vs "
                                  f"{layout.capacity} slots); allocate both caches with the same max_len")
-            layout.positions[row].copy_(other.layouts[window].positions[other_row])
-            layout.valid[row].copy_(other.layouts[window].valid[other_row])
-        for layer in self.keys:
-            self.keys[layer][row].copy_(other.keys[layer][other_row])
-            self.values[layer][row].copy_(other.values[layer][other_row])
+        device = self.next_position.device
+        dst = torch.as_tensor(rows, dtype=torch.long, device=device)
+        src = torch.as_tensor(other_rows, dtype=torch.long, device=device)
+        pairs = [(self.next_position, other.next_position)]
+        for window, layout in self.layouts.items():
+            pairs += [(layout.positions, other.layouts[window].positions), (layout.valid, other.layouts[window].valid)]
+        pairs += [(self.keys[layer], other.keys[layer]) for layer in self.keys]
+        pairs += [(self.values[layer], other.values[layer]) for layer in self.values]
         for layer, state in self.ssm.items():
-            state.ssm[row].copy_(other.ssm[layer].ssm[other_row])
-            state.conv[row].copy_(other.ssm[layer].conv[other_row])
-        self.next_position[row].copy_(other.next_position[other_row])
+            pairs += [(state.ssm, other.ssm[layer].ssm), (state.conv, other.ssm[layer].conv)]
+        for mine, theirs in pairs:
+            mine.index_copy_(0, dst, theirs.index_select(0, src))
+
+    def copy_row_from(self, row: int, other: HymbaCache, other_row: int = 0) -> None:
+        """`copy_rows_from` for one row."""
+        self.copy_rows_from([row], other, [other_row])
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:

@@ -1,21 +1,28 @@
-"""Continuous batching: one scheduler owns the model and a `HymbaCache` whose rows are request slots.
+"""Continuous batching: a scheduler over the rows of one `DecodeRunner`'s cache, each row a request's slot.
 
-Each `step()`:
-1. cancelled requests leave and free their slots;
-2. waiting requests take free slots: each prompt is prefilled alone into a batch-1 scratch cache (continuing
-   from the state after the meta tokens, computed once), whose state (K/V of every producer layer, key positions
-   and validity, SSM and conv state, next position) is copied into the slot, and its first token is sampled from
-   the prefill logits;
-3. one decode step runs for every slot at once (a CUDA graph on GPU, captured once for the full slot batch),
-   and each running request samples its next token with its own parameters and generator.
-A request that finishes (EOS, stop string, max_tokens) frees its slot at once, so the next waiting one joins the
-batch at the following step.
+The engine is three parts, as vLLM and SGLang build theirs:
+1. **Scheduler** (`Scheduler`, plain Python): which waiting requests start prefilling together. Several prompts
+   prefill in one forward (left-padded, in pieces of `prefill_chunk` tokens, one piece per step) under a budget of
+   `max_batch_tokens` prompt tokens per step, so a burst of arrivals is a few batched forwards, not one forward each
+   with every running request stalled behind it; decoding rows keep producing a token every step meanwhile.
+2. **Model runner**: each step one decode step for the rows in use (compiled and captured as CUDA graphs per batch
+   bucket on CUDA, so a half-empty engine runs a half-size step) and, when a group is prefilling, its next piece
+   into a scratch cache; a finished group's rows are copied into their slots in one indexed copy per tensor.
+   Sampling runs for all rows at once on the device from per-slot tensors (temperature, top-k, top-p, min-p,
+   repetition penalty, seed), and the sampled tokens feed the next step without leaving the device.
+3. **Output processor**: detokenizing, stop strings, log-probabilities and callbacks for step N run on the host
+   while the device computes step N+1 (step N+1 is launched first), and each step's tokens come back in one copy.
+
+A request that finishes (EOS, stop string, max_tokens) frees its slot once its last token is processed (one step
+after it was sampled, since its EOS is only seen then); the step launched meanwhile computed one extra token for it,
+which is dropped.
 
 Rows never mix: attention, the SSM and the conv state are per row, and every other op is per token, so a request
-decodes exactly as it would alone and greedy output equals offline `generate` whatever else is in the batch.
-A free slot still computes a (garbage) row each step: it is held at position 0, so it writes one key that only
-it can see and never runs past its buffer, and even a NaN there stays in that row (tests/test_engine.py poisons
-free slots to check). Admission overwrites the whole row, so nothing of an earlier request survives.
+decodes exactly as it would alone and greedy output equals offline `generate` whatever else is in the batch; a
+seeded request samples what `generate` samples with that seed (`hymba.generate.sampling_noise`). An idle slot
+inside the step's bucket still computes a (garbage) row: it is held at position 0, so it writes one key that only it
+can see and never runs past its buffer, and even a NaN there stays in that row (tests/test_engine.py poisons free
+slots to check). Admission overwrites the whole row, so nothing of an earlier request survives.
 
 `Engine.start()` runs the scheduler in a thread; `submit` and `cancel` are safe from any thread, and outputs go
 to each request's callback from the scheduler thread (`hymba.serve` forwards them to asyncio queues).
@@ -36,13 +43,14 @@ import torch
 from hymba.cache import HymbaCache
 from hymba.errors import HymbaError
 from hymba.generate import (
-    CudaGraphDecoder,
+    DecodeRunner,
+    RowSampling,
     SamplingParams,
     _eos_ids,
     _partial_stop_suffix,
-    apply_repetition_penalty,
-    decode_step,
-    prefill,
+    left_pad,
+    pad_token_id,
+    random_seed,
     sample,
     trim_completion,
 )
@@ -50,7 +58,7 @@ from hymba.tokenizer import HymbaTokenizer, StreamDecoder
 
 # Most alternatives a request may ask log-probabilities for (OpenAI's chat limit).
 MAX_TOP_LOGPROBS = 20
-# Prompt tokens shown to a request's detokenizer before its completion (see `_admit`).
+# Prompt tokens shown to a request's detokenizer before its completion (see `_start_decoding`).
 PROMPT_TAIL = 32
 # Seconds of history behind `EngineStats.tokens_per_second`.
 RATE_WINDOW_S = 10.0
@@ -129,35 +137,97 @@ class _Request:
     prompt: list[int]
     params: GenerationParams
     on_output: Callable[[Output], None]
+    seed: int
+    arrived: float = field(default_factory=time.monotonic)
     done: bool = False  # its final output was sent
 
 
 @dataclass
 class _Running:
-    """A request in a slot: its sampler state and the text shown so far."""
+    """A request in a slot: what has been sampled for it, and the text shown so far."""
 
     request: _Request
     row: int
-    generator: torch.Generator | None
-    seen: torch.Tensor | None  # (1, vocab) bool, for the repetition penalty
     decoder: StreamDecoder
+    launched: int = 0  # tokens sampled on the device (the output processor may not have seen the last ones yet)
+    generated: int = 0  # tokens the output processor has handled
     text: str = ""
     shown: int = 0
-    generated: int = 0
-    next_token: int = 0
+
+
+@dataclass
+class _Group:
+    """Requests prefilling together in rows 0..k-1 of the scratch cache, left-padded to one width, one piece a step."""
+
+    requests: list[_Request]
+    slots: list[int]  # where each row goes when its prefill is done
+    ids: torch.Tensor  # (k, width)
+    mask: torch.Tensor  # (k, width)
+    pieces: list[tuple[int, int]]  # column ranges, one forward each; the first takes all left padding
+    done_pieces: int = 0
+    cancelled: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Launched:
+    """What one step put on the device: the sampled tokens (and log-probabilities) for these requests, copied back to
+    the host; `event` marks when the copy is done."""
+
+    entries: list[tuple[_Running, int]]  # (request, its index in the tensors below)
+    tokens: torch.Tensor
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # chosen (n,), top values / ids (n, k)
+    event: torch.cuda.Event | None
+
+
+class Scheduler:
+    """Which waiting requests start prefilling as one group; no tensors, so it is tested without a model.
+
+    A group is formed from the head of the queue (first come, first served) when there are free slots and no group
+    is prefilling. It takes requests while they fit: free slots, `max_rows` (the scratch cache), and the budget of
+    `max_batch_tokens` tokens for the group's widest forward (rows x (meta tokens + the padded first piece), pieces
+    being at most `chunk` tokens past the padding). The first request is always taken, however long. While other
+    requests are decoding, a group that is not full yet waits up to `prefill_wait_s` for more arrivals, since each
+    prefill forward costs the running requests a stall whatever its size.
+    """
+
+    def __init__(self, max_batch_tokens: int, max_rows: int, chunk: int, num_meta: int, prefill_wait_s: float = 0.0):
+        self.max_batch_tokens, self.max_rows, self.chunk = max_batch_tokens, max_rows, chunk
+        self.num_meta, self.prefill_wait_s = num_meta, prefill_wait_s
+
+    def group_size(self, prompt_lengths: Sequence[int], free_slots: int, decoding: bool,
+                   oldest_wait_s: float = 0.0) -> int:
+        """How many of the waiting requests (their prompt lengths, in queue order) to start prefilling now."""
+        limit = min(free_slots, self.max_rows, len(prompt_lengths))
+        k, longest, shortest = 0, 0, None
+        while k < limit:
+            length = prompt_lengths[k]
+            wide, narrow = max(longest, length), length if shortest is None else min(shortest, length)
+            first_piece = min(wide, wide - narrow + self.chunk)  # all padding of the shortest row, plus a chunk
+            if k and (k + 1) * (self.num_meta + first_piece) > self.max_batch_tokens:
+                break
+            k, longest, shortest = k + 1, wide, narrow
+        full = k == free_slots or k == self.max_rows or k < len(prompt_lengths)
+        if k and decoding and not full and oldest_wait_s < self.prefill_wait_s:
+            return 0
+        return k
 
 
 class Engine:
     """Continuous batching over `max_batch` cache slots of `max_len` tokens each (prompt + generated).
 
     `max_len` defaults to the model's context (max_position_embeddings minus meta tokens). `max_queue` bounds
-    the waiting requests (`submit` raises `QueueFullError` beyond it). `cuda_graph` (default: on for CUDA)
-    replays one captured decode step for the whole slot batch.
+    the waiting requests (`submit` raises `QueueFullError` beyond it). Prefill: up to `max_prefill_rows` prompts
+    together, `prefill_chunk` tokens per piece, `max_batch_tokens` tokens per forward, waiting up to
+    `prefill_wait_s` to fill a group while others decode (see `Scheduler`). On CUDA the decode step is compiled
+    (`compile`) and captured as CUDA graphs (`cuda_graph`) for each batch bucket at start-up, reporting each to
+    `progress`. `max_prefill_rows=1` and `cuda_graph=False` are the reference paths the tests compare against.
     """
 
     def __init__(self, model, tokenizer: HymbaTokenizer, max_batch: int = 8, max_len: int | None = None,
-                 max_queue: int | None = None, prefill_chunk: int | None = None, cuda_graph: bool | None = None,
-                 eos_token_id: int | list[int] | None = None):
+                 max_queue: int | None = None, prefill_chunk: int = 2048, max_batch_tokens: int = 16384,
+                 max_prefill_rows: int | None = None, prefill_wait_s: float = 0.0, cuda_graph: bool | None = None,
+                 compile: bool | None = None, eos_token_id: int | list[int] | None = None,
+                 progress: Callable[[str], None] | None = None):
         config = model.config
         limit = config.max_position_embeddings - config.num_memory_tokens
         max_len = max_len or limit
@@ -165,23 +235,37 @@ class Engine:
             raise HymbaError(f"max_batch must be >= 1, got {max_batch}")
         if not 1 <= max_len <= limit:
             raise HymbaError(f"max_len must be in 1..{limit} (the model's context without meta tokens), got {max_len}")
+        for name, value in (("prefill_chunk", prefill_chunk), ("max_batch_tokens", max_batch_tokens),
+                            ("max_prefill_rows", max_prefill_rows or 1)):
+            if value < 1:
+                raise HymbaError(f"{name} must be >= 1, got {value}")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_len, self.max_queue, self.prefill_chunk = max_batch, max_len, max_queue, prefill_chunk
+        self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.device = model.device
         self.eos = frozenset(_eos_ids(model, eos_token_id))
-        self.cache = HymbaCache(config, max_batch, max_len, device=self.device, dtype=model.dtype)
-        self.scratch = HymbaCache(config, 1, max_len, device=self.device, dtype=model.dtype)
-        # Every prompt starts with the same meta tokens: their state is computed once, and each prefill continues
-        # from a copy of it (chunked prefill, the same function as one piece): num_memory_tokens fewer per request.
-        self.meta = HymbaCache(config, 1, max_len, device=self.device, dtype=model.dtype)
-        if config.num_memory_tokens:
-            with torch.inference_mode():
-                model(torch.empty(1, 0, dtype=torch.long, device=self.device), cache=self.meta)
-        # Slots only ever decode: the state copied in at admission is what a prefill would have left.
-        self.cache.started = True
+        self.pad_id = pad_token_id(config)
+        max_prefill_rows = min(max_prefill_rows or 32, max_batch)
+        self.scheduler = Scheduler(max_batch_tokens, max_prefill_rows, prefill_chunk, config.num_memory_tokens,
+                                   prefill_wait_s)
+        self.runner = DecodeRunner(model, max_batch, max_len, cuda_graph=cuda_graph, compile=compile,
+                                   progress=progress)
+        self.runner.capture()  # at start-up, not in the first request's time to first token
+        self.cache = self.runner.cache
+        # Groups prefill here and are copied into their slots when done, so slots only ever decode.
+        self.scratch = HymbaCache(config, max_prefill_rows, max_len, device=self.device, dtype=model.dtype)
+        # Per-slot state on the device: the token each row feeds next, its seed and sample counter, and the tokens it
+        # has seen (for the repetition penalty).
+        self._next_tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._seeds = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._counters = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._seen: torch.Tensor | None = None  # (max_batch, vocab) bool, allocated for the first penalised request
+        self._slot_params = [SamplingParams()] * max_batch
+        self._slot_sampling: RowSampling | None = None  # rebuilt when a slot changes hands
+        self._slots: list[_Running | None] = [None] * max_batch
         self._free_rows = list(range(max_batch - 1, -1, -1))  # a stack: low rows are reused first
-        self._free_mask = torch.ones(max_batch, dtype=torch.bool, device=self.device)
         self._running: dict[int, _Running] = {}  # request id -> running request
+        self._group: _Group | None = None
+        self._inflight: collections.deque[_Launched] = collections.deque()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cancelled: set[int] = set()
         self._ids = itertools.count()
@@ -195,10 +279,7 @@ class Engine:
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
-        self._step_fn = lambda tokens: decode_step(model, self.cache, tokens)
-        if (cuda_graph is None or cuda_graph) and self.device.type == "cuda":
-            with torch.inference_mode():
-                self._step_fn = CudaGraphDecoder(model, self.cache, max_batch)
+        self._step_fn = self.runner.step  # the decode step (tests replace it to inject failures)
 
     # ------------------------------------------------------------------ submitting (any thread)
     def submit(self, prompt: Sequence[int], params: GenerationParams | None = None,
@@ -213,7 +294,8 @@ class Engine:
         with self._lock:
             if self.max_queue is not None and len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting; retry later")
-            request = _Request(next(self._ids), prompt, params, on_output or (lambda output: None))
+            seed = params.seed if params.seed is not None else random_seed()
+            request = _Request(next(self._ids), prompt, params, on_output or (lambda output: None), seed)
             self._waiting.append(request)
             self._requests_total += 1
         self._wakeup.set()
@@ -277,9 +359,12 @@ class Engine:
         with self._lock:
             waiting = list(self._waiting)
             self._cancelled.update(self._running)
+            if self._group is not None:
+                self._cancelled.update(q.id for q in self._group.requests)
         for request in waiting:
             self.cancel(request.id)
-        self.step()
+        while self.step():  # the group ends, then what is in flight is processed
+            pass
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -293,105 +378,207 @@ class Engine:
             if not self.step():
                 self._wakeup.wait()
 
+
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self) -> bool:
-        """Cancel, admit, decode once. Returns False when there was nothing to do."""
+        """Cancel; launch a decode step and the next prefill piece; process the previous step's tokens while the
+        device computes. Returns False when there was nothing to do."""
         with self._step_lock:
             with self._lock:
                 cancelled, self._cancelled = self._cancelled, set()
             stopped = [self._running[i] for i in cancelled if i in self._running]
             for r in stopped:
                 self._finish(r.request, r, Output(r.request.id, None, "", finish_reason="cancelled"))
-            with self._lock:
-                admitted = [self._waiting.popleft() for _ in range(min(len(self._free_rows), len(self._waiting)))]
-            for request in admitted:
-                self._guarded([request], self._admit, request)
-            decoding = bool(self._running)
-            if decoding:
-                self._guarded([r.request for r in self._running.values()], self._decode)
-            return bool(stopped or admitted or decoding)
+            if self._group is not None:
+                self._group.cancelled |= cancelled & {q.id for q in self._group.requests}
+            launched = self._guarded(self._decoding_requests(), self._launch_decode)
+            self._form_group()
+            if self._group is not None:
+                launched |= self._guarded([q for q in self._group.requests if not q.done], self._prefill_piece)
+            # Keep the newest launch on the device while the host handles the ones before it.
+            processed = False
+            while len(self._inflight) > int(launched):
+                self._process(self._inflight.popleft())
+                processed = True
+            return bool(stopped or launched or processed)
 
-    def _guarded(self, requests: list[_Request], fn, *args) -> None:
+    def _guarded(self, requests: list[_Request], fn) -> bool:
         """Run `fn`; if it raises (e.g. out of memory), end `requests` with an error instead of the scheduler."""
         try:
-            fn(*args)
+            return fn()
         except Exception as exc:  # any failure must reach the clients, not kill the thread
             message = f"{type(exc).__name__}: {exc}"
+            while self._inflight:  # what was computed before the failure still reaches its requests
+                self._process(self._inflight.popleft())
+            if self._group is not None and any(q in self._group.requests for q in requests):
+                self._release_group()
             for request in (r for r in requests if not r.done):
                 self._finish(request, self._running.get(request.id),
                              Output(request.id, None, "", finish_reason="error", error=message))
+            return False
 
-    def _admit(self, request: _Request) -> None:
-        self.scratch.copy_row_from(0, self.meta)
-        self.scratch.started = self.meta.started
-        ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
-        logits = prefill(self.model, self.scratch, ids, None, self.prefill_chunk)  # (1, vocab)
-        params = request.params
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+    # ------------------------------------------------------------------ model runner
+    def _decoding_requests(self) -> list[_Request]:
+        return [r.request for r in self._running.values() if r.launched < r.request.params.max_tokens]
+
+    def _launch_decode(self) -> bool:
+        decoding = [r for r in self._running.values() if r.launched < r.request.params.max_tokens]
+        if not decoding:
+            return False
+        rows = max(r.row for r in self._running.values()) + 1
+        if self._slot_sampling is None:
+            self._slot_sampling = RowSampling.of(self._slot_params, self.device)
+        logits = self._step_fn(self._next_tokens[:rows])  # (rows, vocab)
+        tokens = self._sample(logits, _prefix(self._slot_sampling, rows), self._seeds[:rows], self._counters[:rows],
+                              None if self._seen is None else self._seen[:rows])
+        self._next_tokens[:rows] = tokens
+        self._counters[:rows] += 1
+        entries = []
+        for r in decoding:
+            r.launched += 1
+            entries.append((r, r.row))
+            if r.launched == r.request.params.max_tokens:
+                self.runner.idle[r.row] = True  # nothing more to feed: park the row at position 0
+        self._push(entries, tokens, logits, [r.request for r in decoding])
+        return True
+
+    def _sample(self, logits, rows: RowSampling, seeds, counters, seen) -> torch.Tensor:
+        tokens = sample(logits, rows, seeds, counters, seen)
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        return tokens
+
+    def _push(self, entries: list[tuple[_Running, int]], tokens: torch.Tensor, logits: torch.Tensor,
+              requests: list[_Request]) -> None:
+        """Queue the copy of a launch's tokens (and log-probabilities, if any request asks) back to the host."""
+        want = [q.params.logprobs for q in requests if q.params.logprobs is not None]
+        logprobs = None
+        if want:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            top = logp.topk(max(max(want), 1), dim=-1)
+            logprobs = tuple(t.to("cpu", non_blocking=True) for t in
+                             (logp.gather(1, tokens[:, None])[:, 0], top.values, top.indices))
+        event = None
+        host_tokens = tokens.to("cpu", non_blocking=True)
+        if tokens.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._inflight.append(_Launched(entries, host_tokens, logprobs, event))
+
+    def _form_group(self) -> None:
+        if self._group is not None or not self._free_rows:
+            return
+        with self._lock:
+            lengths = [len(q.prompt) for q in self._waiting]
+            oldest = time.monotonic() - self._waiting[0].arrived if self._waiting else 0.0
+            k = self.scheduler.group_size(lengths, len(self._free_rows), bool(self._running), oldest)
+            requests = [self._waiting.popleft() for _ in range(k)]
+        if not requests:
+            return
+        slots = [self._free_rows.pop() for _ in requests]
+        ids, mask = left_pad([q.prompt for q in requests], self.pad_id, self.device)
+        width, padding = ids.shape[1], max(ids.shape[1] - len(q.prompt) for q in requests)
+        chunk = self.scheduler.chunk
+        first = min(width, padding + chunk)
+        pieces = [(0, first)] + [(start, min(start + chunk, width)) for start in range(first, width, chunk)]
+        self._group = _Group(requests, slots, ids, mask, pieces)
+        self.scratch.reset_rows(list(range(len(requests))))
+        with self._lock:
+            self._prompt_tokens += sum(lengths[:len(requests)])
+
+    def _prefill_piece(self) -> bool:
+        """The group's next forward; after its last, sample each row's first token and move the rows to their
+        slots."""
+        group = self._group
+        k = len(group.requests)
+        cache = self.scratch.rows(k)
+        cache.started = group.done_pieces > 0
+        start, end = group.pieces[group.done_pieces]
+        mask = group.mask[:, start:end] if group.done_pieces == 0 else None
+        logits = self.model(group.ids[:, start:end], mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        group.done_pieces += 1
+        if group.done_pieces < len(group.pieces):
+            return True
+        self._group = None
+        live = [i for i, q in enumerate(group.requests) if q.id not in group.cancelled]
+        for i, q in enumerate(group.requests):
+            if i not in live:
+                self._free_rows.append(group.slots[i])
+                self._finish(q, None, Output(q.id, None, "", finish_reason="cancelled"))
+        if not live:
+            return True
+        requests, slots = [group.requests[i] for i in live], [group.slots[i] for i in live]
+        index = torch.tensor(live, device=self.device)
+        slot_index = torch.tensor(slots, device=self.device)
+        params = [q.params.sampling for q in requests]
         seen = None
-        if params.sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-            seen[0, ids[0]] = True
+        if any(p.repetition_penalty != 1 for p in params):
+            if self._seen is None:
+                self._seen = torch.zeros(self.max_batch, self.model.config.vocab_size, dtype=torch.bool,
+                                         device=self.device)
+            seen = torch.zeros(len(live), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            seen.scatter_(1, group.ids[index], group.mask[index].bool())  # padding is not a seen token
+        seeds = torch.tensor([q.seed for q in requests], device=self.device)
+        counters = torch.zeros(len(live), dtype=torch.long, device=self.device)
+        tokens = self._sample(logits[index], RowSampling.of(params, self.device), seeds, counters, seen)
+        self.cache.copy_rows_from(slots, self.scratch, live)
+        self._next_tokens[slot_index] = tokens
+        self._seeds[slot_index] = seeds
+        self._counters[slot_index] = 1
+        if self._seen is not None:
+            self._seen[slot_index] = False if seen is None else seen
+        self.runner.idle[slot_index] = False
+        entries = [self._start_decoding(q, slot) for q, slot in zip(requests, slots)]
+        self._push([(r, i) for i, r in enumerate(entries)], tokens, logits[index], requests)
+        return True
+
+    def _start_decoding(self, request: _Request, slot: int) -> _Running:
         decoder = StreamDecoder(self.tokenizer)
         # Seen after the prompt, the first new word keeps its leading space (as `complete` reads it). The decoder
         # looks back only to the start of its last emitted chunk, so the prompt's tail is enough; the flush takes
         # the prompt's own held-back text (a chat template's final "\n" is a byte token) out of the completion.
         decoder.push_many(request.prompt[-PROMPT_TAIL:])
         decoder.flush()
-        running = _Running(request, self._free_rows.pop(), generator, seen, decoder)
-        self._running[request.id] = running  # from here on a failure frees the row (see _guarded)
-        self.cache.copy_row_from(running.row, self.scratch)
-        self._free_mask[running.row] = False
-        with self._lock:
-            self._prompt_tokens += len(request.prompt)
-        self._accept([running], logits)
+        running = _Running(request, slot, decoder, launched=1)
+        self._running[request.id] = running
+        self._slots[slot] = running
+        self._slot_params[slot] = request.params.sampling
+        self._slot_sampling = None
+        if request.params.max_tokens == 1:
+            self.runner.idle[slot] = True
+        return running
 
-    def _decode(self) -> None:
-        running = list(self._running.values())
-        tokens = torch.zeros(self.max_batch, dtype=torch.long)
-        for r in running:
-            tokens[r.row] = r.next_token
-        # Free rows restart at position 0 every step, so their garbage never runs past the end of the buffer.
-        self.cache.next_position.masked_fill_(self._free_mask, 0)
-        logits = self._step_fn(tokens.to(self.device))  # (max_batch, vocab)
-        rows = torch.tensor([r.row for r in running], device=self.device)
-        self._accept(running, logits[rows])
+    def _release_group(self) -> None:
+        """Give a failed group's slots back."""
+        self._free_rows += self._group.slots
+        self._group = None
 
-    def _accept(self, running: list[_Running], logits: torch.Tensor) -> None:
-        """Sample each request's next token from its logits row (len(running), vocab) and hand it on."""
-        chosen = logits.argmax(dim=-1)  # greedy rows need nothing else, and it costs one op for all
-        for i, r in enumerate(running):
-            sampling = r.request.params.sampling
-            if sampling.do_sample or r.seen is not None:
-                row_logits = logits[i:i + 1]
-                if r.seen is not None:
-                    row_logits = apply_repetition_penalty(row_logits, r.seen, sampling.repetition_penalty)
-                chosen[i] = sample(row_logits, sampling, r.generator)[0]
-                if r.seen is not None:
-                    r.seen[0, chosen[i]] = True
-        want = [i for i, r in enumerate(running) if r.request.params.logprobs is not None]
-        logprobs: dict[int, TokenLogprob] = {}
-        if want:
-            top_k = max(running[i].request.params.logprobs for i in want)
-            logp = torch.log_softmax(logits[want].float(), dim=-1)
-            picked = logp.gather(1, chosen[want, None])[:, 0].tolist()
-            top = logp.topk(max(top_k, 1), dim=-1)
-            top_values, top_ids = top.values.tolist(), top.indices.tolist()
-            for j, i in enumerate(want):
-                k = running[i].request.params.logprobs
-                logprobs[i] = TokenLogprob(int(chosen[i]), picked[j], list(zip(top_ids[j][:k], top_values[j][:k])))
-        tokens = chosen.tolist()  # the one host sync of a step
+    # ------------------------------------------------------------------ output processor
+    def _process(self, launched: _Launched) -> None:
+        """Hand one launch's tokens to their requests (waits only for that launch's copy)."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens = launched.tokens.tolist()
+        if launched.logprobs is not None:
+            chosen, top_values, top_ids = (t.tolist() for t in launched.logprobs)
         now = time.monotonic()
+        count = 0
+        for r, index in launched.entries:
+            if r.request.done:
+                continue  # finished (EOS seen) while this launch was on the device: its token is dropped
+            logprob = None
+            k = r.request.params.logprobs
+            if k is not None:
+                logprob = TokenLogprob(tokens[index], chosen[index],
+                                       list(zip(top_ids[index][:k], top_values[index][:k])))
+            self._advance(r, tokens[index], logprob)
+            count += 1
         with self._lock:
-            self._generated_tokens += len(tokens)
-            self._recent.append((now, len(tokens)))
+            self._generated_tokens += count
+            self._recent.append((now, count))
             while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
                 self._recent.popleft()
-        for i, (r, token) in enumerate(zip(running, tokens)):
-            self._advance(r, token, logprobs.get(i))
 
     def _advance(self, r: _Running, token: int, logprob: TokenLogprob | None) -> None:
         """Append one token to a request: detokenize, check EOS / stop strings / length, emit, maybe finish."""
@@ -409,7 +596,6 @@ class Engine:
         if finish is None:
             safe = len(r.text) - _partial_stop_suffix(r.text, params.stop)
             text, r.shown = r.text[r.shown:max(safe, r.shown)], max(safe, r.shown)
-            r.next_token = token
             self._emit(r.request, Output(r.request.id, token, text, logprob))
             return
         text = trim_completion(r.text + r.decoder.flush(), params.stop)[r.shown:]
@@ -418,9 +604,13 @@ class Engine:
     def _finish(self, request: _Request, running: _Running | None, output: Output) -> None:
         if running is not None:
             del self._running[request.id]
+            self._slots[running.row] = None
+            self._slot_params[running.row] = SamplingParams()
+            self._slot_sampling = None
             self.cache.reset_rows([running.row])
-            self._free_mask[running.row] = True
+            self.runner.idle[running.row] = True
             self._free_rows.append(running.row)
+            self._free_rows.sort(reverse=True)  # lowest on top, so the step's rows stay few
         request.done = True
         with self._lock:
             self._finished[output.finish_reason] += 1
@@ -432,6 +622,7 @@ class Engine:
         except Exception:  # a consumer that cannot take outputs any more (closed loop) is gone
             if output.finish_reason is None:
                 self.cancel(request.id)
+
 
     # ------------------------------------------------------------------ convenience
     def complete(self, prompts: Sequence[str | Sequence[int]], params: GenerationParams | None = None) -> list[
@@ -460,3 +651,10 @@ class Engine:
                 result.finish_reason = output.finish_reason
                 pending.discard(output.request_id)
         return [results[i] for i in ids]
+
+
+def _prefix(rows: RowSampling, n: int) -> RowSampling:
+    """The first n rows of per-slot sampling settings."""
+    return RowSampling(rows.temperature[:n], rows.top_k[:n], rows.top_p[:n], rows.min_p[:n],
+                       rows.repetition_penalty[:n], rows.any_sample, rows.any_top_k, rows.any_top_p, rows.any_min_p,
+                       rows.any_penalty)

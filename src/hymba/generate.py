@@ -45,15 +45,6 @@ class SamplingParams:
             self.do_sample = False
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty as transformers applies it: seen tokens' logits divided (if > 0) or multiplied by it.
-    `seen` (b, vocab) bool marks tokens already in each row."""
-    if penalty == 1.0:
-        return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
 def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     """(b, vocab) bool: which tokens each row's prompt holds. Padding does not count, so a padded row
     penalises exactly what it would alone."""
@@ -62,23 +53,102 @@ def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vo
     return counts.scatter_add_(1, input_ids, real) > 0
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (b,) from last-position logits (b, vocab), without a host sync."""
-    if not params.do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+@dataclass
+class RowSampling:
+    """Per-row sampling settings as tensors (b,), so one set of ops samples a batch whose rows ask for different
+    things: `temperature` 0 is greedy, `top_k` 0, `top_p` 1, `min_p` 0 and `repetition_penalty` 1 are off. The
+    host-side flags say which filters any row uses, so a batch that uses none skips them without reading the GPU."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    any_sample: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    any_penalty: bool
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], device=None) -> RowSampling:
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(column([p.temperature if p.do_sample else 0.0 for p in params], torch.float32),
+                   column([p.top_k for p in params], torch.long), column([p.top_p for p in params], torch.float32),
+                   column([p.min_p for p in params], torch.float32),
+                   column([p.repetition_penalty for p in params], torch.float32),
+                   any_sample=any(p.do_sample for p in params),
+                   any_top_k=any(p.do_sample and p.top_k > 0 for p in params),
+                   any_top_p=any(p.do_sample and p.top_p < 1 for p in params),
+                   any_min_p=any(p.do_sample and p.min_p > 0 for p in params),
+                   any_penalty=any(p.repetition_penalty != 1 for p in params))
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplications wrap; right shifts made logical by masking)."""
+    def shift(v, k):
+        return (v >> k) & ((1 << (64 - k)) - 1)
+
+    x = x ^ shift(x, 30)
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
+    x = x ^ shift(x, 27)
+    x = x * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ shift(x, 31)
+
+
+def sampling_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exponential(1) noise (b, vocab), a pure function of each row's seed and counter (the index of the token being
+    sampled): a row draws the same noise whatever else is in the batch and whichever slot it sits in, so a seeded
+    request samples the same tokens alone, in a batch, offline or served."""
+    key = _mix64(seeds * -7046029254386353131 + counters)  # 0x9E3779B97F4A7C15, the golden-ratio increment
+    bits = _mix64(key[:, None] + torch.arange(vocab, device=seeds.device) * -3372029247567499371)
+    uniform = (((bits >> 40) & ((1 << 24) - 1)).float() + 0.5) * 2.0 ** -24  # in (0, 1)
+    return -torch.log(uniform)
+
+
+def sample(logits: torch.Tensor, rows: RowSampling, seeds: torch.Tensor, counters: torch.Tensor,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (b,) from last-position logits (b, vocab), each row with its own settings, without a host sync.
+
+    In order, as transformers applies them: repetition penalty (over `seen` (b, vocab) bool), temperature, top-k,
+    softmax, min-p, top-p. A sampled row takes argmax(probs / E) with E ~ Exponential(1) from `sampling_noise`,
+    which draws exactly from `probs`; greedy rows take the argmax of the penalised logits.
+    """
+    logits = logits.float()
+    if rows.any_penalty and seen is not None:
+        penalty = rows.repetition_penalty[:, None]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    greedy = logits.argmax(dim=-1)
+    if not rows.any_sample:
+        return greedy
+    sampled = rows.temperature > 0
+    logits = logits / torch.where(sampled, rows.temperature, 1.0)[:, None]
+    vocab = logits.shape[-1]
+    if rows.any_top_k or rows.any_top_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if rows.any_top_k:
+        k = torch.where(rows.top_k > 0, rows.top_k.clamp(max=vocab), vocab)
+        kth = sorted_logits.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+    if rows.any_min_p:
+        probs = probs.masked_fill(probs < rows.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+    if rows.any_top_p:
+        # The logits' order is the probabilities' order (filters only zero the tail), so one sort serves both.
+        sorted_probs = probs.gather(1, order)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= params.top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        drop = mass_before >= rows.top_p[:, None] * sorted_probs.sum(-1, keepdim=True)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
+    chosen = (probs / sampling_noise(seeds, counters, vocab)).argmax(dim=-1)
+    return torch.where(sampled, chosen, greedy)
+
+
+def random_seed() -> int:
+    """A seed for a request that names none, from torch's global generator (so `torch.manual_seed` fixes it)."""
+    return int(torch.randint(0, 2 ** 62, (1,)))
 
 
 def pad_token_id(config) -> int:
@@ -127,7 +197,7 @@ def decode_step(model, cache: HymbaCache, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class CudaGraphDecoder:
-    """`decode_step` captured once as a CUDA graph and replayed for every token (one launch per step).
+    """`decode_step` captured once as a CUDA graph for `batch` rows of `cache` and replayed for every token.
 
     Warming up runs the step on the live cache. `cache.step_state()` is restored after each run, so every run
     writes the K/V slot of the same next position, which the first real step rewrites, and evicts from a ring only
@@ -138,7 +208,7 @@ class CudaGraphDecoder:
     def __init__(self, model, cache: HymbaCache, batch: int, compile: bool = False):
         self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
         # torch.compile fuses the step's many small elementwise kernels (norms, RoPE, masks) before capture.
-        step = torch.compile(decode_step, dynamic=False, fullgraph=True) if compile else decode_step
+        step = compiled_decode_step() if compile else decode_step
         saved = [t.clone() for t in cache.step_state()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -153,9 +223,141 @@ class CudaGraphDecoder:
             self.logits = step(model, cache, self.tokens)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
+        """Logits (len(tokens), vocab) for the first len(tokens) rows; rows past them compute what they held."""
+        self.tokens[:len(tokens)].copy_(tokens)
         self.graph.replay()
-        return self.logits
+        return self.logits[:len(tokens)]
+
+
+_COMPILED_STEP = None
+
+
+def compiled_decode_step():
+    """`decode_step` under `torch.compile` (whole graph, static shapes: one compilation per batch bucket and cache
+    size), shared by every runner so a shape compiled once in a process is never compiled again. Inductor keeps what
+    it compiled on disk (TORCHINDUCTOR_CACHE_DIR, by default under the system's temporary directory), so a later
+    process takes seconds where the first took about a minute."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        from hymba.ops.attention import allow_many_recompiles
+
+        allow_many_recompiles()
+        _COMPILED_STEP = torch.compile(decode_step, dynamic=False, fullgraph=True)
+    return _COMPILED_STEP
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes a decode step is captured for: powers of two below `max_batch`, and `max_batch`."""
+    return sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch})
+
+
+class DecodeRunner:
+    """A cache of `max_batch` rows x `max_len` tokens and the decode step over its first rows: what `generate` and the
+    serving engine both decode with.
+
+    On CUDA (unless `cuda_graph=False`) the step is captured as a CUDA graph for each of a few batch buckets, over
+    the cache's first rows, and a step of n rows replays the smallest bucket that holds them, so a half-empty batch
+    runs a half-size step. With `compile` (the default with graphs) the step is `torch.compile`d before capture.
+    Buckets are captured when first used, or all at once by `capture()` (the engine does so at start-up); `progress`
+    gets a line before each capture. Elsewhere the step runs eagerly over exactly the rows asked for.
+
+    Rows marked `idle` (no sequence of the caller's) still compute inside a bucket: each step holds them at position
+    0, so they write one key only they can see and never run past their buffer.
+    """
+
+    def __init__(self, model, max_batch: int, max_len: int, cuda_graph: bool | None = None,
+                 compile: bool | None = None, buckets: Sequence[int] | None = None,
+                 progress: Callable[[str], None] | None = None):
+        self.model, self.max_batch, self.max_len = model, max_batch, max_len
+        device = model.device
+        self.cache = HymbaCache(model.config, max_batch, max_len, device=device, dtype=model.dtype)
+        self.cache.started = True  # its rows only ever decode; prefills go through fresh views (`begin`)
+        self.graphed = device.type == "cuda" and cuda_graph is not False
+        self.compile = self.graphed and compile is not False
+        self.buckets = sorted(set(buckets or batch_buckets(max_batch))) if self.graphed else []
+        if self.buckets and (self.buckets[0] < 1 or self.buckets[-1] != max_batch):
+            raise HymbaError(f"decode buckets must be positive and end at max_batch ({max_batch}), got {self.buckets}")
+        self.idle = torch.ones(max_batch, dtype=torch.bool, device=device)
+        self.progress = progress
+        self._graphs: dict[int, CudaGraphDecoder] = {}
+        self._views: dict[int, HymbaCache] = {}
+
+    def view(self, n: int) -> HymbaCache:
+        if n not in self._views:
+            self._views[n] = self.cache.rows(n)
+            self._views[n].started = True
+        return self._views[n]
+
+    def bucket(self, n: int) -> int:
+        """The rows a step of `n` rows computes."""
+        if not self.graphed:
+            return n
+        return next(b for b in self.buckets if b >= n)
+
+    def capture(self, sizes: Sequence[int] | None = None) -> None:
+        """Capture (and compile) the step for `sizes` (default: every bucket) now rather than when first used."""
+        for size in sizes or self.buckets:
+            self._graph(size)
+
+    def _graph(self, bucket: int) -> CudaGraphDecoder:
+        if bucket not in self._graphs:
+            if self.progress is not None:
+                what = "compiling and capturing" if self.compile else "capturing"
+                self.progress(f"{what} the decode step for {bucket} row{'s' * (bucket > 1)}")
+            with torch.inference_mode():
+                self._graphs[bucket] = CudaGraphDecoder(self.model, self.view(bucket), bucket, self.compile)
+        return self._graphs[bucket]
+
+    def begin(self, batch: int) -> HymbaCache:
+        """Empty the first `batch` rows for new sequences (all other rows idle) and return a fresh view of them for
+        the prefill; decoding then continues in place through `step`."""
+        rows = torch.arange(batch, device=self.cache.next_position.device)
+        self.cache.reset_rows(rows)
+        self.idle.fill_(True)
+        self.idle[:batch] = False
+        fresh = self.cache.rows(batch)
+        fresh.started = False
+        return fresh
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first len(tokens) rows; returns their logits (len(tokens), vocab)."""
+        n = tokens.shape[0]
+        self.cache.next_position.masked_fill_(self.idle, 0)
+        if not self.graphed:
+            return decode_step(self.model, self.view(n), tokens)
+        return self._graph(self.bucket(n))(tokens)
+
+
+def _parameters_key(model) -> tuple:
+    # Captured graphs read the parameters' memory: a model whose parameters moved or changed (`.to()`, an adapter
+    # wrapped in) needs new graphs.
+    return (model.dtype, tuple(p.data_ptr() for p in model.parameters()))
+
+
+def decode_runner(model, batch: int, max_len: int, cuda_graph: bool | None = None,
+                  compile: bool | None = None) -> DecodeRunner:
+    """The runner `generate` decodes with. On CUDA with graphs it is kept on the model and reused by later calls
+    (its graphs are captured and compiled once) while it holds the batch and its cache size fits the request: sizes
+    are rounded up to powers of two, so a few runners serve every call. Elsewhere a fresh one per call."""
+    if model.device.type != "cuda" or cuda_graph is False:
+        return DecodeRunner(model, batch, max_len, cuda_graph=False)
+    limit = model.config.max_position_embeddings - model.config.num_memory_tokens
+    max_len = min(max(256, 1 << (max_len - 1).bit_length()), max(limit, max_len))
+    batch = 1 << (batch - 1).bit_length()
+    key = (max_len, compile is not False, _parameters_key(model))
+    runner = model.__dict__.get("_hymba_decode_runner")
+    if runner is None or runner.key != key or runner.max_batch < batch:
+        model.__dict__.pop("_hymba_decode_runner", None)  # free its cache and graphs before allocating new ones
+        runner = DecodeRunner(model, batch, max_len, compile=compile, progress=_log_progress)
+        runner.key = key
+        model.__dict__["_hymba_decode_runner"] = runner
+    return runner
+
+
+def _log_progress(line: str) -> None:
+    import logging
+
+    logging.getLogger("hymba").info(line)
 
 
 def _eos_ids(model, eos_token_id) -> list[int]:
@@ -174,12 +376,13 @@ def _eos_ids(model, eos_token_id) -> list[int]:
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     params: SamplingParams, seed: int | None = None, eos_token_id=None, prefill_chunk=None,
                     stop: Callable[[int, torch.Tensor], bool] | None = None,
-                    cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
+                    cuda_graph: bool | None = None, compile: bool | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token of every row (b,) per step; finished rows yield the pad id.
 
-    `stop(row, new_tokens)` may end a row early (stop strings); EOS ids end it after being emitted.
-    On CUDA the decode step runs as a CUDA graph (`cuda_graph`, default on), and whether every row has
-    finished is read back only every few steps, so the GPU never waits on the host between tokens.
+    `stop(row, new_tokens)` may end a row early (stop strings); EOS ids end it after being emitted. Row i samples
+    with seed `seed + i` (a random seed when None). On CUDA the decode step is compiled and captured as CUDA graphs
+    kept for later calls (`decode_runner`; `cuda_graph=False` or `compile=False` turn either off), and whether every
+    row has finished is read back only every few steps, so the GPU never waits on the host between tokens.
     """
     config = model.config
     batch, width = input_ids.shape
@@ -192,26 +395,23 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise HymbaError(f"token id {int(input_ids.max())} is outside this model's vocabulary of {config.vocab_size}; "
                          "the tokenizer does not match the checkpoint")
     device = model.device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    first_seed = random_seed() if seed is None else seed
+    seeds = torch.arange(first_seed, first_seed + batch, device=device)
+    counters = torch.zeros(batch, dtype=torch.long, device=device)  # tokens sampled so far, per row
+    rows = RowSampling.of([params] * batch, device)
     pad_id = pad_token_id(config)
     eos = torch.tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=device)
-    cache = HymbaCache(config, batch, max_len, device=device, dtype=model.dtype)
     seen = None
     if params.repetition_penalty != 1.0:
         seen = seen_tokens(input_ids, attention_mask, config.vocab_size)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)  # filled step by step
 
-    logits = prefill(model, cache, input_ids, attention_mask, prefill_chunk)
-    step_fn = lambda tokens: decode_step(model, cache, tokens)  # noqa: E731
-    if (cuda_graph is None or cuda_graph) and device.type == "cuda" and max_new_tokens > 1:
-        step_fn = CudaGraphDecoder(model, cache, batch)
+    runner = decode_runner(model, batch, max_len, cuda_graph, compile)
+    logits = prefill(model, runner.begin(batch), input_ids, attention_mask, prefill_chunk)
     for step in range(max_new_tokens):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        token = sample(logits, params, generator).masked_fill(finished, pad_id)
+        token = sample(logits, rows, seeds, counters, seen).masked_fill(finished, pad_id)
+        counters += 1
         yield token
         new_tokens[:, step] = token
         if seen is not None:
@@ -223,7 +423,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     finished[row] = True
         if step == max_new_tokens - 1 or ((stop is not None or step % SYNC_EVERY == 0) and bool(finished.all())):
             return
-        logits = step_fn(token)
+        logits = runner.step(token)
 
 
 def _as_batch(model, inputs, attention_mask, tokenizer):
@@ -246,12 +446,14 @@ def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, 
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
              eos_token_id: int | list[int] | None = None, stop_strings: Sequence[str] | None = None,
-             tokenizer=None, prefill_chunk: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+             tokenizer=None, prefill_chunk: int | None = None, cuda_graph: bool | None = None,
+             compile: bool | None = None) -> torch.Tensor:
     """Prompt + new token ids (b, width + new), as transformers' `generate`.
 
     `inputs` (or `input_ids`) is a (b, L) tensor with an optional left-padded `attention_mask`, a list of
     token-id lists, or a list of strings (needs `tokenizer`). Rows that stop early are padded with the pad id.
-    On CUDA the decode step is a CUDA graph unless `cuda_graph=False`.
+    Row i samples with seed `seed + i`. On CUDA the decode step is compiled and captured as CUDA graphs, kept on
+    the model for later calls; `compile=False` captures the eager step, `cuda_graph=False` runs it eagerly.
     """
     inputs = input_ids if inputs is None else inputs
     if max_new_tokens < 1:
@@ -260,7 +462,7 @@ def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, 
     ids, mask = _as_batch(model, inputs, attention_mask, tokenizer)
     stop = _stop_string_check(tokenizer, stop_strings)
     steps = list(generate_tokens(model, ids, mask, max_new_tokens, params, seed, eos_token_id, prefill_chunk, stop,
-                                 cuda_graph))
+                                 cuda_graph, compile))
     return torch.cat([ids, torch.stack(steps, dim=1)], dim=1)
 
 
