@@ -914,3 +914,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--json", metavar="PATH", help="write rows, ratios, device and versions as JSON")
     parser.set_defaults(func=run_bench)
+    from hymba import bench_serve
+
+    kinds = parser.add_subparsers(title="other benchmarks", metavar="{serve}")
+    bench_serve.add_arguments(kinds.add_parser(
+        "serve", help="the serving engine under load vs static generate (random weights)",
+        description=bench_serve.__doc__.split("\n\n")[0].replace("\n", " ")))

@@ -224,7 +224,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer: HymbaTokenizer, max_batch: int = 8, max_len: int | None = None,
-                 max_queue: int | None = None, prefill_chunk: int = 2048, max_batch_tokens: int = 16384,
+                 max_queue: int | None = None, prefill_chunk: int = 1024, max_batch_tokens: int = 16384,
                  max_prefill_rows: int | None = None, prefill_wait_s: float = 0.0, cuda_graph: bool | None = None,
                  compile: bool | None = None, eos_token_id: int | list[int] | None = None,
                  progress: Callable[[str], None] | None = None):
@@ -280,6 +280,9 @@ class Engine:
         self._generated_tokens = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
         self._step_fn = self.runner.step  # the decode step (tests replace it to inject failures)
+        self.decode_steps_total = 0  # decode steps launched, and the requests they decoded (for benchmarks)
+        self.decode_rows_total = 0
+        self.seconds: collections.Counter[str] = collections.Counter()  # host time per part of `step`
 
     # ------------------------------------------------------------------ submitting (any thread)
     def submit(self, prompt: Sequence[int], params: GenerationParams | None = None,
@@ -392,16 +395,25 @@ class Engine:
                 self._finish(r.request, r, Output(r.request.id, None, "", finish_reason="cancelled"))
             if self._group is not None:
                 self._group.cancelled |= cancelled & {q.id for q in self._group.requests}
+            clock = time.perf_counter()
             launched = self._guarded(self._decoding_requests(), self._launch_decode)
             self._form_group()
+            clock = self._time("decode launch", clock)
             if self._group is not None:
                 launched |= self._guarded([q for q in self._group.requests if not q.done], self._prefill_piece)
+                clock = self._time("prefill", clock)
             # Keep the newest launch on the device while the host handles the ones before it.
             processed = False
             while len(self._inflight) > int(launched):
                 self._process(self._inflight.popleft())
                 processed = True
+            self._time("output processing (incl. waiting for the device)", clock)
             return bool(stopped or launched or processed)
+
+    def _time(self, part: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[part] += now - since
+        return now
 
     def _guarded(self, requests: list[_Request], fn) -> bool:
         """Run `fn`; if it raises (e.g. out of memory), end `requests` with an error instead of the scheduler."""
@@ -441,6 +453,8 @@ class Engine:
             if r.launched == r.request.params.max_tokens:
                 self.runner.idle[r.row] = True  # nothing more to feed: park the row at position 0
         self._push(entries, tokens, logits, [r.request for r in decoding])
+        self.decode_steps_total += 1
+        self.decode_rows_total += len(decoding)
         return True
 
     def _sample(self, logits, rows: RowSampling, seeds, counters, seen) -> torch.Tensor:
