@@ -41,8 +41,9 @@ MAX_CHAT_TOP_LOGPROBS = 20
 
 # ---------------------------------------------------------------------------------------------- request bodies
 class _Body(BaseModel):
-    # Unknown fields are errors: a misspelt parameter must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are errors: a misspelt parameter must not be silently ignored. Strict types, as OpenAI's: no
+    # "10" or true for an integer (pydantic would convert them); an integer is still a valid number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
@@ -61,7 +62,7 @@ class _Sampling(_Body):
     repetition_penalty: float | None = Field(None, gt=0)
     presence_penalty: float | None = None  # accepted only as 0: not implemented
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # choice i samples with seed + i: within torch's range
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
