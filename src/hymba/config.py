@@ -12,7 +12,6 @@ are kept in `extra` and written back). Three things go beyond the release, all e
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import warnings
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hymba.errors import HymbaError
+from hymba.errors import HymbaError, did_you_mean
 
 LAYER_TYPES = {"h": "hybrid (attention + SSM heads)", "a": "attention only", "m": "SSM (Mamba) only"}
 
@@ -300,10 +299,8 @@ class HymbaConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
         for key in extra:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
-            if close:
-                warnings.warn(f"config key {key!r} is not one this model reads (kept as is); did you mean "
-                              f"{close[0]!r}?", stacklevel=2)
+            if hint := did_you_mean(key, known):
+                warnings.warn(f"config key {key!r} is not one this model reads, kept as is{hint}", stacklevel=2)
         try:
             return cls(**kwargs, extra=extra)
         except TypeError as exc:  # a value of a type the checks in validate() do not reach, e.g. in __post_init__
