@@ -61,6 +61,12 @@ def _is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def check_seed(seed) -> None:
+    """A seed is None or an integer that torch.Generator.manual_seed takes."""
+    if seed is not None and (not _is_int(seed) or not -2**63 <= seed < 2**64):
+        raise HymbaError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+
+
 def _is_integer_tensor(t: torch.Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool)
 
@@ -330,8 +336,7 @@ def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, 
     if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 1):
         raise HymbaError(f"prefill_chunk must be an integer >= 1 (or None: the prompt in one piece), "
                          f"got {prefill_chunk!r}")
-    if seed is not None and (not _is_int(seed) or not -2**63 <= seed < 2**64):  # what torch.Generator takes
-        raise HymbaError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    check_seed(seed)
     params = SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     ids, mask = _as_batch(model, inputs, attention_mask, tokenizer)
     stop = _stop_string_check(tokenizer, stop_strings)

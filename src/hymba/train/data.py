@@ -367,6 +367,8 @@ def tokenize(
     shards, sources = plan_shards(expand_inputs(inputs), text_field, hf_dataset, hf_split)
     workers = max(1, min(workers or os.cpu_count() or 1, len(shards)))
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise HymbaError(f"--out {out} is a file; give a folder for train.bin, val.bin and meta.json")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
 
