@@ -67,17 +67,20 @@ def paths(tmp_path_factory) -> dict[str, str]:
     (root / "bad.jsonl.gz").write_bytes(b"not gzip at all")
     (root / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "hello"}\n' * 100)[:40])
 
-    # A finished 2-step run to resume, and a copy whose trainer state is cut short.
+    # A finished 2-step run to resume, and copies whose trainer state or weights are cut short.
     train = ["train", "--config", "tiny-cpu", "--data-dir", str(tokens), "--no-progress", "--block-size", "32",
              "--batch-size", "2", "--max-steps", "2"]
     assert main([*train, "--out", str(root / "run")]) == 0
     shutil.copytree(root / "run", root / "run-cut")
     state = root / "run-cut" / "step-0000002" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:1000])
+    shutil.copytree(root / "run", root / "run-cut-weights")
+    weights = root / "run-cut-weights" / "step-0000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     return {"root": str(root), "ckpt": str(ckpt), "tokens": str(tokens)} | {
         name: str(root / name) for name in ("truncated", "config-list", "global-int", "sharded", "bad-meta",
                                             "latin1.txt", "empty.txt", "prompts.txt", "bad.jsonl.gz", "cut.jsonl.gz",
-                                            "run", "run-cut")}
+                                            "run", "run-cut", "run-cut-weights")}
 
 
 def fill(arg: str, paths: dict[str, str]) -> str:
@@ -153,6 +156,9 @@ ROWS = {
                                      None),
     "train: resume a cut state": ([*RESUME, "--out", "{run-cut}", "--max-steps", "3"], "trainer_state.pt is damaged",
                                   "{run-cut}/step-0000003"),
+    "train: resume cut weights": ([*RESUME, "--out", "{run-cut-weights}", "--max-steps", "3"],
+                                  "model.safetensors is not a readable safetensors file",
+                                  "{run-cut-weights}/step-0000003"),
     "train: JSON not parsed (argparse)": ([*TRAIN, "--model-overrides", "{bad"], "invalid loads value", None),
     # study
     "study: unknown device": (["study", "--out", "{root}/st", "--device", "tpu"], "unknown device 'tpu'", "{root}/st"),
@@ -173,6 +179,10 @@ ROWS = {
     "serve: truncated weights": (["serve", "--model", "{truncated}"], "not a readable safetensors", None),
     "serve: context past the model": (["serve", "--max-context", "100000"], "max_len must be in", None),
 }
+
+if not torch.cuda.is_available():
+    ROWS |= {"generate: CUDA without a GPU": (["generate", "hi", "--device", "cuda"], "no CUDA device", None),
+             "train: CUDA without a GPU": ([*TRAIN, "--device", "cuda"], "no CUDA device", "{root}/never")}
 
 
 @pytest.mark.parametrize("argv, message, not_created", ROWS.values(), ids=ROWS.keys())
