@@ -198,7 +198,7 @@ class HymbaConfig:
                  "set it to -1")
         if self.kq_head_dim not in (-1, self.hidden_size // self.num_attention_heads):
             fail("kq_head_dim", f"{self.kq_head_dim} does not match hidden_size / num_attention_heads", "set it to -1")
-        if self.mamba_dt_rank != "auto" and type(self.mamba_dt_rank) is not int or self.dt_rank <= 0:
+        if (self.mamba_dt_rank != "auto" and type(self.mamba_dt_rank) is not int) or self.dt_rank <= 0:
             fail("mamba_dt_rank", f"must be positive or 'auto', got {self.mamba_dt_rank!r}", "use e.g. 'auto'")
         if self.intermediate_size < 0:
             fail("intermediate_size", "must be >= 0 (0 means no MLP)", "set the MLP width")

@@ -613,10 +613,9 @@ def check_resume(cfg: TrainConfig, checkpoint: Path) -> tuple[list[str], list[st
     if not isinstance(saved, dict):
         return [f"(unknown: {saved_path} is missing or damaged)"], []
     now = json.loads(json.dumps(cfg.to_dict()))
-    changed = [k for k in now if k in saved and saved[k] != now[k]]
-    describe = lambda keys: [f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys]  # noqa: E731
-    return (describe(k for k in changed if k not in KEPT_ON_RESUME),
-            describe(k for k in changed if k in KEPT_ON_RESUME))
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    return ([c for c in changed if c.split()[0] not in KEPT_ON_RESUME],
+            [c for c in changed if c.split()[0] in KEPT_ON_RESUME])
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
