@@ -42,7 +42,7 @@ def saved_names(directory: Path) -> dict[str, tuple]:
 def test_round_trip_is_bit_identical(tiny_config, tmp_path, dtype):
     model = HymbaForCausalLM(tiny_config).to(dtype)
     model.save_pretrained(tmp_path)
-    loaded = HymbaForCausalLM.from_pretrained(tmp_path)  # dtype from the saved config
+    loaded = HymbaForCausalLM.from_pretrained(tmp_path, dtype="auto")  # dtype from the saved config
     assert loaded.dtype == dtype
     assert_identical(model, loaded)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
@@ -56,6 +56,20 @@ def test_loading_in_another_dtype(tiny_config, tmp_path):
     loaded = HymbaForCausalLM.from_pretrained(tmp_path, dtype="bf16")
     assert loaded.dtype == torch.bfloat16
     assert_identical(model.to(torch.bfloat16), loaded)
+
+
+def test_default_dtype_on_the_cpu_is_float32_as_in_the_cli(tiny_config, tmp_path):
+    """A bf16 checkpoint loads as float32 on the CPU both through the API and `hymba generate` (which passes
+    no dtype unless --dtype is given)."""
+    HymbaForCausalLM(tiny_config).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert HymbaForCausalLM.from_pretrained(tmp_path).dtype == torch.float32
+    assert HymbaForCausalLM.from_pretrained(tmp_path, device="cpu").dtype == torch.float32
+    assert HymbaForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+
+    from hymba.generate_cli import load_model_and_tokenizer
+
+    assert load_model_and_tokenizer(str(tmp_path), "cpu", None)[0].dtype == torch.float32
+    assert load_model_and_tokenizer(str(tmp_path), "cpu", "bfloat16")[0].dtype == torch.bfloat16
 
 
 def test_sharded_save_loads_back_identically(tiny_config, tmp_path):
@@ -74,6 +88,18 @@ def test_unsharded_save_over_a_sharded_one_drops_the_index(tiny_config, tmp_path
     model.save_pretrained(tmp_path, max_shard_bytes=200_000)
     model.save_pretrained(tmp_path)
     assert not (tmp_path / INDEX_NAME).exists()
+    assert_identical(model, HymbaForCausalLM.from_pretrained(tmp_path))
+
+
+def test_save_over_another_layout_leaves_no_stale_weights(tiny_config, tmp_path):
+    """Old shards (or an old single file) would be dead weight that tools globbing *.safetensors still load."""
+    model = HymbaForCausalLM(tiny_config)
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [WEIGHTS_NAME]
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    assert not (tmp_path / WEIGHTS_NAME).exists() and (tmp_path / INDEX_NAME).exists()
     assert_identical(model, HymbaForCausalLM.from_pretrained(tmp_path))
 
 
@@ -118,6 +144,44 @@ def test_mismatched_checkpoint_lists_every_problem_in_one_error(tiny_config, tmp
     assert "missing: model.layers.3.mamba.D.0" in message
     assert "unexpected: model.layers.9.mamba.surprise" in message
     assert "mis-shaped: model.final_layernorm.weight (7,) (expected (64,))" in message
+
+
+# how a checkpoint is damaged -> (the file, what it is overwritten with: None deletes it)
+DAMAGE = {
+    "truncated weights": (WEIGHTS_NAME, lambda data: data[:5000]),
+    "random weights": (WEIGHTS_NAME, lambda data: os.urandom(5000)),
+    "empty weights": (WEIGHTS_NAME, lambda data: b""),
+    "config is a list": ("config.json", lambda data: b"[1, 2]"),
+    "global layer not a list": ("config.json", lambda data: json.dumps({**json.loads(data), "global_attn_idx": 5})),
+    "index not JSON": (INDEX_NAME, lambda data: b"{not json"),
+    "index without weight_map": (INDEX_NAME, lambda data: b"{}"),
+    "truncated shard": ("model-00001-of-*", lambda data: data[:100]),
+    "shard missing": ("model-00001-of-*", None),
+}
+
+
+@pytest.mark.parametrize("name, damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_damaged_checkpoint_is_one_line_naming_the_file(tiny_config, tmp_path, name, damage):
+    sharded = name != WEIGHTS_NAME
+    HymbaForCausalLM(tiny_config).save_pretrained(tmp_path, max_shard_bytes=200_000 if sharded else 5 << 30)
+    file = next(tmp_path.glob(name))
+    if damage is None:
+        file.unlink()
+    else:
+        broken = damage(file.read_bytes())
+        file.write_bytes(broken.encode() if isinstance(broken, str) else broken)
+    with pytest.raises(HymbaError) as info:
+        HymbaForCausalLM.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert file.name in message and "\n" not in message
+
+
+def test_unknown_device_is_an_error(tiny_config, tmp_path):
+    HymbaForCausalLM(tiny_config).save_pretrained(tmp_path)
+    with pytest.raises(HymbaError, match="unknown device 'tpu'"):
+        HymbaForCausalLM.from_pretrained(tmp_path, device="tpu")
+    with pytest.raises(HymbaError, match="not supported"):
+        HymbaForCausalLM.from_pretrained(tmp_path, device="mps")
 
 
 def test_missing_directory_is_an_error(tmp_path, monkeypatch):

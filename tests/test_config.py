@@ -37,6 +37,7 @@ def test_released_config_round_trips_exactly(released_config_path, tmp_path):
     assert HymbaConfig.from_json(tmp_path).to_dict() == original  # a directory resolves to its config.json
 
 
+@pytest.mark.filterwarnings("error")  # keys unlike any known one are kept without a warning
 def test_unknown_keys_are_kept_and_written_back(released_config_path, tmp_path):
     data = json.loads(released_config_path.read_text())
     data["some_future_key"] = {"nested": [1, 2.5, None]}
@@ -101,6 +102,13 @@ BAD_CONFIGS = {
     "global layer out of range": ({"global_attn_idx": [0, 7]}, "global_attn_idx", "layer 7 is out of range"),
     "mixture of experts": ({"num_experts": 2}, "num_experts", "2 is not supported"),
     "unknown rope type": ({"rope_type": "yarn"}, "rope_type", "'yarn' is not supported"),
+    "negative positions": ({"max_position_embeddings": -1}, "max_position_embeddings", "positive integer, got -1"),
+    "global layers not a list": ({"global_attn_idx": 5}, "global_attn_idx", "must be a list of layer indices"),
+    "layer index not an integer": ({"global_attn_idx": [0, "3"]}, "global_attn_idx", "must be a list of layer"),
+    "kv groups not lists": ({"kv_reuse_group": [1, 2]}, "kv_reuse_group", "must be a list of lists"),
+    "layer types as a string": ({"layer_type": "hhhhhhh"}, "layer_type", "must be a list of layer kinds"),
+    "dt rank a word": ({"mamba_dt_rank": "big"}, "mamba_dt_rank", "positive or 'auto'"),
+    "meta tokens a string": ({"num_memory_tokens": "8"}, "num_memory_tokens", "must be an integer"),
 }
 
 
@@ -119,3 +127,23 @@ def test_missing_or_broken_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(HymbaError, match="not valid JSON"):
         HymbaConfig.from_json(tmp_path)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("[1, 2]", "a config is a JSON object of keys and values, got list"),
+    ('{"kv_reuse_every_i_layer": "2"}', "wrong type"),
+    (b"\xff\xfe{}", "not valid JSON"),
+])
+def test_config_file_of_the_wrong_shape_names_the_file(tmp_path, content, problem):
+    path = tmp_path / "config.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(HymbaError) as info:
+        HymbaConfig.from_json(tmp_path)
+    assert str(info.value).startswith(str(path)) and problem in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_near_miss_of_a_known_key_warns_and_is_kept():
+    with pytest.warns(UserWarning, match="'hidden_sise'.*did you mean 'hidden_size'"):
+        config = HymbaConfig.from_dict({**HymbaConfig.preset("tiny").to_dict(), "hidden_sise": 3})
+    assert config.extra == {"hidden_sise": 3} and config.hidden_size == 64

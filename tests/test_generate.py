@@ -156,3 +156,66 @@ def test_repetition_penalty_is_batch_invariant(model):
     batched = generate(model, PROMPTS, **kwargs)
     for row, prompt in enumerate(PROMPTS):
         assert generate(model, [prompt], **kwargs)[0, len(prompt):].tolist() == batched[row, -12:].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+IDS = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+LEFT = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+BAD_CALLS = {
+    # name -> (generate's arguments after the model, what the message must say)
+    "prefill chunk 0": (dict(inputs=PROMPTS, prefill_chunk=0), "prefill_chunk must be an integer >= 1"),
+    "negative prefill chunk": (dict(inputs=PROMPTS, prefill_chunk=-1), "prefill_chunk must be an integer >= 1"),
+    "max_new_tokens a string": (dict(inputs=PROMPTS, max_new_tokens="5"), "max_new_tokens must be an integer"),
+    "seed a string": (dict(inputs=PROMPTS, seed="abc"), "seed must be an integer"),
+    "seed past 64 bits": (dict(inputs=PROMPTS, seed=2**64), "seed must be an integer"),
+    "temperature nan": (dict(inputs=PROMPTS, do_sample=True, temperature=float("nan")), "temperature must be"),
+    "repetition penalty nan": (dict(inputs=PROMPTS, repetition_penalty=float("nan")), "repetition_penalty must"),
+    "top_k a float": (dict(inputs=PROMPTS, top_k=2.5), "top_k must be an integer"),
+    "float ids": (dict(inputs=torch.tensor([[5.7, 6.2]])), "integer tensor"),
+    "3-D ids": (dict(inputs=IDS[None]), "(batch, length)"),
+    "empty ids": (dict(inputs=torch.zeros(1, 0, dtype=torch.long)), "(batch, length)"),
+    "float ids in lists": (dict(inputs=[[5.7, 6.0]]), "prompt 0 is not a list of integer token ids"),
+    "bool ids in lists": (dict(inputs=[[True, False]]), "prompt 0 is not a list of integer token ids"),
+    "negative id": (dict(inputs=[[5, -1, 6]]), "token id -1 is outside"),
+    "id past the vocabulary": (dict(inputs=[[5, 97]]), "token id 97 is outside"),
+    "no prompts": (dict(inputs=[]), "inputs must be"),
+    "an empty prompt": (dict(inputs=[[5], []]), "prompt 1 is empty"),
+    "strings and ids mixed": (dict(inputs=["hello", [5]]), "mix strings and token ids"),
+    "right padding": (dict(inputs=IDS, attention_mask=LEFT.flip(1)), "must be left padding"),
+    "a hole in the mask": (dict(inputs=IDS, attention_mask=torch.tensor([[1, 0, 1, 1], [0, 0, 1, 1]])),
+                           "must be left padding"),
+    "mask of another width": (dict(inputs=IDS, attention_mask=LEFT[:, 1:]), "attention_mask is (2, 3)"),
+    "mask values other than 0/1": (dict(inputs=IDS, attention_mask=LEFT * 2), "only 0 (padding) and 1"),
+    "mask with lists": (dict(inputs=PROMPTS, attention_mask=LEFT), "goes with a tensor of input ids"),
+    "empty stop string": (dict(inputs=PROMPTS, stop_strings=[""], tokenizer=object()), "non-empty strings"),
+}
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_generate_arguments_are_one_line_errors(model, kwargs, message):
+    with pytest.raises(HymbaError) as info:
+        generate(model, **kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_left_padded_tensor_with_mask_is_accepted(model):
+    out = generate(model, IDS, LEFT, max_new_tokens=4)
+    assert torch.equal(out[1, -4:], generate(model, [[9, 10]], max_new_tokens=4)[0, -4:])
+
+
+def test_a_stop_string_given_as_a_string_is_one_stop_string():
+    """stop_strings="xyz" is the stop string "xyz", not the three stop strings "x", "y" and "z"."""
+    from hymba.tokenizer import HymbaTokenizer
+
+    torch.manual_seed(0)
+    model = HymbaForCausalLM(HymbaConfig.preset("tiny", eos_token_id=None)).eval()
+    model.init_weights()
+    tokenizer = HymbaTokenizer.from_pretrained()
+    kwargs = dict(inputs=["The old castle"], tokenizer=tokenizer, max_new_tokens=12)
+    free = generate(model, **kwargs)
+    text = tokenizer.decode(free[0, -12:].tolist())
+    first = next(c for c in text if c.strip())  # a character the text holds, so a stop on it alone would fire
+    stop = first + "\u2603\u2603"  # ... followed by what the text does not hold
+    assert stop not in text
+    assert torch.equal(generate(model, stop_strings=stop, **kwargs), free)
+    assert generate(model, stop_strings=first, **kwargs).shape[1] < free.shape[1]  # the one-character stop fires

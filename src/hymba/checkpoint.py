@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hymba.config import HymbaConfig
@@ -29,15 +29,39 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, config: HymbaConfig | None = None) -> torch.dtype:
-    """A torch dtype from a dtype, a name ('bf16', 'float32', ...), or None/'auto' (the checkpoint's own)."""
+def resolve_dtype(dtype: torch.dtype | str | None, config: HymbaConfig | None = None,
+                  device: torch.device | None = None) -> torch.dtype:
+    """A torch dtype from a dtype, a name ('bf16', 'float32', ...), 'auto' (the checkpoint's own), or None.
+
+    None is float32 on the CPU and the checkpoint's own dtype elsewhere, the rule the `hymba` command uses too:
+    CPU bf16 matmuls are slow, and their results depend on the batch a row is in (see the README).
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype is None and device is not None and device.type == "cpu":
+        dtype = "float32"
     if dtype in (None, "auto"):
         dtype = (config.torch_dtype if config else None) or "float32"
     if dtype not in DTYPES:
         raise HymbaError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
     return DTYPES[dtype]
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """A torch device from a name, refusing device types we do not run on and CUDA where there is none."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HymbaError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise HymbaError(f"device {device} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HymbaError(f"device {device} asked for, but PyTorch sees no CUDA device; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise HymbaError(f"device {device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def resolve_checkpoint_dir(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
@@ -61,9 +85,22 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike, revision: str | None =
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    if (directory / INDEX_NAME).is_file():
-        index = json.loads((directory / INDEX_NAME).read_text())
-        return [directory / name for name in sorted(set(index["weight_map"].values()))]
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HymbaError(f"{index_path} is not valid JSON ({exc}); re-download or re-save the checkpoint") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise HymbaError(f"{index_path} has no weight_map of tensor names to files; re-download or re-save "
+                             "the checkpoint")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise HymbaError(f"{index_path} names shard(s) that are not there: {', '.join(missing)}; re-download "
+                             "the checkpoint")
+        return files
     if (directory / WEIGHTS_NAME).is_file():
         return [directory / WEIGHTS_NAME]
     raise HymbaError(f"{directory} has no {WEIGHTS_NAME} or {INDEX_NAME}; only safetensors checkpoints are read "
@@ -85,20 +122,24 @@ def load_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype | str | No
 
     directory = resolve_checkpoint_dir(path_or_id, revision)
     config = HymbaConfig.from_json(directory / "config.json")
-    dtype = resolve_dtype(dtype, config)
-    device = torch.device(device or "cpu")
+    device = resolve_device(device or "cpu")
+    dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = HymbaForCausalLM(config)
     expected = expected_tensors(model)
 
     state, wrong_shape = {}, []
     for file in _weight_files(directory):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if name in expected and tensor.shape != expected[name]:
-                    wrong_shape.append(f"{name} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
-                state[name] = tensor.to(dtype)
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    if name in expected and tensor.shape != expected[name]:
+                        wrong_shape.append(f"{name} {tuple(tensor.shape)} (expected {tuple(expected[name])})")
+                    state[name] = tensor.to(dtype)
+        except SafetensorError as exc:  # truncated, empty or not safetensors at all
+            raise HymbaError(f"{file} is not a readable safetensors file ({exc}); re-download or re-save the "
+                             "checkpoint") from None
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected or wrong_shape:
@@ -166,6 +207,11 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_bytes: int = 
         _atomic_write(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     elif (directory / INDEX_NAME).exists():
         (directory / INDEX_NAME).unlink()
+    # Weights of an earlier save in another layout (shards, or one file) would be left behind, unused but loaded
+    # by tools that glob *.safetensors; they go once the new weights (and index) are in place.
+    for stale in [*directory.glob("model-*-of-*.safetensors"), directory / WEIGHTS_NAME]:
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
     _atomic_write(directory / "config.json", config.to_json)
 
     source = copy_side_files_from or getattr(model, "checkpoint_dir", None)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from hymba.errors import HymbaError
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "device", None) not in (None, "auto"):  # every subcommand's --device, checked in one place
+            from hymba.checkpoint import resolve_device
+
+            resolve_device(args.device)
         result = args.func(args)
     except HymbaError as exc:
         print(f"hymba {args.command}: error: {exc}", file=sys.stderr)
@@ -48,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hymba {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`hymba generate ... | head -c 20`): stop quietly with the status a SIGPIPE gives, as
+        # `yes | head` does. stdout goes to /dev/null first, or Python reports the pipe again when it flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return int(result or 0)
 
 

@@ -14,15 +14,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hymba.errors import HymbaError
+from hymba.errors import HymbaError, did_you_mean
 
 LAYER_TYPES = {"h": "hybrid (attention + SSM heads)", "a": "attention only", "m": "SSM (Mamba) only"}
+
+
+def _list_of(value: Any, kind: type) -> bool:
+    """A list (or tuple) whose items are all exactly `kind` (so True is no layer index)."""
+    return isinstance(value, (list, tuple)) and all(type(item) is kind for item in value)
 
 
 @dataclass
@@ -164,9 +170,23 @@ class HymbaConfig:
 
         n = self.num_hidden_layers
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "mamba_expand", "mamba_d_state", "mamba_d_conv"):
+                    "mamba_expand", "mamba_d_state", "mamba_d_conv", "max_position_embeddings"):
             if type(getattr(self, key)) is not int or getattr(self, key) <= 0:  # bool is an int subclass: refuse it
                 fail(key, f"must be a positive integer, got {getattr(self, key)!r}", "set a positive integer")
+        for key in ("intermediate_size", "num_memory_tokens"):
+            if type(getattr(self, key)) is not int:
+                fail(key, f"must be an integer, got {getattr(self, key)!r}", "set an integer")
+        # The per-layer lists are checked for type first, so the checks below can index and compare them.
+        if not _list_of(self.layer_type, str):
+            fail("layer_type", f"must be a list of layer kinds, got {self.layer_type!r}",
+                 f"give one of {sorted(LAYER_TYPES)} per layer")
+        if not _list_of(self.global_attn_idx, int):
+            fail("global_attn_idx", f"must be a list of layer indices, got {self.global_attn_idx!r}",
+                 "e.g. [0, 15, 31]")
+        if self.kv_reuse_group is not None and not (
+                _list_of(self.kv_reuse_group, list) and all(_list_of(g, int) for g in self.kv_reuse_group)):
+            fail("kv_reuse_group", f"must be a list of lists of layer indices, got {self.kv_reuse_group!r}",
+                 "e.g. [[1, 2], [3, 4]], or null for no KV sharing")
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"{self.num_attention_heads} heads do not divide hidden_size "
                  f"{self.hidden_size}", "pick a head count that divides hidden_size")
@@ -178,7 +198,7 @@ class HymbaConfig:
                  "set it to -1")
         if self.kq_head_dim not in (-1, self.hidden_size // self.num_attention_heads):
             fail("kq_head_dim", f"{self.kq_head_dim} does not match hidden_size / num_attention_heads", "set it to -1")
-        if self.dt_rank <= 0:
+        if (self.mamba_dt_rank != "auto" and type(self.mamba_dt_rank) is not int) or self.dt_rank <= 0:
             fail("mamba_dt_rank", f"must be positive or 'auto', got {self.mamba_dt_rank!r}", "use e.g. 'auto'")
         if self.intermediate_size < 0:
             fail("intermediate_size", "must be >= 0 (0 means no MLP)", "set the MLP width")
@@ -272,10 +292,19 @@ class HymbaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HymbaConfig:
+        """A config from released keys; other keys are kept in `extra`, with a warning when one looks misspelt."""
+        if not isinstance(data, dict):
+            raise HymbaError(f"a config is a JSON object of keys and values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        for key in extra:
+            if hint := did_you_mean(key, known):
+                warnings.warn(f"config key {key!r} is not one this model reads, kept as is{hint}", stacklevel=2)
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as exc:  # a value of a type the checks in validate() do not reach, e.g. in __post_init__
+            raise HymbaError(f"a config value has the wrong type ({exc})") from None
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -289,9 +318,12 @@ class HymbaConfig:
             raise HymbaError(f"no config at {path}; pass a checkpoint directory that holds config.json")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise HymbaError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except HymbaError as exc:
+            raise HymbaError(f"{path}: {exc}") from None
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> HymbaConfig:

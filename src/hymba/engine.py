@@ -52,6 +52,7 @@ from hymba.generate import (
     pad_token_id,
     random_seed,
     sample,
+    seed_as_int64,
     trim_completion,
 )
 from hymba.tokenizer import HymbaTokenizer, StreamDecoder
@@ -297,7 +298,7 @@ class Engine:
         with self._lock:
             if self.max_queue is not None and len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting; retry later")
-            seed = params.seed if params.seed is not None else random_seed()
+            seed = seed_as_int64(params.seed) if params.seed is not None else random_seed()
             request = _Request(next(self._ids), prompt, params, on_output or (lambda output: None), seed)
             self._waiting.append(request)
             self._requests_total += 1

@@ -7,8 +7,10 @@ EOS id or a stop string stop growing (they are padded) while the others go on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import torch
 
@@ -31,18 +33,42 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise HymbaError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not _is_number(getattr(self, name)):
+                raise HymbaError(f"{name} must be a number, got {getattr(self, name)!r}")
+        # Each check is written so that NaN, which fails every comparison, fails it too.
+        if not 0 <= self.temperature < math.inf:
+            raise HymbaError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise HymbaError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise HymbaError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.top_k < 0:
-            raise HymbaError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise HymbaError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise HymbaError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise HymbaError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
         if self.temperature == 0:
             self.do_sample = False
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or NumPy), but not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A real number (Python or NumPy), but not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_seed(seed) -> None:
+    """A seed is None or an integer that torch.Generator.manual_seed takes."""
+    if seed is not None and (not _is_int(seed) or not -2**63 <= seed < 2**64):
+        raise HymbaError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+
+
+def _is_integer_tensor(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool)
 
 
 def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
@@ -146,6 +172,11 @@ def sample(logits: torch.Tensor, rows: RowSampling, seeds: torch.Tensor, counter
     return torch.where(sampled, chosen, greedy)
 
 
+def seed_as_int64(seed: int) -> int:
+    """A seed in [-2**63, 2**64) as the int64 with the same low 64 bits (what `sampling_noise` computes with)."""
+    return (seed + 2 ** 63) % 2 ** 64 - 2 ** 63
+
+
 def random_seed() -> int:
     """A seed for a request that names none, from torch's global generator (so `torch.manual_seed` fixes it)."""
     return int(torch.randint(0, 2 ** 62, (1,)))
@@ -158,14 +189,26 @@ def pad_token_id(config) -> int:
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (b, max_len), with every row right-aligned."""
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise HymbaError("every prompt needs at least one token")
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[row, width - len(seq):] = 1
+    rows = []
+    for i, seq in enumerate(sequences):
+        try:
+            row = torch.as_tensor(list(seq))
+        except (TypeError, ValueError, RuntimeError):
+            row = None
+        if row is not None and row.shape == (0,):
+            raise HymbaError(f"prompt {i} is empty; every prompt needs at least one token")
+        # Without this check float ids would be truncated to integers and bools read as ids 0 and 1.
+        if row is None or row.dim() != 1 or not _is_integer_tensor(row):
+            raise HymbaError(f"prompt {i} is not a list of integer token ids: {str(seq)[:60]}")
+        rows.append(row)
+    if not rows:
+        raise HymbaError("no prompts given; pass at least one")
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -396,7 +439,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                          "the tokenizer does not match the checkpoint")
     device = model.device
     first_seed = random_seed() if seed is None else seed
-    seeds = torch.arange(first_seed, first_seed + batch, device=device)
+    seeds = torch.tensor([seed_as_int64(first_seed + row) for row in range(batch)], device=device)
     counters = torch.zeros(batch, dtype=torch.long, device=device)  # tokens sampled so far, per row
     rows = RowSampling.of([params] * batch, device)
     pad_id = pad_token_id(config)
@@ -427,18 +470,57 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def _as_batch(model, inputs, attention_mask, tokenizer):
-    """Accept a tensor (+ mask), a list of token lists, or a list of strings (with a tokenizer)."""
-    pad_id = pad_token_id(model.config)
+    """Accept a tensor (+ left-padding mask), token-id lists, or strings (with a tokenizer); check the ids."""
     if isinstance(inputs, torch.Tensor):
-        ids = inputs if inputs.dim() == 2 else inputs[None]
-        return ids.to(model.device), None if attention_mask is None else attention_mask.to(model.device)
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if inputs and isinstance(inputs[0], str):
-        if tokenizer is None:
-            raise HymbaError("text prompts need a tokenizer; pass tokenizer=HymbaTokenizer.from_pretrained(...)")
-        inputs = tokenizer.encode_batch(list(inputs))
-    return left_pad(inputs, pad_id, model.device)
+        ids, mask = _checked_tensor(inputs, attention_mask)
+    else:
+        if attention_mask is not None:
+            raise HymbaError("attention_mask goes with a tensor of input ids; lists of prompts are left-padded here")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, Sequence) or not inputs:
+            raise HymbaError(f"inputs must be a tensor, a list of token-id lists or a list of strings, got "
+                             f"{type(inputs).__name__ if inputs is not None else None}")
+        if all(_is_int(t) for t in inputs):  # one prompt's ids, as a 1-D tensor is
+            inputs = [inputs]
+        if any(isinstance(p, str) for p in inputs):
+            if not all(isinstance(p, str) for p in inputs):
+                raise HymbaError("inputs mix strings and token ids; pass one kind")
+            if tokenizer is None:
+                raise HymbaError("text prompts need a tokenizer; pass tokenizer=HymbaTokenizer.from_pretrained(...)")
+            inputs = tokenizer.encode_batch(list(inputs))
+        ids, mask = left_pad(inputs, pad_token_id(model.config), model.device)
+    vocab = model.config.vocab_size
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.numel():
+        raise HymbaError(f"token id {int(bad[0])} is outside this model's vocabulary of {vocab} (0..{vocab - 1}); "
+                         "the tokenizer does not match the checkpoint")
+    return ids.to(model.device), None if mask is None else mask.to(model.device)
+
+
+def _checked_tensor(inputs: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids, mask) of a (L,) or (b, L) id tensor, whose mask must be left padding (generate's contract)."""
+    if not _is_integer_tensor(inputs):
+        raise HymbaError(f"input ids must be an integer tensor, got {inputs.dtype}")
+    if inputs.dim() not in (1, 2) or inputs.shape[-1] == 0:
+        raise HymbaError(f"input ids must be (length,) or (batch, length) with length >= 1, got {tuple(inputs.shape)}")
+    ids = inputs if inputs.dim() == 2 else inputs[None]
+    if attention_mask is None:
+        return ids, None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise HymbaError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    mask = attention_mask if attention_mask.dim() == 2 else attention_mask[None]
+    if mask.shape != ids.shape:
+        raise HymbaError(f"attention_mask is {tuple(attention_mask.shape)} but the input ids are {tuple(inputs.shape)}")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise HymbaError("attention_mask may hold only 0 (padding) and 1 (token)")
+    mask = mask.long()
+    # Left padding: in every row the 0s come first and the last position is a token. Other masks (right padding,
+    # holes) would be read as left padding and silently change the text.
+    if (mask.diff(dim=1) < 0).any() or not mask[:, -1].all():
+        raise HymbaError("attention_mask must be left padding (each row's 0s before its 1s, ending in a 1); "
+                         "left-pad the prompts (hymba.generate.left_pad) or pass lists of token ids")
+    return ids, mask
 
 
 @torch.inference_mode()
@@ -456,8 +538,12 @@ def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, 
     the model for later calls; `compile=False` captures the eager step, `cuda_graph=False` runs it eagerly.
     """
     inputs = input_ids if inputs is None else inputs
-    if max_new_tokens < 1:
-        raise HymbaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise HymbaError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 1):
+        raise HymbaError(f"prefill_chunk must be an integer >= 1 (or None: the prompt in one piece), "
+                         f"got {prefill_chunk!r}")
+    check_seed(seed)
     params = SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     ids, mask = _as_batch(model, inputs, attention_mask, tokenizer)
     stop = _stop_string_check(tokenizer, stop_strings)
@@ -467,8 +553,12 @@ def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, 
 
 
 def _stop_string_check(tokenizer, stop_strings):
+    if isinstance(stop_strings, str):  # one stop string, not one per character
+        stop_strings = [stop_strings]
     if not stop_strings:
         return None
+    if not all(isinstance(s, str) and s for s in stop_strings):  # "" would match at once and stop every row
+        raise HymbaError(f"stop_strings must be non-empty strings, got {list(stop_strings)!r}")
     if tokenizer is None:
         raise HymbaError("stop strings need a tokenizer to read the generated text")
     longest = max(len(s) for s in stop_strings)

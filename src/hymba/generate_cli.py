@@ -16,18 +16,13 @@ def default_model_dir() -> Path:
 
 def load_model_and_tokenizer(model: str | None, device: str | None, dtype: str | None):
     """(model, tokenizer) for a path or hub id; the tokenizer comes from the checkpoint or the packaged default."""
-    import torch
-
+    from hymba.checkpoint import resolve_device
     from hymba.model import HymbaForCausalLM
     from hymba.tokenizer import HymbaTokenizer, default_tokenizer_dir
 
     path = model or default_model_dir()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise HymbaError(f"--device {device} asked for, but PyTorch sees no CUDA device; use --device cpu")
-    lm = HymbaForCausalLM.from_pretrained(str(path), dtype=dtype or ("float32" if device == "cpu" else "bfloat16"),
-                                          device=device)
+    # dtype None: from_pretrained's default (float32 on CPU, the checkpoint's own on GPU), so API and CLI agree.
+    lm = HymbaForCausalLM.from_pretrained(str(path), dtype=dtype, device=resolve_device(device))
     tok_dir = lm.checkpoint_dir if (lm.checkpoint_dir / "tokenizer.json").is_file() else default_tokenizer_dir()
     return lm, HymbaTokenizer.from_pretrained(tok_dir)
 
@@ -36,7 +31,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the small model in the package)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+                        help="weights dtype (default: float32 on CPU, the checkpoint's own on GPU)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]")
@@ -47,26 +42,52 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args) -> dict:
-    from hymba.generate import SamplingParams
+    from hymba.generate import SamplingParams, check_seed
 
     params = SamplingParams(do_sample=args.temperature > 0, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     if args.max_new_tokens < 1:
         raise HymbaError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_seed(args.seed)
     return vars(params)
+
+
+def _utf8(text: str, what: str) -> str:
+    """`text`, if it came from UTF-8: Python reads other bytes in argv and stdin as lone surrogates
+    (surrogateescape), which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HymbaError(f"{what} is not UTF-8 text (character {exc.start}); give UTF-8 text") from None
+    return text
+
+
+def _read_batch_file(path: Path) -> list[str]:
+    """The prompts of a batch file: its non-blank lines."""
+    if path.is_dir():
+        raise HymbaError(f"--batch-file {path} is a directory; give a text file with one prompt per line")
+    if not path.is_file():
+        raise HymbaError(f"--batch-file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a BOM is no part of the first prompt
+    except UnicodeDecodeError as exc:
+        raise HymbaError(f"--batch-file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise HymbaError(f"--batch-file {path} has no prompts; put one prompt on each line")
+    return prompts
 
 
 def run_generate(args) -> int:
     from hymba.generate import complete, stream
 
     sampling = _sampling(args)  # validate before loading anything
+    if args.batch_file and args.prompt is not None:
+        raise HymbaError("give a prompt or --batch-file, not both (the prompts of a batch file are its lines)")
     if args.batch_file:
-        path = Path(args.batch_file)
-        if not path.is_file():
-            raise HymbaError(f"--batch-file {path} does not exist")
-        prompts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+        prompts = _read_batch_file(Path(args.batch_file))
     elif args.prompt is not None:
-        prompts = [args.prompt]
+        prompts = [_utf8(args.prompt, "the prompt")]
     else:
         raise HymbaError('give a prompt (hymba generate "Once upon a time") or --batch-file FILE')
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
@@ -99,9 +120,11 @@ def run_chat(args) -> int:
     print("Chat with Hymba. An empty line or Ctrl-D ends the chat.", file=sys.stderr)
     while True:
         try:
-            user = input("you> ")
+            user = _utf8(input("you> "), "the input")
         except EOFError:
             break
+        except UnicodeDecodeError:  # a stdin that decodes strictly
+            raise HymbaError("the input is not UTF-8 text; type or pipe UTF-8 text") from None
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})

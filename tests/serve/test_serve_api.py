@@ -198,6 +198,15 @@ def test_load_200_requests_from_32_threads(server, client, offline):
     ('{"model": "hymba-test", "prompt": [[]]}', "prompt"),
     ('{"model": "hymba-test", "prompt": [99999999]}', "prompt"),
     ('{"model": "hymba-test"}', "prompt"),
+    ('{"model": "hymba-test", "prompt": "x", "seed": 99999999999999999999999}', "seed"),  # past 64 bits: was 500
+    ('{"model": "hymba-test", "prompt": "x", "max_tokens": true}', "max_tokens"),  # OpenAI rejects non-integers
+    ('{"model": "hymba-test", "prompt": "x", "max_tokens": "10"}', "max_tokens"),
+    ('{"model": "hymba-test", "prompt": "x", "max_tokens": 2.0}', "max_tokens"),
+    ('{"model": "hymba-test", "prompt": "x", "temperature": "0.5"}', "temperature"),
+    ('{"model": "hymba-test", "prompt": "x", "stream": "yes"}', "stream"),
+    ('{"model": "hymba-test", "prompt": [1.0, 2.0]}', "prompt"),
+    ('{"model": "hymba-test", "prompt": "\\ud800 x"}', "prompt"),  # a lone surrogate: the tokenizer failed (500)
+    ('{"model": "hymba-test", "prompt": "x", "stop": ["\\udfff"]}', "stop"),
 ])
 def test_bad_completion_requests_are_400(server, body, param):
     body = body.replace("LONG", "word " * server[1].max_len)

@@ -214,3 +214,35 @@ def test_cli_tokenize(tmp_path, capsys):
     assert main([*argv, "--workers", "1", "--val-fraction", "0.2", "--text-field", "body"]) == 0
     assert "val " in capsys.readouterr().out
     assert TokenDataset(tmp_path / "tok").meta["val_documents"] == 1
+
+
+@pytest.mark.parametrize("content", [b"not gzip at all", gzip.compress(b'{"text": "hello"}\n' * 100)[:40]],
+                         ids=["not gzip", "truncated gzip"])
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".txt.gz"])
+def test_damaged_gzip_is_one_line_and_leaves_nothing(tmp_path, content, suffix):
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(content)
+    with pytest.raises(HymbaError, match=f"{bad.name} is not a complete gzip file"):
+        tokenize([bad], tmp_path / "new", workers=1, progress=False)
+    assert not (tmp_path / "new").exists()  # no empty output folder left behind
+
+
+def test_failed_tokenize_keeps_an_earlier_output(tmp_path):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _documents(6)))
+    tokenize([tmp_path / "docs.jsonl"], tmp_path / "tok", workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()}
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(HymbaError):
+        tokenize([tmp_path / "docs.jsonl", tmp_path / "bad.jsonl.gz"], tmp_path / "tok", workers=1, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()} == before
+    assert len(TokenDataset(tmp_path / "tok").tokens("train")) > 0
+
+
+@pytest.mark.parametrize("meta", ["{not json", "[]", json.dumps({"format": data.FORMAT, "dtype": "uint16"}),
+                                  json.dumps({"format": data.FORMAT, "dtype": "float64", "vocab_size": 9, "bos_id": 1,
+                                              "eos_id": 2, "train_tokens": 0, "val_tokens": 0})])
+def test_damaged_meta_json_is_one_line(tmp_path, meta):
+    (tmp_path / "meta.json").write_text(meta)
+    with pytest.raises(HymbaError, match="meta.json") as info:
+        TokenDataset(tmp_path)
+    assert "tokenize the data again" in str(info.value)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from hymba.config import HymbaConfig
+from hymba.errors import HymbaError
 from hymba.model import HymbaForCausalLM
 from hymba.train import trainer
 from hymba.train.data import FORMAT, META_FILE
@@ -223,3 +224,114 @@ def test_cli_overrides(tmp_path: Path):
         7, str(tmp_path), 0.01, (0.9, 0.99), True)
     with pytest.raises(Exception, match="unknown train config keys"):
         TrainConfig.from_json("tiny-cpu", not_a_key=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input and damaged files: one HymbaError, nothing written or lost
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(token folder, out_dir) of a 2-step run with a checkpoint at each step, to copy and resume."""
+    root = tmp_path_factory.mktemp("run")
+    cycle = np.random.default_rng(0).permutation(VOCAB)
+    data = write_tokens(root / "tokens", np.tile(cycle, 20), np.tile(cycle, 2))
+    trainer.train(tiny_config(data, root / "out", max_steps=2, log_interval=1, checkpoint_interval=1))
+    return data, root / "out"
+
+
+def copy_of(finished_run, tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """A copy of the finished run: (data, out_dir, every file's bytes, to check nothing changed)."""
+    data, out = finished_run
+    shutil.copytree(out, tmp_path / "out")
+    return data, tmp_path / "out", snapshot(tmp_path / "out")
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(model_overrides={"vocab_size": VOCAB, "hidden_size": 128, "v_head_dim": 64}), "hidden_size 64 -> 128"),
+    (dict(model="llama-3.2-3b", model_overrides={}), "hidden_size 64 -> 3072"),
+])
+def test_resume_refuses_another_model(finished_run, tmp_path, overrides, message):
+    data, out, before = copy_of(finished_run, tmp_path)
+    with pytest.raises(HymbaError, match="holds another model") as info:
+        trainer.train(tiny_config(data, out, max_steps=3, **overrides), resume=True)
+    assert message in str(info.value)
+    assert snapshot(out) == before
+
+
+def test_resume_says_which_settings_apply(finished_run, tmp_path, capsys):
+    data, out, _ = copy_of(finished_run, tmp_path)
+    records = trainer.train(tiny_config(data, out, max_steps=3, lr=0.01, seed=5, log_interval=1), resume=True)
+    printed = capsys.readouterr().out
+    assert "changed settings that apply from step 2: lr 0.003 -> 0.01, max_steps 2 -> 3" in printed
+    assert "not applied" in printed and "seed 1337 -> 5" in printed
+    cfg = tiny_config(data, out, max_steps=3, lr=0.01)
+    assert [r["step"] for r in records] == [3] and records[0]["lr"] == lr_at(
+        2, lr=0.01, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=3, schedule=cfg.schedule,
+        decay_fraction=cfg.decay_fraction)
+
+
+def test_resume_past_max_steps_is_an_error_and_at_it_says_so(finished_run, tmp_path, capsys):
+    data, out, before = copy_of(finished_run, tmp_path)
+    with pytest.raises(HymbaError, match="at step 2, past max_steps 1"):
+        trainer.train(tiny_config(data, out, max_steps=1, log_interval=1, checkpoint_interval=1), resume=True)
+    assert snapshot(out) == before
+    assert trainer.train(tiny_config(data, out, max_steps=2, log_interval=1, checkpoint_interval=1), resume=True) == []
+    assert "already at max_steps 2, nothing to train" in capsys.readouterr().out
+
+
+def test_resume_drops_a_half_written_log_line(finished_run, tmp_path):
+    data, out, _ = copy_of(finished_run, tmp_path)
+    with (out / "log.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')  # what a kill -9 during the write leaves
+    trainer.train(tiny_config(data, out, max_steps=3, log_interval=1, checkpoint_interval=1), resume=True)
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:len(b) // 2], lambda b: b"", lambda b: b"\x80\x04K\x01."])
+def test_damaged_trainer_state_is_one_line(finished_run, tmp_path, damage):
+    data, out, _ = copy_of(finished_run, tmp_path)
+    state = out / "step-0000002" / trainer.STATE_FILE
+    state.write_bytes(damage(state.read_bytes()))
+    before = snapshot(out)
+    with pytest.raises(HymbaError, match="trainer_state.pt (is damaged|is not a trainer state)"):
+        trainer.train(tiny_config(data, out, max_steps=3), resume=True)
+    assert snapshot(out) == before
+
+
+BAD_TRAIN_CONFIGS = {
+    "misspelt model key": (dict(model_overrides={"hidden_sise": 3}), "did you mean 'hidden_size'"),
+    "overrides not an object": (dict(model_overrides=[1]), "`model_overrides` must be a JSON object"),
+    "one beta": (dict(betas=[0.9]), "`betas` must be two numbers in [0, 1)"),
+    "betas above 1": (dict(betas=[2, 3]), "`betas` must be two numbers in [0, 1)"),
+    "lr a string": (dict(lr="1e-3"), "`lr` must be a number"),
+    "batch size a bool": (dict(batch_size=True), "`batch_size` must be an integer"),
+}
+
+
+@pytest.mark.parametrize("overrides, message", BAD_TRAIN_CONFIGS.values(), ids=BAD_TRAIN_CONFIGS.keys())
+def test_bad_train_config_is_one_line(tmp_path, overrides, message):
+    with pytest.raises(HymbaError) as info:
+        tiny_config(tmp_path / "tokens", tmp_path / "out", **overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(device="tpu"), "unknown device 'tpu'"),
+    pytest.param(dict(device="cuda"), "no CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="needs a machine without CUDA")),
+    (dict(block_size=300), "block_size 300 + 8 meta tokens exceed the model's 256 positions"),
+    (dict(model_overrides={"vocab_size": 40}), "train.bin holds token id 63 but the model has 40 embeddings"),
+])
+def test_what_cannot_run_fails_before_training(tmp_path, overrides, message):
+    """Each failed (an allocation, an IndexError or a device assert) only once the run was under way."""
+    cycle = np.random.default_rng(0).permutation(VOCAB)
+    data = write_tokens(tmp_path / "tokens", np.tile(cycle, 20), np.tile(cycle, 2), vocab=32)  # meta.json is wrong
+    with pytest.raises(HymbaError) as info:
+        trainer.train(tiny_config(data, tmp_path / "out", max_steps=1, **overrides))
+    assert message in str(info.value)
+    assert not (tmp_path / "out").exists()

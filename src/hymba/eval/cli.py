@@ -27,6 +27,9 @@ def run_eval(args) -> int:
         raise HymbaError("give --model PATH_OR_ID and --tasks piqa,arc_easy,... (--list-tasks shows them all)")
     if args.limit is not None and args.limit < 1:
         raise HymbaError(f"--limit must be >= 1, got {args.limit}")
+    if args.output and Path(args.output).is_dir():  # found now, not after the whole evaluation
+        raise HymbaError(f"--output {args.output} is a directory; give a file name, e.g. "
+                         f"{Path(args.output) / 'results.json'}")
     selected = tasks.resolve(args.tasks)
     for task in selected:  # fail on a bad --num-fewshot or missing data before loading the model
         task.check_shots(args.num_fewshot)
@@ -68,7 +71,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+                        help="weights dtype (default: float32 on CPU, the checkpoint's own on GPU)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's, else the packaged one)")
     parser.add_argument("--no-bos", action="store_true", help="encode without the BOS token (older lm-eval releases "
                                                               "scored HF models this way)")

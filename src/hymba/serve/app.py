@@ -19,12 +19,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from hymba.engine import Engine, GenerationParams, Output, QueueFullError, RequestError, TokenLogprob
@@ -40,9 +40,22 @@ MAX_CHAT_TOP_LOGPROBS = 20
 
 
 # ---------------------------------------------------------------------------------------------- request bodies
+def _unicode(text: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"), which is no text: the tokenizer would fail on it (a 500).
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate (\\ud800-\\udfff), which is not Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class _Body(BaseModel):
-    # Unknown fields are errors: a misspelt parameter must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are errors: a misspelt parameter must not be silently ignored. Strict types, as OpenAI's: no
+    # "10" or true for an integer (pydantic would convert them); an integer is still a valid number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
@@ -61,27 +74,27 @@ class _Sampling(_Body):
     repetition_penalty: float | None = Field(None, gt=0)
     presence_penalty: float | None = None  # accepted only as 0: not implemented
     frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # choice i samples with seed + i: within torch's range
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
 
 

@@ -10,9 +10,12 @@ from hymba.errors import HymbaError
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted (Ctrl-C or SIGTERM); unfinished requests are cancelled on the way out."""
-    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-context", 1 if args.max_context is None else args.max_context)):
         if value < 1:
             raise HymbaError(f"{flag} must be positive, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise HymbaError(f"--port {args.port} is not a TCP port; use 1-65535 (0 picks a free one)")
     try:
         import uvicorn
 
@@ -45,7 +48,7 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                       help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+                       help="weights dtype (default: float32 on CPU, the checkpoint's own on GPU)")
     serve.add_argument("--max-batch", type=int, default=64, help="requests decoded together (cache slots)")
     serve.add_argument("--max-context", type=int,
                        help="tokens per slot, prompt + completion (default: the model's context)")

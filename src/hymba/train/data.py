@@ -22,11 +22,14 @@ Readers: `TokenDataset` opens a token folder; `TokenDataset.get_batch` samples r
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -170,10 +173,19 @@ def plan_shards(
     return shards, sources
 
 
+@contextlib.contextmanager
+def _readable_gzip(path: str) -> Iterator[None]:
+    """Turn what a damaged or mislabelled .gz file raises while it is read into one HymbaError naming it."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise HymbaError(f"{path} is not a complete gzip file ({exc}); re-download or re-compress it") from None
+
+
 def _jsonl_lines(shard: Shard) -> Iterator[tuple[str, bytes]]:
     """(where, line) of the shard's lines; `where` locates a line for error messages."""
     if shard.path.lower().endswith(".gz"):  # no seeking in gzip: the whole file is one shard
-        with gzip.open(shard.path, "rb") as f:
+        with _readable_gzip(shard.path), gzip.open(shard.path, "rb") as f:
             yield from ((f"line {i}", line) for i, line in enumerate(f, 1))
         return
     with open(shard.path, "rb") as f:
@@ -192,7 +204,7 @@ def _shard_texts(shard: Shard) -> Iterator[str]:
     """The documents of a shard, in order."""
     if shard.kind == "text":
         opener = gzip.open if shard.path.lower().endswith(".gz") else open
-        with opener(shard.path, "rb") as f:
+        with _readable_gzip(shard.path), opener(shard.path, "rb") as f:
             data = f.read()
         try:
             yield data.decode("utf-8-sig")
@@ -355,8 +367,10 @@ def tokenize(
     shards, sources = plan_shards(expand_inputs(inputs), text_field, hf_dataset, hf_split)
     workers = max(1, min(workers or os.cpu_count() or 1, len(shards)))
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise HymbaError(f"--out {out} is a file; give a folder for train.bin, val.bin and meta.json")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)  # meta.json is written last: its presence means the folder is complete
 
     all_tokens = out / "tokens.partial"  # every document in input order, before the split and shuffle
     try:
@@ -372,9 +386,16 @@ def tokenize(
         splits = {"train": order[n_val:], "val": order[:n_val]}
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         tokens = np.memmap(all_tokens, dtype=dtype, mode="r")
+        # Only now, with every input read, is an earlier tokenization in `out` replaced. meta.json is written last:
+        # its presence means the folder is complete.
+        (out / META_FILE).unlink(missing_ok=True)
         for split, doc_ids in splits.items():
             _write_split(out / f"{split}.bin", tokens, offsets, doc_ids)
         del tokens
+    except BaseException:
+        if created:  # a failed run leaves no folder behind that it made
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         all_tokens.unlink(missing_ok=True)
 
@@ -414,9 +435,14 @@ class TokenDataset:
             raise HymbaError(
                 f"no {META_FILE} in {self.dir}: tokenize the data first (hymba data tokenize ... --out DIR)"
             )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        if self.meta.get("format") != FORMAT:
-            raise HymbaError(f"{meta_path} is not a {FORMAT} token folder; tokenize the data again")
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HymbaError(f"{meta_path} is not valid JSON ({exc}); tokenize the data again") from None
+        keys = ("dtype", "vocab_size", "bos_id", "eos_id", "train_tokens", "val_tokens")
+        complete = isinstance(self.meta, dict) and all(k in self.meta for k in keys)
+        if not complete or self.meta.get("format") != FORMAT or self.meta["dtype"] not in ("uint16", "uint32"):
+            raise HymbaError(f"{meta_path} is not a {FORMAT} token folder's meta.json; tokenize the data again")
         self.dtype = np.dtype(self.meta["dtype"])
         self.vocab_size: int = self.meta["vocab_size"]
         self.bos_id: int = self.meta["bos_id"]

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -38,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hymba.config import HymbaConfig
-from hymba.errors import HymbaError
+from hymba.errors import HymbaError, did_you_mean
 from hymba.model import HymbaForCausalLM
 from hymba.train.optim import SCHEDULES, decayed_parameter_names, lr_at, make_optimizer
 from hymba.train.sft import IGNORE_INDEX, SFTBatches, load_conversations
@@ -140,6 +141,19 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # Types first (a JSON file or a command line can hold anything), so the checks below can compare values.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (value is None and f.default is None) and not _has_type(value, _field_type(f)):
+                raise HymbaError(f"train config `{f.name}` must be {_KIND_NAMES[_field_type(f)]}, got {value!r}")
+        known = {f.name for f in dataclasses.fields(HymbaConfig)} - {"extra"}
+        for key in self.model_overrides:
+            if key not in known:
+                raise HymbaError(f"train config `model_overrides`: {key!r} is not a HymbaConfig key"
+                                 f"{did_you_mean(key, known)}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise HymbaError(f"train config `betas` must be two numbers in [0, 1), e.g. [0.9, 0.95]; got "
+                             f"{list(self.betas)}")
         self.betas = tuple(self.betas)
         if (self.data_dir is None) == (self.sft_data is None):
             raise HymbaError("set exactly one of data_dir (token files for pre-training) and sft_data (chat JSONL)")
@@ -166,14 +180,40 @@ class TrainConfig:
             if overrides.get(source) is not None and other not in overrides:
                 data.pop(other, None)
         data.update(overrides)
+        if not isinstance(data, dict):
+            raise HymbaError(f"{path} is not a JSON object of train config keys")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise HymbaError(f"{path}: unknown train config keys {unknown}; known keys: {sorted(known)}")
+            raise HymbaError(f"{path}: unknown train config keys {unknown}{did_you_mean(unknown[0], known)}; "
+                             f"known keys: {sorted(known)}")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    """The type of a TrainConfig field's values: its default's (str where the default is None)."""
+    if f.name == "peak_flops":
+        return float
+    if f.default_factory is not dataclasses.MISSING:
+        return type(f.default_factory())
+    return type(f.default) if f.default is not None else str
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if kind is float:  # an int is a number too; a bool is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind in (int, bool):  # exactly: True is no batch size, 1 no switch
+        return type(value) is kind
+    if kind is tuple:  # JSON has lists
+        return isinstance(value, (list, tuple))
+    return isinstance(value, kind)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               dict: "a JSON object", tuple: "a JSON list"}
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -214,6 +254,10 @@ class Runtime:
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU) and pick the device."""
+    from hymba.checkpoint import resolve_device
+
+    if cfg.device != "auto":
+        resolve_device(cfg.device)  # refuses unknown device types, and CUDA without a GPU
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -240,16 +284,32 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
 # Model and data
 
 
+def model_config(cfg: TrainConfig) -> HymbaConfig:
+    """The model `cfg` asks for: init_from's, or a preset (or a config.json path) with the overrides."""
+    if cfg.init_from is not None:
+        from hymba.checkpoint import resolve_checkpoint_dir
+
+        return HymbaConfig.from_json(resolve_checkpoint_dir(cfg.init_from))
+    if cfg.model.endswith(".json") or Path(cfg.model).is_dir():
+        return HymbaConfig.from_dict({**HymbaConfig.from_json(cfg.model).to_dict(), **cfg.model_overrides})
+    return HymbaConfig.preset(cfg.model, **cfg.model_overrides)
+
+
+def check_model_fits(cfg: TrainConfig, config: HymbaConfig) -> None:
+    """Rows longer than the model's positions would not train what it can run (and try huge allocations)."""
+    if cfg.block_size + config.num_memory_tokens > config.max_position_embeddings:
+        raise HymbaError(f"block_size {cfg.block_size} + {config.num_memory_tokens} meta tokens exceed the model's "
+                         f"{config.max_position_embeddings} positions; use a block_size of at most "
+                         f"{config.max_position_embeddings - config.num_memory_tokens}")
+
+
 def build_model(cfg: TrainConfig, device: torch.device, checkpoint: str | Path | None = None) -> HymbaForCausalLM:
     """float32 master weights: from `checkpoint` (resume), `init_from` (fine-tune), or freshly initialised."""
     source = checkpoint or cfg.init_from
     if source is not None:
         model = HymbaForCausalLM.from_pretrained(source, dtype=torch.float32, device=device)
     else:
-        if cfg.model.endswith(".json") or Path(cfg.model).is_dir():
-            config = HymbaConfig.from_dict({**HymbaConfig.from_json(cfg.model).to_dict(), **cfg.model_overrides})
-        else:
-            config = HymbaConfig.preset(cfg.model, **cfg.model_overrides)
+        config = model_config(cfg)
         with torch.device(device):
             model = HymbaForCausalLM(config)
         model.init_weights(torch.Generator(device).manual_seed(cfg.seed))
@@ -280,6 +340,13 @@ class TokenBatches:
         if dataset.vocab_size > vocab_size:
             raise HymbaError(f"{cfg.data_dir} was tokenized with a vocabulary of {dataset.vocab_size} but the "
                              f"model has {vocab_size} embeddings; use the model's tokenizer")
+        # meta.json can be wrong (files written by other tools): an id past the embeddings would fail mid-run
+        # (IndexError on the CPU, a device assert on a GPU). One pass over the memory-mapped file finds it.
+        tokens = dataset.tokens(split)
+        largest = int(tokens.max()) if len(tokens) else -1
+        if largest >= vocab_size:
+            raise HymbaError(f"{Path(cfg.data_dir) / f'{split}.bin'} holds token id {largest} but the model has "
+                             f"{vocab_size} embeddings; tokenize the data with the model's tokenizer")
         if cfg.data_order == "sequential" and split == "train":
             self.sampler = SequentialBatchSampler(dataset, split, rows, cfg.block_size)
         else:
@@ -512,13 +579,69 @@ def save_checkpoint(out_dir: Path, step: int, model: HymbaForCausalLM, trainer_s
 
 def find_checkpoint(resume: str | bool, out_dir: Path) -> Path | None:
     """The checkpoint to resume: a given directory, or out_dir's latest (None when there is none yet)."""
-    if isinstance(resume, str):
-        path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise HymbaError(f"{path} is not a training checkpoint (no {STATE_FILE}); pass a step-* directory")
-        return path
     pointer = out_dir / LATEST_FILE
-    return out_dir / pointer.read_text().strip() if pointer.is_file() else None
+    if not isinstance(resume, str) and not pointer.is_file():
+        return None
+    path = Path(resume) if isinstance(resume, str) else out_dir / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise HymbaError(f"{path} is not a training checkpoint (no {STATE_FILE}); pass a step-* directory")
+    return path
+
+
+# Resuming keeps these: the model is the checkpoint's, and so are the RNG states and the training data order.
+KEPT_ON_RESUME = ("model", "model_overrides", "init_from", "seed")
+
+
+def check_resume(cfg: TrainConfig, checkpoint: Path) -> tuple[list[str], list[str]]:
+    """Refuse to resume a different model. Returns the settings changed since the checkpoint was saved, as
+    'key old -> new': those that apply from now on, and those that resuming keeps as they were."""
+    saved_model = HymbaConfig.from_json(checkpoint).to_dict()
+    asked = json.loads(json.dumps(model_config(cfg).to_dict()))  # as the checkpoint's JSON holds it (lists)
+    # torch_dtype is bookkeeping: checkpoints hold float32 master weights whatever the preset names.
+    differ = sorted(k for k in saved_model.keys() | asked.keys()
+                    if k != "torch_dtype" and saved_model.get(k) != asked.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {saved_model.get(k)!r} -> {asked.get(k)!r}" for k in differ[:6])
+        raise HymbaError(f"{checkpoint} holds another model than the config asks for ({shown}"
+                         f"{', ...' if len(differ) > 6 else ''}); resume with the model it was trained with, or "
+                         "start a new run in another --out")
+    saved_path = checkpoint / "train_config.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        return [f"(unknown: {saved_path} is missing or damaged)"], []
+    now = json.loads(json.dumps(cfg.to_dict()))
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    return ([c for c in changed if c.split()[0] not in KEPT_ON_RESUME],
+            [c for c in changed if c.split()[0] in KEPT_ON_RESUME])
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / STATE_FILE
+    try:
+        # Our own file (optimizer tensors, RNG tuples): the one place full unpickling is needed and trusted.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated, empty, not a torch file
+        raise HymbaError(f"{path} is damaged ({str(exc).split('. ')[0]}); resume from an earlier checkpoint "
+                         "(--resume OUT/step-N)") from None
+    if not isinstance(state, dict) or not {"step", "optimizer", "sampler", "rng"} <= state.keys():
+        raise HymbaError(f"{path} is not a trainer state; resume from an earlier checkpoint (--resume OUT/step-N)")
+    return state
+
+
+def _logged_lines(log_path: Path, last_step: int) -> list[str]:
+    """The log's lines up to `last_step`; a line a killed run left half-written is dropped like later ones."""
+    kept = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -535,6 +658,8 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
     rt = setup_runtime(cfg)
     out_dir = Path(cfg.out_dir)
     checkpoint = find_checkpoint(resume, out_dir) if resume else None
+    applied, kept = check_resume(cfg, checkpoint) if checkpoint is not None else ([], [])
+    check_model_fits(cfg, HymbaConfig.from_json(checkpoint) if checkpoint is not None else model_config(cfg))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -552,8 +677,10 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
     if checkpoint is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        # Our own file (optimizer tensors, RNG tuples): the one place full unpickling is needed and trusted.
-        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_trainer_state(checkpoint)
+        if state["step"] > cfg.max_steps:
+            raise HymbaError(f"{checkpoint} is at step {state['step']}, past max_steps {cfg.max_steps}; raise "
+                             "--max-steps to train on (a run cannot go back)")
         set_optimizer_state_dict(raw_model, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         train_batches.load_state_dict(state["sampler"])
@@ -566,12 +693,19 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         if log_path.is_file():  # drop what an interrupted run logged after the checkpoint it resumes from
-            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            log_path.write_text("".join(line + "\n" for line in kept))
+            log_path.write_text("".join(line + "\n" for line in _logged_lines(log_path, step)))
         n_params = raw_model.num_parameters()
         print(f"hymba train: {n_params / 1e6:.2f}M parameters ({len(decayed_parameter_names(raw_model))} decayed "
               f"tensors), {rows_per_step * cfg.block_size:,} tokens per step on {rt.world_size} x {rt.device.type}"
               f"{f', resuming at step {step} from {checkpoint}' if checkpoint else ''}")
+        if checkpoint is not None:
+            print("hymba train: " + (f"changed settings that apply from step {step}: {', '.join(applied)}"
+                                     if applied else "the settings are those the checkpoint was saved with"))
+        if kept:
+            print(f"hymba train: not applied, resuming keeps the checkpoint's model, RNG states and data order: "
+                  f"{', '.join(kept)}")
+        if step == cfg.max_steps:
+            print(f"hymba train: already at max_steps {cfg.max_steps}, nothing to train; raise --max-steps to go on")
 
     records: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (rt.master and cfg.progress), dynamic_ncols=True)
@@ -644,13 +778,9 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
 
 
 def _override_type(f: dataclasses.Field):
-    """argparse type for a TrainConfig field: JSON for dicts/tuples, else the default's type (str when None)."""
-    if f.name in ("model_overrides", "betas"):
-        return json.loads
-    if f.name == "peak_flops":
-        return float
-    default = f.default
-    return type(default) if default not in (None, dataclasses.MISSING) else str
+    """argparse type for a TrainConfig field: JSON for dicts/tuples, else the field's type."""
+    kind = _field_type(f)
+    return json.loads if kind in (dict, tuple) else kind
 
 
 def add_parser(subparsers) -> None:
