@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from hymba.config import HymbaConfig
 from hymba.errors import HymbaError
@@ -339,10 +338,13 @@ def count_targets(y: torch.Tensor) -> int:
 
 
 def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Summed next-token cross-entropy of a micro-batch (float32 logits; targets -100 are skipped)."""
+    """Summed next-token cross-entropy of a micro-batch (targets -100 are skipped).
+
+    Through the model's forward (so DDP and FSDP see the call), which computes it from the hidden states a chunk
+    of tokens at a time (`hymba.ops.cross_entropy`) and returns no logits: the full float32 logits of the batch
+    are never in memory."""
     with rt.autocast():
-        logits = model(x).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return model(x, shift_labels=y, loss_reduction="sum", return_logits=False).loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
