@@ -39,6 +39,7 @@ import torch.distributed as dist
 from hymba.config import HymbaConfig
 from hymba.errors import HymbaError
 from hymba.model import HymbaForCausalLM
+from hymba.train.lora import DEFAULT_TARGETS
 from hymba.train.optim import SCHEDULES, decayed_parameter_names, lr_at, make_optimizer
 from hymba.train.sft import IGNORE_INDEX, SFTBatches, load_conversations
 
@@ -83,6 +84,11 @@ FIELD_HELP = {
     'seed': 'seed for initialisation and data order',
     'device': '"auto": cuda if available, else cpu',
     'dtype': '"bf16" (autocast on CUDA, float32 master weights) or "float32"; auto: bf16 on CUDA',
+    'lora_r': 'LoRA rank: train low-rank adapters on a frozen init_from model through peft (0: all weights)',
+    'lora_alpha': 'LoRA scale numerator (adapters are scaled by alpha / r); default 2 * lora_r',
+    'lora_dropout': 'dropout on the LoRA adapters\' input',
+    'lora_targets': 'comma-separated module names to adapt (default: in_proj,out_proj,gate_proj,up_proj,down_proj)',
+    'merge': 'LoRA: at the end, also write out_dir/merged, the adapters folded into a plain checkpoint',
     'activation_checkpointing': 'recompute each layer in backward to save memory',
     'compile': 'torch.compile the model',
     'distributed': 'under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard: sharded weights and Adam state)',
@@ -106,6 +112,12 @@ class TrainConfig:
     sft_data: str | None = None
     sft_val_data: str | None = None
     sft_packing: str = "pack"
+    # LoRA (through peft) on a frozen init_from model; 0 trains every weight.
+    lora_r: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    merge: bool = False
     batch_size: int = 8
     block_size: int = 256
     grad_accum: int = 1
@@ -140,6 +152,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        if self.lora_r < 0 or (self.lora_r and not self.lora_targets):
+            raise HymbaError("lora_r must be >= 0 (0: train every weight), with at least one lora_target")
+        if self.lora_r and self.init_from is None:
+            raise HymbaError("lora_r needs init_from: LoRA adapts an existing model's frozen weights")
+        if self.lora_r and self.distributed == "fsdp":
+            raise HymbaError("LoRA trains a few million weights: run it with distributed 'ddp', not 'fsdp'")
+        if self.merge and not self.lora_r:
+            raise HymbaError("merge folds LoRA adapters into the base model; it needs lora_r > 0")
         if (self.data_dir is None) == (self.sft_data is None):
             raise HymbaError("set exactly one of data_dir (token files for pre-training) and sft_data (chat JSONL)")
         for key in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
@@ -239,9 +261,11 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
 # Model and data
 
 
-def build_model(cfg: TrainConfig, device: torch.device, checkpoint: str | Path | None = None) -> HymbaForCausalLM:
-    """float32 master weights: from `checkpoint` (resume), `init_from` (fine-tune), or freshly initialised."""
-    source = checkpoint or cfg.init_from
+def build_model(cfg: TrainConfig, device: torch.device, checkpoint: str | Path | None = None) -> torch.nn.Module:
+    """float32 master weights: from `checkpoint` (resume), `init_from` (fine-tune), or freshly initialised.
+
+    With `lora_r`, the `init_from` model frozen inside a peft wrapper whose adapters are new, or `checkpoint`'s."""
+    source = cfg.init_from if cfg.lora_r else checkpoint or cfg.init_from
     if source is not None:
         model = HymbaForCausalLM.from_pretrained(source, dtype=torch.float32, device=device)
     else:
@@ -253,6 +277,12 @@ def build_model(cfg: TrainConfig, device: torch.device, checkpoint: str | Path |
             model = HymbaForCausalLM(config)
         model.init_weights(torch.Generator(device).manual_seed(cfg.seed))
     model.model.gradient_checkpointing = cfg.activation_checkpointing
+    if cfg.lora_r:
+        from hymba.train.lora import add_adapters
+
+        model.name_or_path = str(cfg.init_from)  # peft records it as the adapters' base model
+        model = add_adapters(model, cfg.lora_r, cfg.lora_alpha or 2 * cfg.lora_r, cfg.lora_dropout, cfg.lora_targets,
+                             adapters_from=checkpoint)
     return model.train()
 
 
@@ -416,12 +446,14 @@ def evaluate(model: torch.nn.Module, batches, cfg: TrainConfig, rt: Runtime) -> 
 # Throughput
 
 
-def flops_per_row(config: HymbaConfig, seq_len: int) -> float:
+def flops_per_row(config: HymbaConfig, seq_len: int, adapter_params: int | None = None) -> float:
     """Training FLOPs (forward + backward) for one row of `seq_len` tokens.
 
     6 per parameter per position (the layers also run over the meta tokens; the LM head only over text), plus
     attention: 6 * (d_qk + d_v) per head per visible (query, key) pair, counting the window and meta-token rule.
     The selective scan's elementwise work (~1% here) is left out, as nanoGPT leaves out softmax.
+    With `adapter_params` (LoRA), the base weights are frozen: 4 per base parameter (forward, and the gradient of
+    its input; none for the weight) plus 6 per adapter parameter.
     """
     with torch.device("meta"):
         model = HymbaForCausalLM(config)
@@ -430,7 +462,8 @@ def flops_per_row(config: HymbaConfig, seq_len: int) -> float:
     embed = head if config.tie_word_embeddings else 2 * head
     body = model.num_parameters() - embed - memory
     M, T = config.num_memory_tokens, seq_len
-    flops = 6 * body * (M + T) + 6 * head * T
+    per_weight = 6 if adapter_params is None else 4
+    flops = per_weight * (body * (M + T) + head * T) + 6 * (adapter_params or 0) * (M + T)
     i = np.arange(M + T, dtype=np.float64)  # query index over [meta, text]
     per_head_pair = 6 * (config.qk_head_dim + config.value_head_dim)
     for layer in range(config.num_hidden_layers):
@@ -498,7 +531,12 @@ def save_checkpoint(out_dir: Path, step: int, model: HymbaForCausalLM, trainer_s
     name = f"step-{step:07d}"
     final, tmp = out_dir / name, out_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), copy_side_files_from=tokenizer_dir(cfg))
+    if cfg.lora_r:
+        from hymba.train.lora import save_adapters
+
+        save_adapters(model, tmp, tokenizer_dir(cfg))
+    else:
+        model.save_pretrained(str(tmp), copy_side_files_from=tokenizer_dir(cfg))
     torch.save(trainer_state, tmp / STATE_FILE)
     (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if final.exists():  # the same step saved again (a resumed run re-reaching it): replace it whole
@@ -563,6 +601,7 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
         step = state["step"]
 
     peak = device_peak_flops(cfg, rt.device)
+    adapter_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad) if cfg.lora_r else None
     log_path = Path(cfg.log_file) if cfg.log_file else out_dir / "log.jsonl"
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -571,8 +610,10 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
             log_path.write_text("".join(line + "\n" for line in kept))
         n_params = raw_model.num_parameters()
-        print(f"hymba train: {n_params / 1e6:.2f}M parameters ({len(decayed_parameter_names(raw_model))} decayed "
-              f"tensors), {rows_per_step * cfg.block_size:,} tokens per step on {rt.world_size} x {rt.device.type}"
+        trained = f", {adapter_params / 1e6:.2f}M of them LoRA adapters, trained" if cfg.lora_r else ""
+        print(f"hymba train: {n_params / 1e6:.2f}M parameters{trained} ({len(decayed_parameter_names(raw_model))} "
+              f"decayed tensors), {rows_per_step * cfg.block_size:,} tokens per step on {rt.world_size} x "
+              f"{rt.device.type}"
               f"{f', resuming at step {step} from {checkpoint}' if checkpoint else ''}")
 
     records: list[dict[str, Any]] = []
@@ -599,7 +640,7 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
         window_targets += n_targets
         window_tokens += batch[0].numel()
         T = batch[0].shape[1]
-        window_flops += row_flops.setdefault(T, flops_per_row(config, T)) * batch[0].shape[0]
+        window_flops += row_flops.setdefault(T, flops_per_row(config, T, adapter_params)) * batch[0].shape[0]
 
         evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
         if step % cfg.log_interval == 0 or evaluating:
@@ -636,6 +677,10 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
                 dist.barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
             window_start += time.perf_counter() - saving_since  # saving is not training time
     bar.close()
+    if cfg.merge and rt.master:
+        from hymba.train.lora import write_merged
+
+        print(f"hymba train: merged model written to {write_merged(raw_model, out_dir / 'merged', tokenizer_dir(cfg))}")
     if rt.owns_process_group:
         dist.destroy_process_group()
     return records
@@ -649,7 +694,7 @@ def _override_type(f: dataclasses.Field):
     """argparse type for a TrainConfig field: JSON for dicts/tuples, else the default's type (str when None)."""
     if f.name in ("model_overrides", "betas"):
         return json.loads
-    if f.name == "peak_flops":
+    if f.name in ("peak_flops", "lora_alpha"):
         return float
     default = f.default
     return type(default) if default not in (None, dataclasses.MISSING) else str
@@ -658,12 +703,14 @@ def _override_type(f: dataclasses.Field):
 def add_parser(subparsers) -> None:
     """Register `hymba train`."""
     parser = subparsers.add_parser(
-        "train", help="pre-train or fine-tune (SFT) a Hymba model",
+        "train", help="pre-train or fine-tune (SFT, all weights or LoRA) a Hymba model",
         description="Train a Hymba model from a TrainConfig JSON file; any config field can be overridden, "
-                    "e.g. --max-steps 100 --out out/run. Under torchrun it trains with DDP (or FSDP).",
+                    "e.g. --max-steps 100 --out out/run. Under torchrun it trains with DDP (or FSDP). "
+                    "--lora-r R fine-tunes LoRA adapters (peft) on the frozen --init-from model.",
     )
-    parser.add_argument("--config", required=True, help="a TrainConfig JSON file or a packaged config name "
-                        f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))})")
+    parser.add_argument("--config", help="a TrainConfig JSON file or a packaged config name "
+                        f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}); default: TrainConfig's "
+                        "defaults, e.g. for `--init-from CKPT --sft-data chat.jsonl --lora-r 16`")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from out_dir's latest checkpoint (when there is one), or from CHECKPOINT")
     parser.add_argument("--out", dest="out_dir", default=None, help="output directory (config key out_dir)")
@@ -684,6 +731,6 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    cfg = TrainConfig.from_json(args.config, **overrides)
+    cfg = TrainConfig.from_json(args.config, **overrides) if args.config else TrainConfig(**overrides)
     train(cfg, resume=args.resume)
     return 0
