@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from hymba import bench_train
 from hymba.errors import HymbaError
 
 if TYPE_CHECKING:
@@ -914,3 +915,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--json", metavar="PATH", help="write rows, ratios, device and versions as JSON")
     parser.set_defaults(func=run_bench)
+    # Other benchmarks are subcommands (`hymba bench train`); without one, `hymba bench` measures inference.
+    benchmarks = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    bench_train.add_parser(benchmarks)

@@ -425,6 +425,19 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[torch
     return total
 
 
+def optimizer_step(model: torch.nn.Module, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   micro_batches: list[tuple[torch.Tensor, torch.Tensor]], n_targets: int, rt: Runtime,
+                   grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step (what `hymba bench train` times): gradients over the micro-batches, the norm clipped to
+    `grad_clip` (0: not clipped, still measured for the log), AdamW. Returns the summed loss and the gradient norm
+    as device tensors, so nothing here waits for the GPU."""
+    loss = accumulate_gradients(model, micro_batches, n_targets, rt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, cfg: TrainConfig, rt: Runtime) -> float:
     """Mean loss per target token over `eval_iters` global batches of the validation source (split as in training,
@@ -630,11 +643,8 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
         batch = train_batches.next_batch()
         n_targets = count_targets(batch[1])
         micro_batches = [rows_for(batch, m, rt, cfg.batch_size) for m in range(cfg.grad_accum)]
-        window_loss += accumulate_gradients(model, micro_batches, n_targets, rt)
-        # Clip to grad_clip (0: no clipping, the norm is still measured for the log).
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = optimizer_step(model, raw_model, optimizer, micro_batches, n_targets, rt, cfg.grad_clip)
+        window_loss += loss
         step += 1
         bar.update(1)
         window_targets += n_targets
