@@ -76,7 +76,19 @@ class ForwardContext:
     cache: HymbaCache | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     shared_kv: dict[int, tuple] = field(default_factory=dict)  # producer layer -> (k, v, k_pos, k_valid)
-    plans: dict[tuple, object] = field(default_factory=dict)  # (window, id of key positions) -> AttentionPlan
+    plans: dict[tuple, object] = field(default_factory=dict)  # see `plan`
+
+    def plan(self, window: int | None, k_pos: torch.Tensor, k_valid: torch.Tensor | None, num_meta: int):
+        """The attention plan for keys at `k_pos` under `window`, made once per forward for all the layers that
+        share it. Keyed by the key positions' identity, or by None for this forward's own positions (every layer
+        without a cache): a key that stays the same from forward to forward keeps a compiled layer's guards true."""
+        key = (window, None if k_pos is self.positions else id(k_pos))
+        if key not in self.plans:
+            self.plans[key] = plan_attention(self.positions, k_pos, k_valid, window, num_meta,
+                                             cache_decode=self.cache is not None and self.cache.decoding,
+                                             positions_are_indices=self.valid is None and (
+                                                 self.cache is None or not self.cache.started))
+        return self.plans[key]
 
 
 class HymbaMixer(nn.Module):
@@ -167,14 +179,8 @@ class HymbaMixer(nn.Module):
             if self.config.groups_of(self.layer_idx)[1:]:
                 ctx.shared_kv[self.layer_idx] = keys
         k_all, v_all, k_pos, k_valid = keys
-        plan_key = (self.window, id(k_pos))
-        if plan_key not in ctx.plans:
-            ctx.plans[plan_key] = plan_attention(ctx.positions, k_pos, k_valid, self.window,
-                                                 self.config.num_memory_tokens,
-                                                 cache_decode=ctx.cache is not None and ctx.cache.decoding,
-                                                 positions_are_indices=ctx.valid is None and (
-                                                     ctx.cache is None or not ctx.cache.started))
-        out = attention(q, k_all, v_all, ctx.plans[plan_key])  # (b, hq, T, dv)
+        plan = ctx.plan(self.window, k_pos, k_valid, self.config.num_memory_tokens)
+        out = attention(q, k_all, v_all, plan)  # (b, hq, T, dv)
         return out.transpose(1, 2).reshape(b, T, self.n_heads * self.d_v)
 
     # ------------------------------------------------------------------ SSM heads
@@ -297,6 +303,12 @@ class HymbaModel(nn.Module):
                              rope=rope_cos_sin(self.config, positions, x.dtype))
         if cache is not None:
             cache.begin(positions, valid)
+        else:
+            # Without a cache every layer attends over these positions: the plans are made here, before the layers,
+            # so that a compiled layer (`hymba train --compile`) only looks its plan up and never traces its making.
+            for window in dict.fromkeys(self.config.window(i) for i in range(len(self.layers))
+                                        if self.config.has_attention(i)):
+                ctx.plan(window, positions, valid, self.config.num_memory_tokens)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
