@@ -90,7 +90,7 @@ FIELD_HELP = {
     'lora_targets': 'comma-separated module names to adapt (default: in_proj,out_proj,gate_proj,up_proj,down_proj)',
     'merge': 'LoRA: at the end, also write out_dir/merged, the adapters folded into a plain checkpoint',
     'activation_checkpointing': 'recompute each layer in backward to save memory',
-    'compile': 'torch.compile each decoder layer (regional compilation: minutes less than the whole model)',
+    'compile': 'torch.compile each decoder layer on its own (regional compilation), not the model as one graph',
     'distributed': 'under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard: sharded weights and Adam state)',
     'peak_flops': 'per-device peak for MFU; None: looked up from the GPU name',
     'progress': 'show a progress bar',
