@@ -224,6 +224,27 @@ def test_loss_is_shifted_mean_cross_entropy_ignoring_minus_100(tiny_config):
     assert abs(out.loss.item() - total / count) < 1e-5
 
 
+def test_loss_without_logits_and_with_shifted_labels(tiny_config):
+    """The trainer's call (shifted targets, summed, no logits) gives the loss of the logits, and the same gradients."""
+    model = HymbaForCausalLM(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 11))
+    targets = ids[:, 1:].clone()
+    targets[1] = -100  # a row with nothing to learn
+    out = model(ids[:, :-1], shift_labels=targets, loss_reduction="sum", return_logits=False)
+    assert out.logits is None
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids[:, :-1]).logits
+    ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert rel_err(out.loss, ref) < 1e-6
+    for name, p in model.named_parameters():
+        assert rel_err(grads[name], p.grad) < 1e-5, name
+    labels = torch.cat([ids[:, :1], targets], 1)  # the same targets, aligned with the inputs
+    assert rel_err(model(ids, labels=labels, loss_reduction="sum").loss, ref) < 1e-6
+
+
 def test_logits_to_keep_gives_the_last_positions(tiny_config):
     model = HymbaForCausalLM(tiny_config)
     ids = torch.randint(0, tiny_config.vocab_size, (2, 10))

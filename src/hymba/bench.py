@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from hymba import bench_serve, bench_train
 from hymba.errors import HymbaError
 
 if TYPE_CHECKING:
@@ -914,9 +915,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--json", metavar="PATH", help="write rows, ratios, device and versions as JSON")
     parser.set_defaults(func=run_bench)
-    from hymba import bench_serve
-
-    kinds = parser.add_subparsers(title="other benchmarks", metavar="{serve}")
-    bench_serve.add_arguments(kinds.add_parser(
-        "serve", help="the serving engine under load vs static generate (random weights)",
-        description=bench_serve.__doc__.split("\n\n")[0].replace("\n", " ")))
+    # Other benchmarks are subcommands (`hymba bench serve`, `hymba bench train`); without one, `hymba bench`
+    # measures inference.
+    benchmarks = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    bench_serve.add_parser(benchmarks)
+    bench_train.add_parser(benchmarks)

@@ -344,7 +344,11 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_parser(subparsers) -> None:
+    """Register `hymba bench serve` (under `hymba bench`, whose own options keep measuring the decode step)."""
+    parser = subparsers.add_parser(
+        "serve", help="the serving engine under load vs static generate (random weights)",
+        description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--requests", type=int, help="requests in the load (default 256 on GPU, 8 on CPU)")
     parser.add_argument("--prompt-len", type=int, help="prompt tokens per request (default 512 on GPU, 16 on CPU)")
     parser.add_argument("--output-len", type=int, help="new tokens per request (default 256 on GPU, 8 on CPU)")

@@ -214,8 +214,12 @@ def save_pretrained(model, directory: str | os.PathLike, max_shard_bytes: int = 
             stale.unlink(missing_ok=True)
     _atomic_write(directory / "config.json", config.to_json)
 
-    source = copy_side_files_from or getattr(model, "checkpoint_dir", None)
-    if source is not None and Path(source).resolve() != directory.resolve():
+    copy_side_files(copy_side_files_from or getattr(model, "checkpoint_dir", None), directory)
+
+
+def copy_side_files(source: str | os.PathLike | None, directory: str | os.PathLike) -> None:
+    """Copy the tokenizer and generation files that `source` has into `directory` (nothing when they are one)."""
+    if source is not None and Path(source).resolve() != Path(directory).resolve():
         for name in SIDE_FILES:
             if (Path(source) / name).is_file():
-                shutil.copyfile(Path(source) / name, directory / name)
+                shutil.copyfile(Path(source) / name, Path(directory) / name)

@@ -23,6 +23,7 @@ from hymba.config import HymbaConfig
 from hymba.ops import compiled_on_gpu
 from hymba.ops.attention import attention, plan_attention
 from hymba.ops.conv import causal_conv1d
+from hymba.ops.cross_entropy import linear_cross_entropy
 from hymba.ops.norm import rms_norm
 from hymba.ops.scan import selective_scan, selective_state_update, ssm_projections, ssm_step_inputs
 
@@ -75,7 +76,19 @@ class ForwardContext:
     cache: HymbaCache | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     shared_kv: dict[int, tuple] = field(default_factory=dict)  # producer layer -> (k, v, k_pos, k_valid)
-    plans: dict[tuple, object] = field(default_factory=dict)  # (window, id of key positions) -> AttentionPlan
+    plans: dict[tuple, object] = field(default_factory=dict)  # see `plan`
+
+    def plan(self, window: int | None, k_pos: torch.Tensor, k_valid: torch.Tensor | None, num_meta: int):
+        """The attention plan for keys at `k_pos` under `window`, made once per forward for all the layers that
+        share it. Keyed by the key positions' identity, or by None for this forward's own positions (every layer
+        without a cache): a key that stays the same from forward to forward keeps a compiled layer's guards true."""
+        key = (window, None if k_pos is self.positions else id(k_pos))
+        if key not in self.plans:
+            self.plans[key] = plan_attention(self.positions, k_pos, k_valid, window, num_meta,
+                                             cache_decode=self.cache is not None and self.cache.decoding,
+                                             positions_are_indices=self.valid is None and (
+                                                 self.cache is None or not self.cache.started))
+        return self.plans[key]
 
 
 class HymbaMixer(nn.Module):
@@ -166,14 +179,8 @@ class HymbaMixer(nn.Module):
             if self.config.groups_of(self.layer_idx)[1:]:
                 ctx.shared_kv[self.layer_idx] = keys
         k_all, v_all, k_pos, k_valid = keys
-        plan_key = (self.window, id(k_pos))
-        if plan_key not in ctx.plans:
-            ctx.plans[plan_key] = plan_attention(ctx.positions, k_pos, k_valid, self.window,
-                                                 self.config.num_memory_tokens,
-                                                 cache_decode=ctx.cache is not None and ctx.cache.decoding,
-                                                 positions_are_indices=ctx.valid is None and (
-                                                     ctx.cache is None or not ctx.cache.started))
-        out = attention(q, k_all, v_all, ctx.plans[plan_key])  # (b, hq, T, dv)
+        plan = ctx.plan(self.window, k_pos, k_valid, self.config.num_memory_tokens)
+        out = attention(q, k_all, v_all, plan)  # (b, hq, T, dv)
         return out.transpose(1, 2).reshape(b, T, self.n_heads * self.d_v)
 
     # ------------------------------------------------------------------ SSM heads
@@ -296,6 +303,12 @@ class HymbaModel(nn.Module):
                              rope=rope_cos_sin(self.config, positions, x.dtype))
         if cache is not None:
             cache.begin(positions, valid)
+        else:
+            # Without a cache every layer attends over these positions: the plans are made here, before the layers,
+            # so that a compiled layer (`hymba train --compile`) only looks its plan up and never traces its making.
+            for window in dict.fromkeys(self.config.window(i) for i in range(len(self.layers))
+                                        if self.config.has_attention(i)):
+                ctx.plan(window, positions, valid, self.config.num_memory_tokens)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
@@ -343,8 +356,20 @@ class HymbaModel(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
+
+
+def lm_head_loss(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy of the head's logits for `hidden` (N, hidden) against `targets` (N,), ignore index -100.
+
+    A plain linear head goes through `linear_cross_entropy`, which never holds more than one chunk of tokens'
+    logits. A head replaced by a wrapper (a LoRA adapter, peft's modules_to_save) must run as the module it is,
+    so it gets full logits and the plain loss: reading its weight would silently skip the adapter.
+    """
+    if type(lm_head) is nn.Linear and lm_head.bias is None:
+        return linear_cross_entropy(hidden, lm_head.weight, targets, reduction)
+    return F.cross_entropy(lm_head(hidden).float(), targets, ignore_index=-100, reduction=reduction)
 
 
 class HymbaForCausalLM(nn.Module):
@@ -360,19 +385,28 @@ class HymbaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: HymbaCache | None = None,
-                logits_to_keep: int | None = None) -> CausalLMOutput:
+                logits_to_keep: int | None = None, *, shift_labels: torch.Tensor | None = None,
+                loss_reduction: str = "mean", return_logits: bool = True) -> CausalLMOutput:
         """Logits (b, L, vocab) for each input token; with `labels`, also the mean next-token cross-entropy.
 
-        `labels` are aligned with `input_ids` (shifted inside, ignore index -100). `logits_to_keep=n` computes
-        logits for the last n positions only (generation needs just the last).
+        `labels` are aligned with `input_ids` (shifted inside, ignore index -100); `shift_labels` are the next-token
+        targets themselves, one per input token (the trainer's layout; transformers' name). `loss_reduction="sum"`
+        sums over targets instead of averaging. The loss is computed from the hidden states chunk by chunk
+        (`lm_head_loss`), never from the returned logits, so it costs no float32 copy of them; `return_logits=False`
+        skips the logits altogether (training, where only the loss is wanted; `logits` is then None).
+        `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last).
         """
+        if labels is not None and shift_labels is not None:
+            raise ValueError("pass labels (aligned with input_ids) or shift_labels (already shifted), not both")
         hidden = self.model(input_ids, attention_mask, cache)
-        if logits_to_keep is not None:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = lm_head_loss(self.lm_head, hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), loss_reduction)
+        elif shift_labels is not None:
+            loss = lm_head_loss(self.lm_head, hidden.flatten(0, 1), shift_labels.flatten(), loss_reduction)
+        logits = None
+        if return_logits:
+            logits = self.lm_head(hidden if logits_to_keep is None else hidden[:, -logits_to_keep:])
         return CausalLMOutput(logits=logits, loss=loss)
 
     @property

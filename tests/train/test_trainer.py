@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch._dynamo
+from conftest import rel_err
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from hymba.config import HymbaConfig
 from hymba.errors import HymbaError
@@ -135,6 +138,31 @@ def test_activation_checkpointing_keeps_gradients():
     checkpointed = gradients(model, batch, 48)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_layers_give_eager_gradients_and_compile_once():
+    """`--compile` (each layer compiled) equals eager, and a second step runs the graphs of the first.
+
+    The backend runs dynamo, AOT autograd, the decompositions and the forward/backward partition that inductor
+    gets, without inductor's code generation (minutes of C++ compilation on a CPU); float32, so the tolerance is
+    a few ulps of the gradients' norm."""
+    # One layer of each kind: global, windowed producer, windowed KV reuser.
+    model = tiny_model(num_hidden_layers=3, global_attn_idx=[0], kv_reuse_group=[[1, 2]])
+    batch = [micro_batch()]
+    eager = gradients(model, batch, 48)
+    torch._dynamo.reset()
+    try:
+        trainer.compile_layers(model, backend="aot_eager_decomp_partition")
+        compiled = gradients(model, batch, 48)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 3  # every layer ran compiled
+        again = gradients(model, batch, 48)
+        assert counters["stats"]["unique_graphs"] == graphs  # no recompilation at the next step
+    finally:
+        torch._dynamo.reset()
+    for name in eager:
+        assert rel_err(compiled[name], eager[name]) < 1e-5, name
+        assert torch.equal(again[name], compiled[name]), name
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from hymba.config import HymbaConfig
 from hymba.errors import HymbaError, did_you_mean
 from hymba.model import HymbaForCausalLM
+from hymba.train.lora import DEFAULT_TARGETS
 from hymba.train.optim import SCHEDULES, decayed_parameter_names, lr_at, make_optimizer
 from hymba.train.sft import IGNORE_INDEX, SFTBatches, load_conversations
 
@@ -85,8 +85,13 @@ FIELD_HELP = {
     'seed': 'seed for initialisation and data order',
     'device': '"auto": cuda if available, else cpu',
     'dtype': '"bf16" (autocast on CUDA, float32 master weights) or "float32"; auto: bf16 on CUDA',
+    'lora_r': 'LoRA rank: train low-rank adapters on a frozen init_from model through peft (0: all weights)',
+    'lora_alpha': 'LoRA scale numerator (adapters are scaled by alpha / r); default 2 * lora_r',
+    'lora_dropout': 'dropout on the LoRA adapters\' input',
+    'lora_targets': 'comma-separated module names to adapt (default: in_proj,out_proj,gate_proj,up_proj,down_proj)',
+    'merge': 'LoRA: at the end, also write out_dir/merged, the adapters folded into a plain checkpoint',
     'activation_checkpointing': 'recompute each layer in backward to save memory',
-    'compile': 'torch.compile the model',
+    'compile': 'torch.compile each decoder layer on its own (regional compilation), not the model as one graph',
     'distributed': 'under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard: sharded weights and Adam state)',
     'peak_flops': 'per-device peak for MFU; None: looked up from the GPU name',
     'progress': 'show a progress bar',
@@ -108,6 +113,12 @@ class TrainConfig:
     sft_data: str | None = None
     sft_val_data: str | None = None
     sft_packing: str = "pack"
+    # LoRA (through peft) on a frozen init_from model; 0 trains every weight.
+    lora_r: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    merge: bool = False
     batch_size: int = 8
     block_size: int = 256
     grad_accum: int = 1
@@ -141,6 +152,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, str):  # the command line's comma-separated form
+            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
         # Types first (a JSON file or a command line can hold anything), so the checks below can compare values.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -155,6 +168,14 @@ class TrainConfig:
             raise HymbaError(f"train config `betas` must be two numbers in [0, 1), e.g. [0.9, 0.95]; got "
                              f"{list(self.betas)}")
         self.betas = tuple(self.betas)
+        if self.lora_r < 0 or (self.lora_r and not self.lora_targets):
+            raise HymbaError("lora_r must be >= 0 (0: train every weight), with at least one lora_target")
+        if self.lora_r and self.init_from is None:
+            raise HymbaError("lora_r needs init_from: LoRA adapts an existing model's frozen weights")
+        if self.lora_r and self.distributed == "fsdp":
+            raise HymbaError("LoRA trains a few million weights: run it with distributed 'ddp', not 'fsdp'")
+        if self.merge and not self.lora_r:
+            raise HymbaError("merge folds LoRA adapters into the base model; it needs lora_r > 0")
         if (self.data_dir is None) == (self.sft_data is None):
             raise HymbaError("set exactly one of data_dir (token files for pre-training) and sft_data (chat JSONL)")
         for key in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
@@ -195,7 +216,7 @@ class TrainConfig:
 
 def _field_type(f: dataclasses.Field) -> type:
     """The type of a TrainConfig field's values: its default's (str where the default is None)."""
-    if f.name == "peak_flops":
+    if f.name in ("peak_flops", "lora_alpha"):
         return float
     if f.default_factory is not dataclasses.MISSING:
         return type(f.default_factory())
@@ -209,11 +230,13 @@ def _has_type(value: Any, kind: type) -> bool:
         return type(value) is kind
     if kind is tuple:  # JSON has lists
         return isinstance(value, (list, tuple))
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     return isinstance(value, kind)
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-               dict: "a JSON object", tuple: "a JSON list"}
+               dict: "a JSON object", tuple: "a JSON list", list: "a list of strings"}
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -303,9 +326,11 @@ def check_model_fits(cfg: TrainConfig, config: HymbaConfig) -> None:
                          f"{config.max_position_embeddings - config.num_memory_tokens}")
 
 
-def build_model(cfg: TrainConfig, device: torch.device, checkpoint: str | Path | None = None) -> HymbaForCausalLM:
-    """float32 master weights: from `checkpoint` (resume), `init_from` (fine-tune), or freshly initialised."""
-    source = checkpoint or cfg.init_from
+def build_model(cfg: TrainConfig, device: torch.device, checkpoint: str | Path | None = None) -> torch.nn.Module:
+    """float32 master weights: from `checkpoint` (resume), `init_from` (fine-tune), or freshly initialised.
+
+    With `lora_r`, the `init_from` model frozen inside a peft wrapper whose adapters are new, or `checkpoint`'s."""
+    source = cfg.init_from if cfg.lora_r else checkpoint or cfg.init_from
     if source is not None:
         model = HymbaForCausalLM.from_pretrained(source, dtype=torch.float32, device=device)
     else:
@@ -314,6 +339,12 @@ def build_model(cfg: TrainConfig, device: torch.device, checkpoint: str | Path |
             model = HymbaForCausalLM(config)
         model.init_weights(torch.Generator(device).manual_seed(cfg.seed))
     model.model.gradient_checkpointing = cfg.activation_checkpointing
+    if cfg.lora_r:
+        from hymba.train.lora import add_adapters
+
+        model.name_or_path = str(cfg.init_from)  # peft records it as the adapters' base model
+        model = add_adapters(model, cfg.lora_r, cfg.lora_alpha or 2 * cfg.lora_r, cfg.lora_dropout, cfg.lora_targets,
+                             adapters_from=checkpoint)
     return model.train()
 
 
@@ -396,9 +427,15 @@ def make_batches(cfg: TrainConfig, split: str, rows: int, seed: int, vocab_size:
 
 
 def rows_for(batch: tuple[torch.Tensor, torch.Tensor], micro: int, rt: Runtime, batch_size: int):
-    """This process's rows of micro-step `micro` in a global batch laid out [micro][rank][row]."""
+    """This process's rows of micro-step `micro` in a global batch laid out [micro][rank][row].
+
+    To a GPU through pinned memory, without blocking: a copy from pageable memory makes the host wait until the GPU
+    has finished all the work queued before it, so the next step could not be queued while this one runs."""
     start = (micro * rt.world_size + rt.rank) * batch_size
-    return tuple(t[start:start + batch_size].to(rt.device) for t in batch)
+    rows = (t[start:start + batch_size] for t in batch)
+    if rt.device.type == "cuda":
+        return tuple(t.pin_memory().to(rt.device, non_blocking=True) for t in rows)
+    return tuple(t.to(rt.device) for t in rows)
 
 
 def count_targets(y: torch.Tensor) -> int:
@@ -406,21 +443,40 @@ def count_targets(y: torch.Tensor) -> int:
 
 
 def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Summed next-token cross-entropy of a micro-batch (float32 logits; targets -100 are skipped)."""
+    """Summed next-token cross-entropy of a micro-batch (targets -100 are skipped).
+
+    Through the model's forward (so DDP and FSDP see the call), which computes it from the hidden states a chunk
+    of tokens at a time (`hymba.ops.cross_entropy`) and returns no logits: the full float32 logits of the batch
+    are never in memory."""
     with rt.autocast():
-        logits = model(x).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return model(x, shift_labels=y, loss_reduction="sum", return_logits=False).loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Parallelism
 
 
+def compile_layers(model: torch.nn.Module, **options: Any) -> None:
+    """Regional compilation: `torch.compile` each decoder layer in place (names and checkpoints are unchanged).
+
+    Compiling the whole model traces all its layers into one graph, which took longer than 170 s at the 1.5B shape
+    before a step ran. Layer by layer, dynamo traces each layer once (its guards name the layer's index and kind)
+    and the compiler's graph cache serves the layers of one kind (global, windowed, KV-reusing) from one compiled
+    graph. The embedding, the meta tokens, the attention plans and the loss stay eager. `options` go to
+    `torch.compile` (the tests pick a backend that needs no C++ compiler)."""
+    from hymba.model import HymbaDecoderLayer
+    from hymba.ops.attention import allow_many_recompiles
+
+    allow_many_recompiles()  # one compiled entry per layer; dynamo's default limit is 8 per function
+    for module in model.modules():
+        if isinstance(module, HymbaDecoderLayer):
+            module.compile(**options)
+
+
 def wrap_model(model: HymbaForCausalLM, cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
-    """torch.compile if asked (in place, so names and checkpoints are unchanged), then DDP or FSDP2 across
-    processes (nothing when alone)."""
+    """Compile each layer if asked (`compile_layers`), then DDP or FSDP2 across processes (nothing when alone)."""
     if cfg.compile:
-        model.compile()
+        compile_layers(model)
     if rt.world_size > 1 and cfg.distributed == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -460,6 +516,19 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[tuple[torch
     return total
 
 
+def optimizer_step(model: torch.nn.Module, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   micro_batches: list[tuple[torch.Tensor, torch.Tensor]], n_targets: int, rt: Runtime,
+                   grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step (what `hymba bench train` times): gradients over the micro-batches, the norm clipped to
+    `grad_clip` (0: not clipped, still measured for the log), AdamW. Returns the summed loss and the gradient norm
+    as device tensors, so nothing here waits for the GPU."""
+    loss = accumulate_gradients(model, micro_batches, n_targets, rt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, cfg: TrainConfig, rt: Runtime) -> float:
     """Mean loss per target token over `eval_iters` global batches of the validation source (split as in training,
@@ -481,12 +550,14 @@ def evaluate(model: torch.nn.Module, batches, cfg: TrainConfig, rt: Runtime) -> 
 # Throughput
 
 
-def flops_per_row(config: HymbaConfig, seq_len: int) -> float:
+def flops_per_row(config: HymbaConfig, seq_len: int, adapter_params: int | None = None) -> float:
     """Training FLOPs (forward + backward) for one row of `seq_len` tokens.
 
     6 per parameter per position (the layers also run over the meta tokens; the LM head only over text), plus
     attention: 6 * (d_qk + d_v) per head per visible (query, key) pair, counting the window and meta-token rule.
     The selective scan's elementwise work (~1% here) is left out, as nanoGPT leaves out softmax.
+    With `adapter_params` (LoRA), the base weights are frozen: 4 per base parameter (forward, and the gradient of
+    its input; none for the weight) plus 6 per adapter parameter.
     """
     with torch.device("meta"):
         model = HymbaForCausalLM(config)
@@ -495,7 +566,8 @@ def flops_per_row(config: HymbaConfig, seq_len: int) -> float:
     embed = head if config.tie_word_embeddings else 2 * head
     body = model.num_parameters() - embed - memory
     M, T = config.num_memory_tokens, seq_len
-    flops = 6 * body * (M + T) + 6 * head * T
+    per_weight = 6 if adapter_params is None else 4
+    flops = per_weight * (body * (M + T) + head * T) + 6 * (adapter_params or 0) * (M + T)
     i = np.arange(M + T, dtype=np.float64)  # query index over [meta, text]
     per_head_pair = 6 * (config.qk_head_dim + config.value_head_dim)
     for layer in range(config.num_hidden_layers):
@@ -563,7 +635,12 @@ def save_checkpoint(out_dir: Path, step: int, model: HymbaForCausalLM, trainer_s
     name = f"step-{step:07d}"
     final, tmp = out_dir / name, out_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), copy_side_files_from=tokenizer_dir(cfg))
+    if cfg.lora_r:
+        from hymba.train.lora import save_adapters
+
+        save_adapters(model, tmp, tokenizer_dir(cfg))
+    else:
+        model.save_pretrained(str(tmp), copy_side_files_from=tokenizer_dir(cfg))
     torch.save(trainer_state, tmp / STATE_FILE)
     (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if final.exists():  # the same step saved again (a resumed run re-reaching it): replace it whole
@@ -595,8 +672,19 @@ KEPT_ON_RESUME = ("model", "model_overrides", "init_from", "seed")
 def check_resume(cfg: TrainConfig, checkpoint: Path) -> tuple[list[str], list[str]]:
     """Refuse to resume a different model. Returns the settings changed since the checkpoint was saved, as
     'key old -> new': those that apply from now on, and those that resuming keeps as they were."""
-    saved_model = HymbaConfig.from_json(checkpoint).to_dict()
-    asked = json.loads(json.dumps(model_config(cfg).to_dict()))  # as the checkpoint's JSON holds it (lists)
+    saved_path = checkpoint / "train_config.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    now = json.loads(json.dumps(cfg.to_dict()))
+    if (checkpoint / "config.json").is_file():
+        saved_model = HymbaConfig.from_json(checkpoint).to_dict()
+        asked = json.loads(json.dumps(model_config(cfg).to_dict()))  # as the checkpoint's JSON holds it (lists)
+    else:  # a LoRA checkpoint holds adapters only: its model is the frozen init_from model with these adapters
+        structure = ("init_from", "lora_r", "lora_targets")
+        saved_model = {k: saved.get(k) for k in structure} if isinstance(saved, dict) else {}
+        asked = {k: now[k] for k in structure}
     # torch_dtype is bookkeeping: checkpoints hold float32 master weights whatever the preset names.
     differ = sorted(k for k in saved_model.keys() | asked.keys()
                     if k != "torch_dtype" and saved_model.get(k) != asked.get(k))
@@ -605,14 +693,8 @@ def check_resume(cfg: TrainConfig, checkpoint: Path) -> tuple[list[str], list[st
         raise HymbaError(f"{checkpoint} holds another model than the config asks for ({shown}"
                          f"{', ...' if len(differ) > 6 else ''}); resume with the model it was trained with, or "
                          "start a new run in another --out")
-    saved_path = checkpoint / "train_config.json"
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        saved = None
     if not isinstance(saved, dict):
         return [f"(unknown: {saved_path} is missing or damaged)"], []
-    now = json.loads(json.dumps(cfg.to_dict()))
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
     return ([c for c in changed if c.split()[0] not in KEPT_ON_RESUME],
             [c for c in changed if c.split()[0] in KEPT_ON_RESUME])
@@ -659,7 +741,9 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
     out_dir = Path(cfg.out_dir)
     checkpoint = find_checkpoint(resume, out_dir) if resume else None
     applied, kept = check_resume(cfg, checkpoint) if checkpoint is not None else ([], [])
-    check_model_fits(cfg, HymbaConfig.from_json(checkpoint) if checkpoint is not None else model_config(cfg))
+    # A LoRA checkpoint holds adapters, not a config: its model is init_from's.
+    has_config = checkpoint is not None and (checkpoint / "config.json").is_file()
+    check_model_fits(cfg, HymbaConfig.from_json(checkpoint) if has_config else model_config(cfg))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -688,6 +772,7 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
         step = state["step"]
 
     peak = device_peak_flops(cfg, rt.device)
+    adapter_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad) if cfg.lora_r else None
     log_path = Path(cfg.log_file) if cfg.log_file else out_dir / "log.jsonl"
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -695,8 +780,10 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
         if log_path.is_file():  # drop what an interrupted run logged after the checkpoint it resumes from
             log_path.write_text("".join(line + "\n" for line in _logged_lines(log_path, step)))
         n_params = raw_model.num_parameters()
-        print(f"hymba train: {n_params / 1e6:.2f}M parameters ({len(decayed_parameter_names(raw_model))} decayed "
-              f"tensors), {rows_per_step * cfg.block_size:,} tokens per step on {rt.world_size} x {rt.device.type}"
+        trained = f", {adapter_params / 1e6:.2f}M of them LoRA adapters, trained" if cfg.lora_r else ""
+        print(f"hymba train: {n_params / 1e6:.2f}M parameters{trained} ({len(decayed_parameter_names(raw_model))} "
+              f"decayed tensors), {rows_per_step * cfg.block_size:,} tokens per step on {rt.world_size} x "
+              f"{rt.device.type}"
               f"{f', resuming at step {step} from {checkpoint}' if checkpoint else ''}")
         if checkpoint is not None:
             print("hymba train: " + (f"changed settings that apply from step {step}: {', '.join(applied)}"
@@ -721,17 +808,14 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
         batch = train_batches.next_batch()
         n_targets = count_targets(batch[1])
         micro_batches = [rows_for(batch, m, rt, cfg.batch_size) for m in range(cfg.grad_accum)]
-        window_loss += accumulate_gradients(model, micro_batches, n_targets, rt)
-        # Clip to grad_clip (0: no clipping, the norm is still measured for the log).
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = optimizer_step(model, raw_model, optimizer, micro_batches, n_targets, rt, cfg.grad_clip)
+        window_loss += loss
         step += 1
         bar.update(1)
         window_targets += n_targets
         window_tokens += batch[0].numel()
         T = batch[0].shape[1]
-        window_flops += row_flops.setdefault(T, flops_per_row(config, T)) * batch[0].shape[0]
+        window_flops += row_flops.setdefault(T, flops_per_row(config, T, adapter_params)) * batch[0].shape[0]
 
         evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
         if step % cfg.log_interval == 0 or evaluating:
@@ -768,6 +852,10 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
                 dist.barrier()  # nobody runs ahead (or exits) before the checkpoint is on disk
             window_start += time.perf_counter() - saving_since  # saving is not training time
     bar.close()
+    if cfg.merge and rt.master:
+        from hymba.train.lora import write_merged
+
+        print(f"hymba train: merged model written to {write_merged(raw_model, out_dir / 'merged', tokenizer_dir(cfg))}")
     if rt.owns_process_group:
         dist.destroy_process_group()
     return records
@@ -780,18 +868,21 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
 def _override_type(f: dataclasses.Field):
     """argparse type for a TrainConfig field: JSON for dicts/tuples, else the field's type."""
     kind = _field_type(f)
-    return json.loads if kind in (dict, tuple) else kind
+    # A list (lora_targets) is given comma-separated, as one string.
+    return json.loads if kind in (dict, tuple) else str if kind is list else kind
 
 
 def add_parser(subparsers) -> None:
     """Register `hymba train`."""
     parser = subparsers.add_parser(
-        "train", help="pre-train or fine-tune (SFT) a Hymba model",
+        "train", help="pre-train or fine-tune (SFT, all weights or LoRA) a Hymba model",
         description="Train a Hymba model from a TrainConfig JSON file; any config field can be overridden, "
-                    "e.g. --max-steps 100 --out out/run. Under torchrun it trains with DDP (or FSDP).",
+                    "e.g. --max-steps 100 --out out/run. Under torchrun it trains with DDP (or FSDP). "
+                    "--lora-r R fine-tunes LoRA adapters (peft) on the frozen --init-from model.",
     )
-    parser.add_argument("--config", required=True, help="a TrainConfig JSON file or a packaged config name "
-                        f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))})")
+    parser.add_argument("--config", help="a TrainConfig JSON file or a packaged config name "
+                        f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}); default: TrainConfig's "
+                        "defaults, e.g. for `--init-from CKPT --sft-data chat.jsonl --lora-r 16`")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from out_dir's latest checkpoint (when there is one), or from CHECKPOINT")
     parser.add_argument("--out", dest="out_dir", default=None, help="output directory (config key out_dir)")
@@ -812,6 +903,6 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    cfg = TrainConfig.from_json(args.config, **overrides)
+    cfg = TrainConfig.from_json(args.config, **overrides) if args.config else TrainConfig(**overrides)
     train(cfg, resume=args.resume)
     return 0
