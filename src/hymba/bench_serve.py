@@ -17,6 +17,7 @@ static decode step time at the batch the Poisson run kept (for its time-per-toke
 from __future__ import annotations
 
 import argparse
+import platform
 import random
 import statistics
 import sys
@@ -277,10 +278,12 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             note(f"all at once: {load.requests} requests")
             results.append(drive_engine(engine, prompts, load, [0.0] * load.requests, "engine, all at once", None))
             rate = rate or 0.7 * load.requests / results[-1].seconds
+        poisson = None
         if load.arrivals == "poisson":
             note(f"poisson arrivals at {rate:.2f} requests/s")
-            results.append(drive_engine(engine, prompts, load, arrival_offsets(load, rate),
-                                        f"engine, poisson {rate:.1f} req/s", rate))
+            poisson = drive_engine(engine, prompts, load, arrival_offsets(load, rate),
+                                   f"engine, poisson {rate:.1f} req/s", rate)
+            results.append(poisson)
         if args.http:
             note("the same load over HTTP")
             results.append(drive_http(engine, "bench", prompts, load,
@@ -290,11 +293,12 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     static_generate(model, prompts[:load.slots], ServeLoad(load.slots, load.prompt_len, 2, load.slots), device)
     baseline = static_generate(model, prompts, load, device)
     step_ms = None
-    if load.arrivals == "poisson" and results[-1].mean_decode_rows:
-        batch = max(1, round(results[-1].mean_decode_rows))
+    if poisson is not None and poisson.mean_decode_rows:
+        batch = max(1, round(poisson.mean_decode_rows))
         note(f"static decode step at batch {batch}")
         step_ms = static_step_ms(model, batch, load.prompt_len, device)
-    report = dict(device=device_name(device), torch_version=torch.__version__, dtype=str(dtype).removeprefix("torch."),
+    report = dict(device=device_name(device) if gpu else f"CPU ({platform.machine()})",
+                  torch_version=torch.__version__, dtype=str(dtype).removeprefix("torch."),
                   model=args.model or config_name(gpu), load=asdict(load), compile=not args.no_compile and gpu,
                   cuda_graph=not args.no_cuda_graph and gpu, max_batch_tokens=args.max_batch_tokens,
                   prefill_chunk=args.prefill_chunk, prefill_wait_s=args.prefill_wait,

@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # Start-up work the library reports (compiling and capturing decode steps) shows on stderr.
+    import logging
+
+    reporter = logging.StreamHandler(sys.stderr)
+    reporter.setFormatter(logging.Formatter(f"hymba {args.command}: %(message)s"))
+    logging.getLogger("hymba").addHandler(reporter)
+    logging.getLogger("hymba").setLevel(logging.INFO)
     try:
         if getattr(args, "device", None) not in (None, "auto"):  # every subcommand's --device, checked in one place
             from hymba.checkpoint import resolve_device

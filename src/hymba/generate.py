@@ -603,7 +603,7 @@ def complete(model, tokenizer, prompts: Sequence[str], stop_strings: Sequence[st
 
 def stream(model, tokenizer, prompt: str | Sequence[int], stop_strings: Sequence[str] | None = None,
            max_new_tokens: int = 256, seed: int | None = None, prefill_chunk: int | None = None,
-           **sampling) -> Iterator[str]:
+           compile: bool | None = None, **sampling) -> Iterator[str]:
     """Text increments of one completion as they are generated; never splits a character or a word's space.
 
     Text that could be the start of a stop string is held back until it is clear it is not one.
@@ -619,7 +619,8 @@ def stream(model, tokenizer, prompt: str | Sequence[int], stop_strings: Sequence
     eos = set(_eos_ids(model, None))
     text, shown = "", 0
     with torch.inference_mode():
-        for token in generate_tokens(model, ids, mask, max_new_tokens, params, seed, None, prefill_chunk):
+        for token in generate_tokens(model, ids, mask, max_new_tokens, params, seed, None, prefill_chunk,
+                                     compile=compile):
             token = int(token[0])
             if token in eos:
                 break

@@ -11,9 +11,12 @@ from hymba.errors import HymbaError
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted (Ctrl-C or SIGTERM); unfinished requests are cancelled on the way out."""
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--max-context", 1 if args.max_context is None else args.max_context)):
+                        ("--max-context", 1 if args.max_context is None else args.max_context),
+                        ("--max-batch-tokens", args.max_batch_tokens), ("--prefill-chunk", args.prefill_chunk)):
         if value < 1:
             raise HymbaError(f"{flag} must be positive, got {value}")
+    if not 0 <= args.prefill_wait < 60:
+        raise HymbaError(f"--prefill-wait is in seconds, from 0 to 60; got {args.prefill_wait}")
     if not 0 <= args.port <= 65535:
         raise HymbaError(f"--port {args.port} is not a TCP port; use 1-65535 (0 picks a free one)")
     try:
@@ -27,7 +30,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from hymba.generate_cli import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_context, max_queue=args.max_queue)
+    if model.device.type == "cuda":
+        print(f"hymba serve: {'compiling and ' if args.compile else ''}capturing the decode step for each batch "
+              f"size up to {args.max_batch}" + (" (about a minute each the first time, seconds once inductor's "
+                                                "cache holds them; --no-compile skips compiling)" if args.compile
+                                                else ""), file=sys.stderr)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_context, max_queue=args.max_queue,
+                    max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
+                    prefill_wait_s=args.prefill_wait, compile=args.compile, progress=_progress)
     name = args.served_model_name or args.model or "hymba"
     app = create_app(engine, name)
     with engine:
@@ -35,6 +45,10 @@ def run_serve(args: argparse.Namespace) -> int:
               f"{engine.max_len} tokens)", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _progress(line: str) -> None:
+    print(f"hymba serve: {line}", file=sys.stderr, flush=True)
 
 
 def add_parser(subparsers) -> None:
@@ -54,6 +68,18 @@ def add_parser(subparsers) -> None:
                        help="tokens per slot, prompt + completion (default: the model's context)")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests that may wait for a slot; beyond it the server answers 429")
+    serve.add_argument("--max-batch-tokens", type=int, default=16384,
+                       help="prompt tokens (meta tokens and padding included) one prefill forward may take; prompts "
+                            "waiting together prefill in one forward up to this (default 16384)")
+    serve.add_argument("--prefill-chunk", type=int, default=1024,
+                       help="tokens per prefill piece: a long prompt prefills over several steps while the running "
+                            "requests keep decoding (default 1024)")
+    serve.add_argument("--prefill-wait", type=float, default=0.0,
+                       help="seconds a prefill group that is not full may wait for more arrivals while others decode "
+                            "(fewer, larger prefills: more throughput, later first tokens; default 0)")
+    serve.add_argument("--no-compile", dest="compile", action="store_false",
+                       help="on CUDA, capture the eager decode step instead of compiling it first (starts faster, "
+                            "decodes about 10%% slower)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (info logs every request)")
     serve.set_defaults(func=run_serve)
