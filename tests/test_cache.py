@@ -121,3 +121,25 @@ def test_restoring_step_state_undoes_decode_steps():
             want = decode_step(model, fresh, tokens)
             torch.testing.assert_close(decode_step(model, touched, tokens), want)
             tokens = want.argmax(-1)
+
+
+def test_a_row_view_reads_and_writes_the_rows_in_place():
+    from hymba.config import HymbaConfig
+    from hymba.generate import batch_buckets, decode_step, prefill
+    from hymba.model import HymbaForCausalLM
+
+    assert batch_buckets(1) == [1] and batch_buckets(6) == [1, 2, 4, 6] and batch_buckets(8) == [1, 2, 4, 8]
+    torch.manual_seed(0)
+    model = HymbaForCausalLM(HymbaConfig.preset("tiny")).eval()
+    model.init_weights()
+    ids = torch.randint(3, 1000, (2, 9))
+    whole, alone = HymbaCache(model.config, 3, 32), HymbaCache(model.config, 2, 32)
+    view = whole.rows(2)
+    with torch.no_grad():
+        want = prefill(model, alone, ids, None)
+        got = prefill(model, view, ids, None)
+        assert torch.equal(got, want)
+        assert torch.equal(decode_step(model, view, want.argmax(-1)), decode_step(model, alone, want.argmax(-1)))
+    for layer, state in alone.ssm.items():
+        assert torch.equal(whole.ssm[layer].ssm[:2], state.ssm) and whole.ssm[layer].ssm[2].eq(0).all()
+    assert whole.next_position[:2].tolist() == alone.next_position.tolist() and int(whole.next_position[2]) == 0

@@ -194,7 +194,7 @@ def test_copy_row_and_reset_rows(model):
     one = HymbaCache(model.config, 1, 40)
     with torch.no_grad():
         model(torch.tensor([PROMPTS[3]]), cache=one)
-    cache.copy_row_from(2, one)
+    cache.copy_rows_from([2], one, [0])
     assert cache.next_position[2] == one.next_position[0] and cache.next_position[:2].eq(0).all()
     for layer, state in one.ssm.items():
         assert torch.equal(cache.ssm[layer].ssm[2], state.ssm[0]) and cache.ssm[layer].ssm[:2].eq(0).all()
@@ -204,7 +204,7 @@ def test_copy_row_and_reset_rows(model):
     assert cache.next_position.eq(0).all() and not any(layout.valid.any() for layout in cache.layouts.values())
     assert all(state.ssm.eq(0).all() and state.conv.eq(0).all() for state in cache.ssm.values())
     with pytest.raises(HymbaError, match="same max_len"):
-        cache.copy_row_from(0, HymbaCache(model.config, 1, 41))
+        cache.copy_rows_from([0], HymbaCache(model.config, 1, 41), [0])
 
 
 @pytest.mark.gpu

@@ -184,7 +184,7 @@ class HymbaCache:
         """Empty `rows`: no key visible, zero SSM and conv state, next position 0. In place (CUDA-graph safe).
 
         K/V bytes are left as they are: with `valid` cleared no query can see them, and refilling a row
-        (`copy_row_from`) overwrites them anyway.
+        (`copy_rows_from`) overwrites them anyway.
         """
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.next_position.device)
         for layout in self.layouts.values():
@@ -218,10 +218,6 @@ class HymbaCache:
             pairs += [(state.ssm, other.ssm[layer].ssm), (state.conv, other.ssm[layer].conv)]
         for mine, theirs in pairs:
             mine.index_copy_(0, dst, theirs.index_select(0, src))
-
-    def copy_row_from(self, row: int, other: HymbaCache, other_row: int = 0) -> None:
-        """`copy_rows_from` for one row."""
-        self.copy_rows_from([row], other, [other_row])
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
