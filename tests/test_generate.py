@@ -219,3 +219,18 @@ def test_a_stop_string_given_as_a_string_is_one_stop_string():
     assert stop not in text
     assert torch.equal(generate(model, stop_strings=stop, **kwargs), free)
     assert generate(model, stop_strings=first, **kwargs).shape[1] < free.shape[1]  # the one-character stop fires
+    from hymba.generate import complete, stream
+
+    whole = complete(model, tokenizer, ["The old castle"], max_new_tokens=12)[0]
+    assert complete(model, tokenizer, ["The old castle"], stop_strings=stop, max_new_tokens=12)[0] == whole
+    assert "".join(stream(model, tokenizer, "The old castle", stop_strings=stop, max_new_tokens=12)) == whole
+
+
+def test_stream_checks_its_arguments_as_generate_does(model):
+    from hymba.generate import stream
+    from hymba.tokenizer import HymbaTokenizer
+
+    tokenizer = HymbaTokenizer.from_pretrained()
+    for bad in (dict(max_new_tokens=0), dict(prefill_chunk=-1), dict(seed="abc"), dict(stop_strings=[""])):
+        with pytest.raises(HymbaError):
+            next(stream(model, tokenizer, "The old castle", **bad))

@@ -434,9 +434,6 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise HymbaError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) + "
                          f"{config.num_memory_tokens} meta tokens exceed the model's "
                          f"{config.max_position_embeddings} positions; shorten the prompt or max_new_tokens")
-    if int(input_ids.max()) >= config.vocab_size or int(input_ids.min()) < 0:
-        raise HymbaError(f"token id {int(input_ids.max())} is outside this model's vocabulary of {config.vocab_size}; "
-                         "the tokenizer does not match the checkpoint")
     device = model.device
     first_seed = random_seed() if seed is None else seed
     seeds = torch.tensor([seed_as_int64(first_seed + row) for row in range(batch)], device=device)
@@ -538,12 +535,7 @@ def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, 
     the model for later calls; `compile=False` captures the eager step, `cuda_graph=False` runs it eagerly.
     """
     inputs = input_ids if inputs is None else inputs
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise HymbaError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 1):
-        raise HymbaError(f"prefill_chunk must be an integer >= 1 (or None: the prompt in one piece), "
-                         f"got {prefill_chunk!r}")
-    check_seed(seed)
+    _check_lengths_and_seed(max_new_tokens, prefill_chunk, seed)
     params = SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     ids, mask = _as_batch(model, inputs, attention_mask, tokenizer)
     stop = _stop_string_check(tokenizer, stop_strings)
@@ -552,13 +544,30 @@ def generate(model, inputs=None, attention_mask: torch.Tensor | None = None, *, 
     return torch.cat([ids, torch.stack(steps, dim=1)], dim=1)
 
 
-def _stop_string_check(tokenizer, stop_strings):
-    if isinstance(stop_strings, str):  # one stop string, not one per character
+def _check_lengths_and_seed(max_new_tokens, prefill_chunk, seed) -> None:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise HymbaError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 1):
+        raise HymbaError(f"prefill_chunk must be an integer >= 1 (or None: the prompt in one piece), "
+                         f"got {prefill_chunk!r}")
+    check_seed(seed)
+
+
+def stop_string_list(stop_strings: str | Sequence[str] | None) -> list[str]:
+    """The stop strings as a list: one string is one stop string (not one per character); each must be non-empty,
+    since "" would match at once and stop every row."""
+    if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
+    stop_strings = list(stop_strings or ())
+    if not all(isinstance(s, str) and s for s in stop_strings):
+        raise HymbaError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+    return stop_strings
+
+
+def _stop_string_check(tokenizer, stop_strings):
+    stop_strings = stop_string_list(stop_strings)
     if not stop_strings:
         return None
-    if not all(isinstance(s, str) and s for s in stop_strings):  # "" would match at once and stop every row
-        raise HymbaError(f"stop_strings must be non-empty strings, got {list(stop_strings)!r}")
     if tokenizer is None:
         raise HymbaError("stop strings need a tokenizer to read the generated text")
     longest = max(len(s) for s in stop_strings)
@@ -583,6 +592,7 @@ def trim_completion(text: str, stop_strings: Sequence[str] | None) -> str:
 def complete(model, tokenizer, prompts: Sequence[str], stop_strings: Sequence[str] | None = None,
              **kwargs) -> list[str]:
     """Text in, completions out: the generated continuation of each prompt, cut at EOS and stop strings."""
+    stop_strings = stop_string_list(stop_strings)
     pad_id = pad_token_id(model.config)
     ids, mask = _as_batch(model, list(prompts), None, tokenizer)
     out = generate(model, ids, mask, tokenizer=tokenizer, stop_strings=stop_strings, **kwargs)
@@ -610,6 +620,8 @@ def stream(model, tokenizer, prompt: str | Sequence[int], stop_strings: Sequence
     """
     from hymba.tokenizer import StreamDecoder
 
+    _check_lengths_and_seed(max_new_tokens, prefill_chunk, seed)
+    stop_strings = stop_string_list(stop_strings)
     params = SamplingParams(**sampling)
     ids, mask = _as_batch(model, [prompt], None, tokenizer)
     decoder = StreamDecoder(tokenizer)
