@@ -298,3 +298,44 @@ def test_a_failing_prefill_ends_its_group_and_the_engine_goes_on(model, tokenize
     engine._prefill_piece = working
     (outputs,) = run(engine, [(PROMPTS[2], GenerationParams(max_tokens=5))])
     assert tokens(outputs) == offline(model, PROMPTS[2], 5)
+
+
+def test_replicas_spread_requests_and_answer_as_one_engine(model, tokenizer):
+    from hymba.engine import Replicas
+
+    engines = [Engine(model, tokenizer, max_batch=2, max_len=96) for _ in range(2)]
+    with Replicas(engines) as replicas:
+        outputs = queue.Queue()
+        ids = [replicas.submit(p, GenerationParams(max_tokens=n), outputs.put) for p, n in zip(PROMPTS, MAX_TOKENS)]
+        assert len(set(ids)) == len(ids)
+        got = collections.defaultdict(list)
+        while len([i for i in ids if got[i] and got[i][-1].finish_reason]) < len(ids):
+            out = outputs.get(timeout=60)
+            got[out.request_id].append(out)
+        stats = replicas.stats()
+    assert [tokens(got[i]) for i in ids] == [offline(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    assert all(e.stats().requests_total > 0 for e in engines)  # both took work
+    assert stats.requests_total == len(ids) and stats.finished_total == {"length": len(ids)} and stats.max_batch == 4
+
+
+def test_replicas_cancel_reaches_the_engine_that_holds_the_request(model, tokenizer):
+    from hymba.engine import Replicas
+
+    replicas = Replicas([Engine(model, tokenizer, max_batch=1, max_len=96) for _ in range(2)])
+    outputs = queue.Queue()
+    first = replicas.submit(PROMPTS[0], GenerationParams(max_tokens=40), outputs.put)
+    second = replicas.submit(PROMPTS[1], GenerationParams(max_tokens=40), outputs.put)
+    for engine in replicas.engines:  # one request each: the router sends the second to the idle engine
+        engine.step()
+        assert engine.stats().waiting == 0
+    replicas.cancel(second)
+    while True:
+        for engine in replicas.engines:
+            engine.step()
+        seen = [outputs.get() for _ in range(outputs.qsize())]
+        if any(o.request_id == second and o.finish_reason for o in seen):
+            break
+    assert replicas.stats().running == 1 and replicas.stats().finished_total == {"cancelled": 1}
+    replicas.cancel(first)
+    for engine in replicas.engines:
+        engine.stop()

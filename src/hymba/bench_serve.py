@@ -122,8 +122,16 @@ def drive_engine(engine, prompts: list[list[int]], load: ServeLoad, offsets: lis
 
     timeline = _Timeline(len(prompts))
     params = GenerationParams(max_tokens=load.output_len)
-    rows_before = engine.decode_rows_total, engine.decode_steps_total
-    seconds_before = dict(engine.seconds)
+    engines = getattr(engine, "engines", [engine])  # `Replicas` hold several
+
+    def counters():
+        seconds: dict[str, float] = {}
+        for e in engines:
+            for part, t in e.seconds.items():
+                seconds[part] = seconds.get(part, 0.0) + t
+        return sum(e.decode_rows_total for e in engines), sum(e.decode_steps_total for e in engines), seconds
+
+    rows_before, steps_before, seconds_before = counters()
     start = time.perf_counter()
     for i, (prompt, offset) in enumerate(zip(prompts, offsets)):
         delay = start + offset - time.perf_counter()
@@ -133,9 +141,10 @@ def drive_engine(engine, prompts: list[list[int]], load: ServeLoad, offsets: lis
         engine.submit(prompt, params, lambda out, i=i: timeline.on_output(i, out))
     timeline.done.wait()
     result = timeline.result(name, load, start, rate)
-    result.engine_seconds = {part: round(s - seconds_before.get(part, 0.0), 3) for part, s in engine.seconds.items()}
-    steps = engine.decode_steps_total - rows_before[1]
-    result.mean_decode_rows = (engine.decode_rows_total - rows_before[0]) / steps if steps else None
+    rows, steps, seconds = counters()
+    result.engine_seconds = {part: round(t - seconds_before.get(part, 0.0), 3) for part, t in seconds.items()}
+    steps -= steps_before
+    result.mean_decode_rows = (rows - rows_before) / steps if steps else None  # per engine
     return result
 
 
@@ -233,11 +242,19 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     from hymba.bench import build_engine_model, device_name
     from hymba.checkpoint import resolve_dtype
     from hymba.config import HymbaConfig
-    from hymba.engine import Engine
+    from hymba.engine import Engine, Replicas
     from hymba.generate import decode_runner
     from hymba.tokenizer import HymbaTokenizer
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.devices and args.device:
+        raise HymbaError("give --device or --devices, not both")
+    if args.devices:
+        from hymba.serve.cli import parse_devices
+
+        devices = [torch.device(d) for d in parse_devices(args.devices)]
+    else:
+        devices = [torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))]
+    device = devices[0]
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HymbaError(f"--device {args.device} asked for, but PyTorch sees no CUDA device; use --device cpu")
     gpu = device.type == "cuda"
@@ -254,7 +271,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         raise HymbaError(f"--prompt-len + --output-len exceed the model's {config.max_position_embeddings} positions")
     dtype = resolve_dtype(args.dtype or ("bfloat16" if gpu else "float32"))
     torch.manual_seed(args.seed)
-    model = build_engine_model(config, device, dtype, args.seed)
+    models = [build_engine_model(config, d, dtype, args.seed) for d in devices]
+    model = models[0]  # the static baseline's
     tokenizer = HymbaTokenizer.from_pretrained()
 
     def note(line: str) -> None:
@@ -262,11 +280,12 @@ def run_serve_bench(args: argparse.Namespace) -> int:
 
     # The engine's cache is sized as generate sizes its own (`decode_runner`), so both share compiled steps.
     max_len = decode_runner(model, load.slots, load.prompt_len + load.output_len, compile=not args.no_compile).max_len
-    note(f"starting the engine: {load.slots} slots of {max_len} tokens")
-    engine = Engine(model, tokenizer, max_batch=load.slots, max_len=max_len, eos_token_id=[],
-                    compile=not args.no_compile, cuda_graph=not args.no_cuda_graph,
-                    max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
-                    prefill_wait_s=args.prefill_wait, progress=note)
+    note(f"starting {len(models)} engine(s): {load.slots} slots of {max_len} tokens each")
+    engines = [Engine(m, tokenizer, max_batch=load.slots, max_len=max_len, eos_token_id=[],
+                      compile=not args.no_compile, cuda_graph=not args.no_cuda_graph,
+                      max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
+                      prefill_wait_s=args.prefill_wait, progress=note) for m in models]
+    engine = engines[0] if len(engines) == 1 else Replicas(engines)
     prompts = random_prompts(load, config.vocab_size)
     results: list[ServeResult] = []
     with engine:
@@ -299,7 +318,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         step_ms = static_step_ms(model, batch, load.prompt_len, device)
     report = dict(device=device_name(device) if gpu else f"CPU ({platform.machine()})",
                   torch_version=torch.__version__, dtype=str(dtype).removeprefix("torch."),
-                  model=args.model or config_name(gpu), load=asdict(load), compile=not args.no_compile and gpu,
+                  devices=[str(d) for d in devices], model=args.model or config_name(gpu), load=asdict(load),
+                  compile=not args.no_compile and gpu,
                   cuda_graph=not args.no_cuda_graph and gpu, max_batch_tokens=args.max_batch_tokens,
                   prefill_chunk=args.prefill_chunk, prefill_wait_s=args.prefill_wait,
                   results=[asdict(r) for r in results], static=asdict(baseline), static_step_ms=step_ms)
@@ -336,6 +356,9 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{r['output_tok_s'] / static['output_tok_s']:.2f} | {ttft_cell} | {tpot_cell} | {rows} |")
 
     lines += [cells(r) for r in report["results"]]
+    if len(report["devices"]) > 1:
+        lines.append(f"| (the engine rows: {len(report['devices'])} replicas, one per device; static generate: one "
+                     "device) | | | | | | |")
     splits = [f"{r['name']}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["engine_seconds"].items())
               for r in report["results"] if r.get("engine_seconds")]
     lines.append(f"| static generate, batches of {load['slots']} | {static['output_tok_s']:,.0f} | "
@@ -366,6 +389,8 @@ def add_parser(subparsers) -> None:
                         help="also run the load through `hymba serve` on loopback with the openai client")
     parser.add_argument("--model", help="model shape preset (default hymba-1.5b on GPU, tiny on CPU)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--devices", help="comma-separated devices: one engine replica on each, behind one router, as "
+                                          "`hymba serve --devices` runs them (static generate runs on the first)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--max-batch-tokens", type=int, default=16384,

@@ -31,6 +31,7 @@ to each request's callback from the scheduler thread (`hymba.serve` forwards the
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import queue
 import threading
@@ -673,3 +674,83 @@ def _prefix(rows: RowSampling, n: int) -> RowSampling:
     return RowSampling(rows.temperature[:n], rows.top_k[:n], rows.top_p[:n], rows.min_p[:n],
                        rows.repetition_penalty[:n], rows.any_sample, rows.any_top_k, rows.any_top_p, rows.any_min_p,
                        rows.any_penalty)
+
+
+class Replicas:
+    """Data-parallel engines (one per device, each with its own copy of the model) behind the interface of one:
+    `hymba serve --devices cuda:0,cuda:1` serves them from one HTTP server.
+
+    A request goes to the engine with the fewest requests running or waiting (in turn among equals), and keeps it to
+    the end; request ids are the replicas' own, so `cancel` finds the engine that holds the request. `stats()` adds
+    the engines' up.
+    """
+
+    def __init__(self, engines: Sequence[Engine]):
+        if not engines:
+            raise HymbaError("Replicas needs at least one engine")
+        self.engines = list(engines)
+        self.tokenizer = self.engines[0].tokenizer
+        self.max_len = min(e.max_len for e in self.engines)
+        self.max_batch = sum(e.max_batch for e in self.engines)
+        self._ids = itertools.count()
+        self._routes: dict[int, tuple[Engine, int]] = {}  # replica request id -> (engine, its id there)
+        self._lock = threading.Lock()  # held while a request is routed, so its outputs never beat its route
+
+    def submit(self, prompt: Sequence[int], params: GenerationParams | None = None,
+               on_output: Callable[[Output], None] | None = None) -> int:
+        on_output = on_output or (lambda output: None)
+        with self._lock:
+            request_id = next(self._ids)
+
+            def forward(output: Output) -> None:
+                if output.finish_reason is not None:
+                    with self._lock:
+                        self._routes.pop(request_id, None)
+                on_output(dataclasses.replace(output, request_id=request_id))
+
+            # The least busy engine; among equally busy ones, the next in turn, so idle replicas share the work.
+            turn = request_id % len(self.engines)
+            engine = min(self.engines[turn:] + self.engines[:turn], key=_load)
+            self._routes[request_id] = (engine, engine.submit(prompt, params, forward))
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        with self._lock:
+            route = self._routes.get(request_id)
+        if route is not None:
+            route[0].cancel(route[1])
+
+    def stats(self) -> EngineStats:
+        parts = [e.stats() for e in self.engines]
+
+        def total(name: str):
+            return sum(getattr(part, name) for part in parts)
+
+        finished: collections.Counter[str] = collections.Counter()
+        for part in parts:
+            finished.update(part.finished_total)
+        return EngineStats(running=total("running"), waiting=total("waiting"), max_batch=total("max_batch"),
+                           requests_total=total("requests_total"), finished_total=dict(finished),
+                           prompt_tokens_total=total("prompt_tokens_total"),
+                           generated_tokens_total=total("generated_tokens_total"),
+                           tokens_per_second=total("tokens_per_second"))
+
+    def start(self) -> Replicas:
+        for engine in self.engines:
+            engine.start()
+        return self
+
+    def stop(self) -> None:
+        for engine in self.engines:
+            engine.stop()
+
+    def __enter__(self) -> Replicas:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _load(engine: Engine) -> int:
+    stats = engine.stats()
+    return stats.running + stats.waiting

@@ -273,3 +273,20 @@ def test_models_health_metrics(server, client):
     for name in ("hymba_requests_total", "hymba_generated_tokens_total", "hymba_generated_tokens_per_second",
                  "hymba_batch_occupancy", "hymba_queue_length", "hymba_running_requests"):
         assert f"# TYPE {name} " in metrics and any(line.startswith(name + " ") for line in metrics.splitlines())
+
+
+def test_replicas_behind_one_server_answer_as_one_engine(server, offline):
+    """`hymba serve --devices ...` runs one engine per device behind the app: answers and metrics as with one."""
+    from hymba.engine import Replicas
+
+    completion, _ = offline
+    engine = server[1]
+    replicas = Replicas([Engine(engine.model, engine.tokenizer, max_batch=2, max_len=64) for _ in range(2)])
+    with replicas, TestClient(create_app(replicas, NAME)) as http:
+        for text in TEXTS[:4]:
+            body = http.post("/v1/completions", json={"model": NAME, "prompt": text, "max_tokens": 5,
+                                                      "temperature": 0}).json()
+            assert body["choices"][0]["text"] == completion(text, 5)[0]
+        metrics = http.get("/metrics").text
+    assert "hymba_requests_total 4" in metrics and 'hymba_requests_finished_total{reason="length"}' in metrics
+    assert all(e.stats().requests_total > 0 for e in replicas.engines)

@@ -26,25 +26,45 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise HymbaError(f"hymba serve needs FastAPI and uvicorn ({exc.name} is missing); "
                          "install them with: pip install 'hymba[serve]'") from None
-    from hymba.engine import Engine
+    from hymba.engine import Engine, Replicas
     from hymba.generate_cli import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    if model.device.type == "cuda":
-        print(f"hymba serve: {'compiling and ' if args.compile else ''}capturing the decode step for each batch "
-              f"size up to {args.max_batch}" + (" (about a minute each the first time, seconds once inductor's "
-                                                "cache holds them; --no-compile skips compiling)" if args.compile
-                                                else ""), file=sys.stderr)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_context, max_queue=args.max_queue,
-                    max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
-                    prefill_wait_s=args.prefill_wait, compile=args.compile, progress=_progress)
+    devices = parse_devices(args.devices) if args.devices else [args.device]
+    if args.devices and args.device:
+        raise HymbaError("give --device or --devices, not both")
+    engines = []
+    for device in devices:
+        model, tokenizer = load_model_and_tokenizer(args.model, device, args.dtype)
+        if model.device.type == "cuda":
+            print(f"hymba serve: on {model.device}, {'compiling and ' if args.compile else ''}capturing the decode "
+                  f"step for each batch size up to {args.max_batch}" + (
+                      " (about a minute each the first time, seconds once inductor's cache holds them; "
+                      "--no-compile skips compiling)" if args.compile else ""), file=sys.stderr)
+        engines.append(Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_context,
+                              max_queue=args.max_queue, max_batch_tokens=args.max_batch_tokens,
+                              prefill_chunk=args.prefill_chunk, prefill_wait_s=args.prefill_wait,
+                              compile=args.compile, progress=_progress))
+    engine = engines[0] if len(engines) == 1 else Replicas(engines)
     name = args.served_model_name or args.model or "hymba"
     app = create_app(engine, name)
     with engine:
+        where = f" on each of {len(engines)} devices" if len(engines) > 1 else ""
         print(f"hymba serve: {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots of "
-              f"{engine.max_len} tokens)", file=sys.stderr)
+              f"{engine.max_len} tokens{where})", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def parse_devices(text: str) -> list[str]:
+    """`--devices cuda:0,cuda:1` as a list; each must be distinct (one engine and one model copy per device)."""
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices or len(set(devices)) != len(devices):
+        raise HymbaError(f"--devices takes distinct comma-separated devices (cuda:0,cuda:1), got {text!r}")
+    from hymba.checkpoint import resolve_device
+
+    for device in devices:
+        resolve_device(device)
+    return devices
 
 
 def _progress(line: str) -> None:
@@ -63,7 +83,11 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="weights dtype (default: float32 on CPU, the checkpoint's own on GPU)")
-    serve.add_argument("--max-batch", type=int, default=64, help="requests decoded together (cache slots)")
+    serve.add_argument("--devices",
+                       help="comma-separated devices (cuda:0,cuda:1,...): one engine with its own model copy on each, "
+                            "behind this one server; a request goes to the least busy (data-parallel replicas)")
+    serve.add_argument("--max-batch", type=int, default=64,
+                       help="requests decoded together (cache slots), on each device")
     serve.add_argument("--max-context", type=int,
                        help="tokens per slot, prompt + completion (default: the model's context)")
     serve.add_argument("--max-queue", type=int, default=256,
