@@ -241,8 +241,9 @@ def test_scheduler_groups_arrivals_under_the_token_budget():
 def test_arrivals_during_chunked_group_prefills_equal_offline(model, tokenizer):
     """Small pieces and budget: groups take several steps, requests arrive while others prefill and decode, and
     each still gets exactly what offline `generate` gives it alone; so does the one-at-a-time reference."""
-    jobs = [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS, MAX_TOKENS)]
-    want = [offline(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    lengths = [1, *MAX_TOKENS[1:]]  # one request wants a single token: the prefill's, with no decode step
+    jobs = [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS, lengths)]
+    want = [offline(model, p, n) for p, n in zip(PROMPTS, lengths)]
     for kwargs in (dict(prefill_chunk=4, max_batch_tokens=40), dict(max_prefill_rows=1)):
         engine = Engine(model, tokenizer, max_batch=4, max_len=96, **kwargs)
         outputs = queue.Queue()
