@@ -340,3 +340,15 @@ def test_replicas_cancel_reaches_the_engine_that_holds_the_request(model, tokeni
     replicas.cancel(first)
     for engine in replicas.engines:
         engine.stop()
+
+
+def test_requests_move_down_into_free_rows_and_decode_on(model, tokenizer):
+    """When low rows free up, a request in a high row moves down (on the CPU, whenever a hole is below it) and still
+    decodes exactly as offline, in the middle of its own generation."""
+    engine = Engine(model, tokenizer, max_batch=4, max_len=96)
+    jobs = [(PROMPTS[0], GenerationParams(max_tokens=3)), (PROMPTS[1], GenerationParams(max_tokens=3)),
+            (PROMPTS[2], GenerationParams(max_tokens=4)), (PROMPTS[3], GenerationParams(max_tokens=30))]
+    rows = []
+    results = run(engine, jobs, between_steps=lambda e: rows.append(sorted(r.row for r in e._running.values())))
+    assert [3] not in rows and [0] in rows  # the long request, admitted into row 3, ended in row 0
+    assert [tokens(o) for o in results] == [offline(model, p, params.max_tokens) for p, params in jobs]

@@ -440,6 +440,7 @@ class Engine:
         decoding = [r for r in self._running.values() if r.launched < r.request.params.max_tokens]
         if not decoding:
             return False
+        self._compact()
         rows = max(r.row for r in self._running.values()) + 1
         if self._slot_sampling is None:
             self._slot_sampling = RowSampling.of(self._slot_params, self.device)
@@ -458,6 +459,33 @@ class Engine:
         self.decode_steps_total += 1
         self.decode_rows_total += len(decoding)
         return True
+
+    def _compact(self) -> None:
+        """Move requests from the highest rows into free lower ones while that shrinks the step's bucket, so a
+        half-empty engine runs a half-size step however its requests came and went. Everything of a slot moves:
+        cache row, next token, seed, counter, seen tokens and settings (device copies, in stream order after the
+        step that last wrote them)."""
+        while True:
+            top = max(self._running.values(), key=lambda r: r.row)
+            lower = [row for row in self._free_rows if row < top.row]
+            if not lower or top.launched >= top.request.params.max_tokens:
+                return  # no hole below, or the top row is done and frees itself
+            if self.runner.bucket(len(self._running)) >= self.runner.bucket(top.row + 1):
+                return  # the bucket would not shrink
+            old, new = top.row, min(lower)
+            self.cache.copy_rows_from([new], self.cache, [old])
+            for per_slot in (self._next_tokens, self._seeds, self._counters, self._seen):
+                if per_slot is not None:
+                    per_slot[new] = per_slot[old]
+            self.runner.idle[new], self.runner.idle[old] = False, True
+            self.cache.reset_rows([old])
+            self._slot_params[new], self._slot_params[old] = self._slot_params[old], SamplingParams()
+            self._slots[new], self._slots[old] = top, None
+            self._slot_sampling = None
+            self._free_rows.remove(new)
+            self._free_rows.append(old)
+            self._free_rows.sort(reverse=True)
+            top.row = new
 
     def _sample(self, logits, rows: RowSampling, seeds, counters, seen) -> torch.Tensor:
         tokens = sample(logits, rows, seeds, counters, seen)
