@@ -352,3 +352,19 @@ def test_requests_move_down_into_free_rows_and_decode_on(model, tokenizer):
     results = run(engine, jobs, between_steps=lambda e: rows.append(sorted(r.row for r in e._running.values())))
     assert [3] not in rows and [0] in rows  # the long request, admitted into row 3, ended in row 0
     assert [tokens(o) for o in results] == [offline(model, p, params.max_tokens) for p, params in jobs]
+
+
+def test_a_group_failing_as_it_moves_into_its_slots_gives_them_back(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=96)
+    working = engine.cache.copy_rows_from
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    engine.cache.copy_rows_from = out_of_memory
+    failed = run(engine, [(PROMPTS[0], GenerationParams(max_tokens=5)), (PROMPTS[1], GenerationParams(max_tokens=5))])
+    assert [o[-1].finish_reason for o in failed] == ["error", "error"]
+    assert sorted(engine._free_rows) == [0, 1] and engine._group is None
+    engine.cache.copy_rows_from = working
+    results = run(engine, [(p, GenerationParams(max_tokens=4)) for p in PROMPTS[2:4]])
+    assert [tokens(o) for o in results] == [offline(model, p, 4) for p in PROMPTS[2:4]]

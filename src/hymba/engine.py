@@ -544,13 +544,14 @@ class Engine:
         group.done_pieces += 1
         if group.done_pieces < len(group.pieces):
             return True
-        self._group = None
         live = [i for i, q in enumerate(group.requests) if q.id not in group.cancelled]
         for i, q in enumerate(group.requests):
             if i not in live:
                 self._free_rows.append(group.slots[i])
+                self._free_rows.sort(reverse=True)
                 self._finish(q, None, Output(q.id, None, "", finish_reason="cancelled"))
         if not live:
+            self._group = None
             return True
         requests, slots = [group.requests[i] for i in live], [group.slots[i] for i in live]
         index = torch.tensor(live, device=self.device)
@@ -575,6 +576,7 @@ class Engine:
         self.runner.idle[slot_index] = False
         entries = [self._start_decoding(q, slot) for q, slot in zip(requests, slots)]
         self._push([(r, i) for i, r in enumerate(entries)], tokens, logits[index], requests)
+        self._group = None
         return True
 
     def _start_decoding(self, request: _Request, slot: int) -> _Running:
@@ -594,8 +596,9 @@ class Engine:
         return running
 
     def _release_group(self) -> None:
-        """Give a failed group's slots back."""
-        self._free_rows += self._group.slots
+        """Give a failed group's slots back (those no request of it holds yet and not given back already)."""
+        self._free_rows += [s for s in self._group.slots if self._slots[s] is None and s not in self._free_rows]
+        self._free_rows.sort(reverse=True)
         self._group = None
 
     # ------------------------------------------------------------------ output processor
