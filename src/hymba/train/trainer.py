@@ -422,12 +422,20 @@ def wrap_model(model: HymbaForCausalLM, cfg: TrainConfig, rt: Runtime) -> torch.
     if cfg.compile:
         model.compile()
     if rt.world_size > 1 and cfg.distributed == "fsdp":
+        import warnings
+
         from torch.distributed.fsdp import fully_shard
 
-        # One FSDP unit for the whole model: parameters, gradients and optimizer state live sharded and are
-        # gathered for forward and backward. Per-layer units would rebuild each layer's arguments, and with them the
-        # ForwardContext through which KV-reusing layers find their producer's keys and values.
+        # One FSDP unit per decoder layer, and the root (embeddings, meta tokens, final norm) for the rest:
+        # parameters, gradients and optimizer state live sharded, and a layer's weights are gathered only while it
+        # runs forward or backward. KV-reusing layers get their producer's K,V as a layer argument, which FSDP wraps
+        # for its backward hooks like any other input.
+        for layer in model.model.layers:
+            fully_shard(layer)
         fully_shard(model)
+        # A producer returns its V as a view of in_proj's output. FSDP warns of views leaving a unit, since an
+        # in-place op on one would skip the unit's backward hook; nothing changes K,V in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPHymbaDecoderLayer\) returned a view")
     elif rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
