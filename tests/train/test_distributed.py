@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +111,24 @@ def test_two_processes_equal_one(tmp_path: Path):
         assert final.keys() == final_single.keys()
         for name in final_single:
             torch.testing.assert_close(final[name], final_single[name], rtol=0, atol=1e-6, msg=f"{mode} {name}")
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_on_cpu(tmp_path: Path):
+    """benchmarks/train_scaling.py's CPU mode (gloo): one process, then DDP and FSDP2 under torchrun; the table,
+    the JSON, equal losses, checkpoints that load on one device - and removed afterwards."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_scaling.py"
+    out = tmp_path / "scaling"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--gpus", str(WORLD), "--model", "tiny",
+                           "--batch-size", "2", "--block-size", "32", "--steps", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tok/s/device" in done.stdout and "scaling" in done.stdout
+    result = json.loads((out / "train_scaling.json").read_text())
+    runs = {s["run"]: s for s in result["summary"]}
+    assert runs.keys() == {"one", "ddp", "fsdp"}
+    for mode in ("ddp", "fsdp"):
+        assert runs[mode]["processes"] == WORLD and runs[mode]["losses_match"]
+        assert runs[mode]["final_weights_max_rel_diff"] < 1e-4 and runs[mode]["scaling_efficiency"] > 0
+        assert len(result["losses"][mode]) == 2
+    assert not list(out.glob("*/step-*"))

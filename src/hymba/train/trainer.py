@@ -749,7 +749,10 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
                 grad_norm = grad_norm.full_tensor()
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                       "tokens_per_s": window_tokens / elapsed,
-                      "mfu": window_flops / elapsed / (peak * rt.world_size) if peak else None}
+                      "mfu": window_flops / elapsed / (peak * rt.world_size) if peak else None,
+                      # The most tensor memory this process has held (the log shows rank 0's): FSDP's saving.
+                      "peak_memory_gib": torch.cuda.max_memory_allocated(rt.device) / 2**30
+                      if rt.device.type == "cuda" else None}
             if evaluating and val_batches is not None:
                 val_batches.load_state_dict(val_start)  # the same validation rows at every evaluation
                 record["val_loss"] = evaluate(model, val_batches, cfg, rt)
