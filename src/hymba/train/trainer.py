@@ -87,7 +87,7 @@ FIELD_HELP = {
     'dtype': '"bf16" (autocast on CUDA, float32 master weights) or "float32"; auto: bf16 on CUDA',
     'activation_checkpointing': 'recompute each layer in backward to save memory',
     'compile': 'torch.compile the model',
-    'distributed': 'under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard: sharded weights and Adam state)',
+    'distributed': 'under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per layer: sharded weights and Adam state)',
     'peak_flops': 'per-device peak for MFU; None: looked up from the GPU name',
     'progress': 'show a progress bar',
 }
