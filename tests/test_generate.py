@@ -234,3 +234,23 @@ def test_stream_checks_its_arguments_as_generate_does(model):
     for bad in (dict(max_new_tokens=0), dict(prefill_chunk=-1), dict(seed="abc"), dict(stop_strings=[""])):
         with pytest.raises(HymbaError):
             next(stream(model, tokenizer, "The old castle", **bad))
+
+
+def test_the_decode_step_traces_as_one_graph(model):
+    """On CUDA `generate` and the engine compile the decode step with fullgraph=True: a graph break anywhere in the
+    layer (a data-dependent branch, an untraceable call) would fail there. Traced here with dynamo and AOT autograd
+    on the CPU's reference ops, the compiled step equals the eager one."""
+    from hymba.cache import HymbaCache
+    from hymba.generate import decode_step, prefill
+
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        traced_cache, eager_cache = HymbaCache(model.config, 2, 32), HymbaCache(model.config, 2, 32)
+        prefill(model, traced_cache, ids, None)
+        prefill(model, eager_cache, ids, None)
+        step = torch.compile(decode_step, backend="aot_eager", fullgraph=True)
+        tokens = ids[:, -1]
+        for _ in range(3):
+            traced, eager = step(model, traced_cache, tokens), decode_step(model, eager_cache, tokens)
+            assert torch.allclose(traced, eager, atol=1e-5)
+            tokens = eager.argmax(-1)

@@ -84,14 +84,15 @@ def test_kv_reusing_mixer_equals_producing_mixer_fed_the_same_kv():
 
     h = torch.randn(2, 17, shared.hidden_size, dtype=torch.float64)
     ctx = _context(shared, 2, 17, torch.float64)
-    producer(h, ctx)  # publishes layer 1's K,V in ctx.shared_kv
-    reused = reuser(h, ctx)
-    computed = standalone(h, _context(own, 2, 17, torch.float64))
+    _, shared_kv = producer(h, ctx)  # layer 1's K,V, for the rest of its group
+    reused, passed_on = reuser(h, ctx, shared_kv)
+    assert passed_on is None  # only producers hand K,V on
+    computed, _ = standalone(h, _context(own, 2, 17, torch.float64))
     torch.testing.assert_close(reused, computed, rtol=1e-12, atol=1e-12)
 
     # The same check with any other k, v rows fails: the output really depends on the shared K,V.
     standalone.in_proj.weight.copy_(_in_proj_with_kv(reuser, producer, torch.randn_like(_kv_rows(producer))))
-    assert rel_err(standalone(h, _context(own, 2, 17, torch.float64)), reused) > 1e-3
+    assert rel_err(standalone(h, _context(own, 2, 17, torch.float64))[0], reused) > 1e-3
 
 
 @torch.no_grad()

@@ -67,15 +67,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+# What a layer's attention heads attend over: keys (b, hkv, S, dqk), values (b, hkv, S, dv), the keys' positions
+# (b, S) and which keys are real (b, S), None when none is padding. A KV producer passes it to its group's reusers.
+KeysValues = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
 @dataclass
 class ForwardContext:
-    """What every layer of one forward shares: positions, which tokens are real, and the producers' K,V."""
+    """What every layer of one forward reads: positions, which tokens are real, the cache, RoPE's cos and sin.
+
+    Nothing a layer computes for a later one goes in here (the producers' K,V are layer arguments and return values):
+    FSDP may hand each layer unit a copy of its arguments, and activation checkpointing re-runs a layer from them.
+    `plans` is only a memo, so a copy costs time, not correctness.
+    """
 
     positions: torch.Tensor  # (b, T) position of each input row, meta tokens at 0..M-1
     valid: torch.Tensor | None  # (b, T) bool, False at padding; None when nothing is padded
     cache: HymbaCache | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    shared_kv: dict[int, tuple] = field(default_factory=dict)  # producer layer -> (k, v, k_pos, k_valid)
     plans: dict[tuple, object] = field(default_factory=dict)  # see `plan`
 
     def plan(self, window: int | None, k_pos: torch.Tensor, k_valid: torch.Tensor | None, num_meta: int):
@@ -102,6 +111,7 @@ class HymbaMixer(nn.Module):
         self.config, self.layer_idx = config, layer_idx
         self.use_attention, self.use_ssm = config.has_attention(layer_idx), config.has_ssm(layer_idx)
         self.reuses_kv = self.use_attention and not config.produces_kv(layer_idx)
+        self.shares_kv = config.produces_kv(layer_idx) and len(config.groups_of(layer_idx)) > 1
         self.window = config.window(layer_idx)
         c = config
         self.n_heads, self.n_kv, self.d_qk, self.d_v = c.num_attention_heads, c.num_key_value_heads, c.qk_head_dim, \
@@ -134,13 +144,17 @@ class HymbaMixer(nn.Module):
                 self.B_layernorm = RMSNorm(c.mamba_d_state, c.rms_norm_eps)
                 self.C_layernorm = RMSNorm(c.mamba_d_state, c.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: ForwardContext,
+                shared_kv: KeysValues | None = None) -> tuple[torch.Tensor, KeysValues | None]:
+        """h (b, T, hidden) -> (output (b, T, hidden), the K,V this layer shares with its group's reusers or None).
+
+        A reusing layer attends over `shared_kv`, its producer's."""
         parts = list(torch.split(self.in_proj(h), self.split_sizes, dim=-1))
-        attn = ssm = None
+        attn = ssm = keys = None
         if self.use_attention:
             q = parts.pop(0)
-            k, v = (None, None) if self.reuses_kv else (parts.pop(0), parts.pop(0))
-            attn = self.attention(q, k, v, ctx)
+            keys = shared_kv if self.reuses_kv else self.keys_values(parts.pop(0), parts.pop(0), ctx)
+            attn = self.attention(q, keys, ctx)
         if self.use_ssm:
             u, z = parts
             ssm = self.ssm(u, z, ctx)
@@ -149,35 +163,26 @@ class HymbaMixer(nn.Module):
         else:
             norm_a, norm_s = self.pre_avg_layernorm1, self.pre_avg_layernorm2
             fused = average_of_norms(attn, norm_a.weight, ssm, norm_s.weight, norm_a.eps)
-        return self.out_proj(fused)
+        return self.out_proj(fused), keys if self.shares_kv else None
 
     # ------------------------------------------------------------------ attention heads
-    def attention(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
-        """q (b, T, hidden); k, v (b, T, kv*d) or None for a reusing layer -> (b, T, heads * d_v)."""
+    def keys_values(self, k, v, ctx: ForwardContext) -> KeysValues:
+        """A producer's k, v (b, T, kv*d) -> what its attention attends over: these tokens, or the cache's."""
+        b, T, _ = k.shape
+        k = k.view(b, T, self.n_kv, self.d_qk).transpose(1, 2)  # (b, hkv, T, dqk)
+        v = v.view(b, T, self.n_kv, self.d_v).transpose(1, 2)  # (b, hkv, T, dv)
+        if self.config.rope:
+            k = apply_rope(k, *ctx.rope)
+        if ctx.cache is None:
+            return k, v, ctx.positions, ctx.valid
+        return ctx.cache.update_kv(self.layer_idx, k, v)
+
+    def attention(self, q, keys: KeysValues, ctx: ForwardContext) -> torch.Tensor:
+        """q (b, T, hidden) over `keys` (this layer's, or its producer's) -> (b, T, heads * d_v)."""
         b, T, _ = q.shape
-        cos, sin = ctx.rope
         q = q.view(b, T, self.n_heads, self.d_qk).transpose(1, 2)  # (b, hq, T, dqk)
         if self.config.rope:
-            q = apply_rope(q, cos, sin)
-        if self.reuses_kv:
-            producer = self.config.kv_producer(self.layer_idx)
-            # The group's last reuser releases the producer's K,V so a long prefill holds one group's at a time.
-            # Not with autograd on: backward keeps them alive anyway, and activation checkpointing re-runs this
-            # layer during backward, when it must find them again.
-            last = self.layer_idx + 1 not in self.config.groups_of(producer)
-            release = last and not torch.is_grad_enabled()
-            keys = ctx.shared_kv.pop(producer) if release else ctx.shared_kv[producer]
-        else:
-            k = k.view(b, T, self.n_kv, self.d_qk).transpose(1, 2)  # (b, hkv, T, dqk)
-            v = v.view(b, T, self.n_kv, self.d_v).transpose(1, 2)  # (b, hkv, T, dv)
-            if self.config.rope:
-                k = apply_rope(k, cos, sin)
-            if ctx.cache is None:
-                keys = (k, v, ctx.positions, ctx.valid)
-            else:
-                keys = ctx.cache.update_kv(self.layer_idx, k, v)
-            if self.config.groups_of(self.layer_idx)[1:]:
-                ctx.shared_kv[self.layer_idx] = keys
+            q = apply_rope(q, *ctx.rope)
         k_all, v_all, k_pos, k_valid = keys
         plan = ctx.plan(self.window, k_pos, k_valid, self.config.num_memory_tokens)
         out = attention(q, k_all, v_all, plan)  # (b, hq, T, dv)
@@ -267,11 +272,15 @@ class HymbaDecoderLayer(nn.Module):
             self.pre_moe_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.moe = SingleExpert(config)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.mamba(self.input_layernorm(x), ctx)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext,
+                shared_kv: KeysValues | None = None) -> tuple[torch.Tensor, KeysValues | None]:
+        """x (b, T, hidden) -> (x, the K,V this layer shares with its group's reusers or None); a reuser gets its
+        producer's as `shared_kv`."""
+        mixed, produced = self.mamba(self.input_layernorm(x), ctx, shared_kv)
+        x = x + mixed
         if self.has_mlp:
             x = x + self.moe(self.pre_moe_layernorm(x))
-        return x
+        return x, produced
 
 
 class HymbaModel(nn.Module):
@@ -309,11 +318,20 @@ class HymbaModel(nn.Module):
             for window in dict.fromkeys(self.config.window(i) for i in range(len(self.layers))
                                         if self.config.has_attention(i)):
                 ctx.plan(window, positions, valid, self.config.num_memory_tokens)
-        for layer in self.layers:
+        # Producer layer -> its K,V, passed to the later layers of its group as an argument: per-layer FSDP units
+        # and activation checkpointing see (and re-run with) what crosses the layer boundary.
+        shared: dict[int, KeysValues] = {}
+        for i, layer in enumerate(self.layers):
+            producer = self.config.kv_producer(i)
+            shared_kv = shared.get(producer)
+            if i == self.config.groups_of(producer)[-1]:
+                shared.pop(producer, None)  # the group's last layer: a long prefill holds one group's K,V at a time
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+                x, produced = torch.utils.checkpoint.checkpoint(layer, x, ctx, shared_kv, use_reentrant=False)
             else:
-                x = layer(x, ctx)
+                x, produced = layer(x, ctx, shared_kv)
+            if produced is not None:
+                shared[i] = produced
         if cache is not None:
             cache.advance(positions, valid)
         x = self.final_layernorm(x)

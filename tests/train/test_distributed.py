@@ -1,10 +1,16 @@
-"""Data-parallel training (DDP and FSDP2) on 2 CPU processes (gloo) equals one process on the same global batch."""
+"""Data-parallel training (DDP and FSDP2) on 2 CPU processes (gloo) equals one process on the same global batch.
+
+FSDP2 shards every decoder layer as its own unit, so the K,V a producer layer hands to the reusing layers of its
+group cross unit boundaries - also when each layer is recomputed in backward (activation checkpointing).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +18,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 from test_trainer import VOCAB, tiny_config, tiny_model, write_tokens
+from torch.distributed.fsdp import FSDPModule
 
+from hymba.model import HymbaForCausalLM
 from hymba.train import trainer
 from hymba.train.trainer import Runtime
 
 WORLD = 2
 ROWS = 2  # per process and micro-step
 T = 16
+STEPS = 4
+MODES = {"ddp": dict(distributed="ddp"), "fsdp": dict(distributed="fsdp"),
+         "fsdp-checkpointing": dict(distributed="fsdp", activation_checkpointing=True)}
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +61,14 @@ def worker(rank: int, port: int, tmp: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     rt = Runtime(rank, WORLD, torch.device("cpu"), None)
     tmp = Path(tmp)
-    for mode in ("ddp", "fsdp"):
-        cfg = loop_config(tmp, mode, distributed=mode)
-        grads = gradients(trainer.wrap_model(tiny_model(), cfg, rt), rt, micro_steps=1)
+    for mode, settings in MODES.items():
+        cfg = loop_config(tmp, mode, **settings)
+        model = tiny_model()
+        model.model.gradient_checkpointing = cfg.activation_checkpointing
+        model = trainer.wrap_model(model, cfg, rt)
+        if cfg.distributed == "fsdp":
+            assert all(isinstance(layer, FSDPModule) for layer in model.model.layers)  # one unit per layer
+        grads = gradients(model, rt, micro_steps=1)
         if rank == 0:
             torch.save(grads, tmp / f"{mode}-grads.pt")
         trainer.train(cfg)  # the whole loop: data split, loss logging, evaluation, checkpoints (FSDP: gathered)
@@ -61,8 +76,8 @@ def worker(rank: int, port: int, tmp: str) -> None:
 
 
 def loop_config(tmp: Path, name: str, **overrides) -> trainer.TrainConfig:
-    return tiny_config(tmp / "tokens", tmp / name, batch_size=ROWS, block_size=T, max_steps=2, log_interval=1,
-                       eval_interval=2, eval_iters=1, checkpoint_interval=2, **overrides)
+    return tiny_config(tmp / "tokens", tmp / name, batch_size=ROWS, block_size=T, max_steps=STEPS, log_interval=1,
+                       eval_interval=STEPS, eval_iters=1, checkpoint_interval=STEPS, **overrides)
 
 
 def free_port() -> int:
@@ -80,15 +95,40 @@ def test_two_processes_equal_one(tmp_path: Path):
     alone = Runtime(0, 1, torch.device("cpu"), None)
     expected = gradients(tiny_model(), alone, micro_steps=WORLD)
     single = trainer.train(loop_config(tmp_path, "one", grad_accum=WORLD))
-    final_single = load_file(tmp_path / "one" / "step-0000002" / "model.safetensors")
-    for mode in ("ddp", "fsdp"):
+    last = f"step-{STEPS:07d}"
+    final_single = HymbaForCausalLM.from_pretrained(tmp_path / "one" / last, device="cpu").state_dict()
+    for mode in MODES:
         grads = torch.load(tmp_path / f"{mode}-grads.pt")
         for name in expected:
             torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"{mode} {name}")
         logged = [json.loads(line) for line in (tmp_path / mode / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logged] == [r["step"] for r in single] == list(range(1, STEPS + 1))
         for a, b in zip(single, logged, strict=True):
-            assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert single[-1]["val_loss"] == pytest.approx(logged[-1]["val_loss"], rel=1e-5)
-        final = load_file(tmp_path / mode / "step-0000002" / "model.safetensors")
+            assert a["loss"] == pytest.approx(b["loss"], rel=0, abs=1e-6), (mode, a["step"])
+        assert single[-1]["val_loss"] == pytest.approx(logged[-1]["val_loss"], rel=0, abs=1e-6)
+        # The checkpoint (under FSDP gathered from the shards) is a plain one-device model.
+        final = HymbaForCausalLM.from_pretrained(tmp_path / mode / last, device="cpu").state_dict()
+        assert final.keys() == final_single.keys()
         for name in final_single:
             torch.testing.assert_close(final[name], final_single[name], rtol=0, atol=1e-6, msg=f"{mode} {name}")
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_on_cpu(tmp_path: Path):
+    """benchmarks/train_scaling.py's CPU mode (gloo): one process, then DDP and FSDP2 under torchrun; the table,
+    the JSON, equal losses, checkpoints that load on one device - and removed afterwards."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_scaling.py"
+    out = tmp_path / "scaling"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--gpus", str(WORLD), "--model", "tiny",
+                           "--batch-size", "2", "--block-size", "32", "--steps", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tok/s/device" in done.stdout and "scaling" in done.stdout
+    result = json.loads((out / "train_scaling.json").read_text())
+    runs = {s["run"]: s for s in result["summary"]}
+    assert runs.keys() == {"one", "ddp", "fsdp"}
+    for mode in ("ddp", "fsdp"):
+        assert runs[mode]["processes"] == WORLD and runs[mode]["losses_match"]
+        assert runs[mode]["final_weights_max_rel_diff"] < 1e-4 and runs[mode]["scaling_efficiency"] > 0
+        assert len(result["losses"][mode]) == 2
+    assert not list(out.glob("*/step-*"))

@@ -92,7 +92,7 @@ FIELD_HELP = {
     'merge': 'LoRA: at the end, also write out_dir/merged, the adapters folded into a plain checkpoint',
     'activation_checkpointing': 'recompute each layer in backward to save memory',
     'compile': 'torch.compile each decoder layer on its own (regional compilation), not the model as one graph',
-    'distributed': 'under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard: sharded weights and Adam state)',
+    'distributed': 'under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per layer: sharded weights and Adam state)',
     'peak_flops': 'per-device peak for MFU; None: looked up from the GPU name',
     'progress': 'show a progress bar',
 }
@@ -478,12 +478,20 @@ def wrap_model(model: HymbaForCausalLM, cfg: TrainConfig, rt: Runtime) -> torch.
     if cfg.compile:
         compile_layers(model)
     if rt.world_size > 1 and cfg.distributed == "fsdp":
+        import warnings
+
         from torch.distributed.fsdp import fully_shard
 
-        # One FSDP unit for the whole model: parameters, gradients and optimizer state live sharded and are
-        # gathered for forward and backward. Per-layer units would rebuild each layer's arguments, and with them the
-        # ForwardContext through which KV-reusing layers find their producer's keys and values.
+        # One FSDP unit per decoder layer, and the root (embeddings, meta tokens, final norm) for the rest:
+        # parameters, gradients and optimizer state live sharded, and a layer's weights are gathered only while it
+        # runs forward or backward. KV-reusing layers get their producer's K,V as a layer argument, which FSDP wraps
+        # for its backward hooks like any other input.
+        for layer in model.model.layers:
+            fully_shard(layer)
         fully_shard(model)
+        # A producer returns its V as a view of in_proj's output. FSDP warns of views leaving a unit, since an
+        # in-place op on one would skip the unit's backward hook; nothing changes K,V in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPHymbaDecoderLayer\) returned a view")
     elif rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -825,7 +833,10 @@ def train(cfg: TrainConfig, resume: str | bool = False) -> list[dict[str, Any]]:
                 grad_norm = grad_norm.full_tensor()
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                       "tokens_per_s": window_tokens / elapsed,
-                      "mfu": window_flops / elapsed / (peak * rt.world_size) if peak else None}
+                      "mfu": window_flops / elapsed / (peak * rt.world_size) if peak else None,
+                      # The most tensor memory this process has held (the log shows rank 0's): FSDP's saving.
+                      "peak_memory_gib": torch.cuda.max_memory_allocated(rt.device) / 2**30
+                      if rt.device.type == "cuda" else None}
             if evaluating and val_batches is not None:
                 val_batches.load_state_dict(val_start)  # the same validation rows at every evaluation
                 record["val_loss"] = evaluate(model, val_batches, cfg, rt)
