@@ -236,6 +236,12 @@ def test_scheduler_groups_arrivals_under_the_token_budget():
     assert waiting.group_size([10, 10], 8, decoding=True, oldest_wait_s=0.1) == 0  # not full: wait for more
     assert waiting.group_size([10, 10], 8, decoding=True, oldest_wait_s=0.6) == 2
     assert waiting.group_size([10, 10], 8, decoding=False, oldest_wait_s=0.0) == 2  # nothing to stall
+    # A further group in the same step takes only what the step's budget has left, maybe nothing.
+    assert s.group_size([10, 10, 10], free_slots=8, decoding=False, budget=30) == 2
+    assert s.group_size([30], free_slots=8, decoding=False, budget=15) == 0  # its first piece: 4 + 16 tokens
+    # Unpadded groups (the CPU's): the head's length only, first come first served.
+    unpadded = Scheduler(1000, 8, 16, 4, pad=False)
+    assert unpadded.group_size([10, 10, 12, 10], 8, decoding=False) == 2
 
 
 def test_arrivals_during_chunked_group_prefills_equal_offline(model, tokenizer):

@@ -159,13 +159,16 @@ class _Running:
 
 @dataclass
 class _Group:
-    """Requests prefilling together in rows 0..k-1 of the scratch cache, left-padded to one width, one piece a step."""
+    """Requests prefilling together in rows 0..k-1 of the scratch cache, one piece a step: prompts of one length
+    continue from the meta tokens' state (computed once per engine); others are left-padded to one width in a fresh
+    cache, whose first piece computes the meta tokens after each row's padding and takes all of it."""
 
     requests: list[_Request]
     slots: list[int]  # where each row goes when its prefill is done
     ids: torch.Tensor  # (k, width)
     mask: torch.Tensor  # (k, width)
-    pieces: list[tuple[int, int]]  # column ranges, one forward each; the first takes all left padding
+    pieces: list[tuple[int, int]]  # column ranges, one forward each
+    from_meta: bool  # the rows start from the meta tokens' state (no padding)
     done_pieces: int = 0
     cancelled: set[int] = field(default_factory=set)
 
@@ -187,25 +190,31 @@ class Scheduler:
     A group is formed from the head of the queue (first come, first served) when there are free slots and no group
     is prefilling. It takes requests while they fit: free slots, `max_rows` (the scratch cache), and the budget of
     `max_batch_tokens` tokens for the group's widest forward (rows x (meta tokens + the padded first piece), pieces
-    being at most `chunk` tokens past the padding). The first request is always taken, however long. While other
-    requests are decoding, a group that is not full yet waits up to `prefill_wait_s` for more arrivals, since each
-    prefill forward costs the running requests a stall whatever its size.
+    being at most `chunk` tokens past the padding). The step's first group always takes the head request, however
+    long; a further group in the same step (`budget`: what the step has left) only takes what fits. With
+    `pad=False` a group holds prompts of the head's length only, which continue from the meta tokens' state
+    unpadded. While other requests are decoding, a group that is not full yet waits up to `prefill_wait_s` for
+    more arrivals, since each prefill forward costs the running requests a stall whatever its size.
     """
 
-    def __init__(self, max_batch_tokens: int, max_rows: int, chunk: int, num_meta: int, prefill_wait_s: float = 0.0):
+    def __init__(self, max_batch_tokens: int, max_rows: int, chunk: int, num_meta: int, prefill_wait_s: float = 0.0,
+                 pad: bool = True):
         self.max_batch_tokens, self.max_rows, self.chunk = max_batch_tokens, max_rows, chunk
-        self.num_meta, self.prefill_wait_s = num_meta, prefill_wait_s
+        self.num_meta, self.prefill_wait_s, self.pad = num_meta, prefill_wait_s, pad
 
     def group_size(self, prompt_lengths: Sequence[int], free_slots: int, decoding: bool,
-                   oldest_wait_s: float = 0.0) -> int:
+                   oldest_wait_s: float = 0.0, budget: int | None = None) -> int:
         """How many of the waiting requests (their prompt lengths, in queue order) to start prefilling now."""
         limit = min(free_slots, self.max_rows, len(prompt_lengths))
+        if not self.pad:
+            limit = next((i for i in range(limit) if prompt_lengths[i] != prompt_lengths[0]), limit)
         k, longest, shortest = 0, 0, None
         while k < limit:
             length = prompt_lengths[k]
             wide, narrow = max(longest, length), length if shortest is None else min(shortest, length)
             first_piece = min(wide, wide - narrow + self.chunk)  # all padding of the shortest row, plus a chunk
-            if k and (k + 1) * (self.num_meta + first_piece) > self.max_batch_tokens:
+            if (k or budget is not None) and (k + 1) * (self.num_meta + first_piece) > (
+                    self.max_batch_tokens if budget is None else budget):
                 break
             k, longest, shortest = k + 1, wide, narrow
         full = k == free_slots or k == self.max_rows or k < len(prompt_lengths)
@@ -247,13 +256,23 @@ class Engine:
         self.eos = frozenset(_eos_ids(model, eos_token_id))
         self.pad_id = pad_token_id(config)
         max_prefill_rows = min(max_prefill_rows or 32, max_batch)
+        # On a GPU a short prefill forward costs its launches whatever its size, so prompts of different lengths go
+        # in one padded forward (each row computing the meta tokens again); on a CPU the arithmetic is the cost, so
+        # groups hold one prompt length and continue from the meta tokens' state, several groups a step.
         self.scheduler = Scheduler(max_batch_tokens, max_prefill_rows, prefill_chunk, config.num_memory_tokens,
-                                   prefill_wait_s)
+                                   prefill_wait_s, pad=model.device.type == "cuda")
         self.runner = DecodeRunner(model, max_batch, max_len, cuda_graph=cuda_graph, compile=compile,
                                    progress=progress)
         self.runner.capture()  # at start-up, not in the first request's time to first token
         self.cache = self.runner.cache
         # Groups prefill here and are copied into their slots when done, so slots only ever decode.
+        # Every prompt starts with the same meta tokens: their state is computed once, and groups of unpadded rows
+        # continue from copies of it (chunked prefill, the same function as one piece).
+        self.meta = None
+        if config.num_memory_tokens:
+            self.meta = HymbaCache(config, 1, max_len, device=self.device, dtype=model.dtype)
+            with torch.inference_mode():
+                model(torch.empty(1, 0, dtype=torch.long, device=self.device), cache=self.meta)
         self.scratch = HymbaCache(config, max_prefill_rows, max_len, device=self.device, dtype=model.dtype)
         # Per-slot state on the device: the token each row feeds next, its seed and sample counter, and the tokens it
         # has seen (for the repetition penalty).
@@ -399,11 +418,19 @@ class Engine:
                 self._group.cancelled |= cancelled & {q.id for q in self._group.requests}
             clock = time.perf_counter()
             launched = self._guarded(self._decoding_requests(), self._launch_decode)
-            self._form_group()
+            if self._group is None:
+                self._form_group()
             clock = self._time("decode launch", clock)
-            if self._group is not None:
+            # Prefill pieces up to the step's token budget: a group finished in one piece leaves room for the next.
+            spent = 0
+            while self._group is not None:
+                start, end = self._group.pieces[self._group.done_pieces]
+                spent += len(self._group.requests) * (end - start)
                 launched |= self._guarded([q for q in self._group.requests if not q.done], self._prefill_piece)
-                clock = self._time("prefill", clock)
+                if self._group is not None or spent >= self.scheduler.max_batch_tokens:
+                    break
+                self._form_group(budget=self.scheduler.max_batch_tokens - spent)
+            clock = self._time("prefill", clock)
             # Keep the newest launch on the device while the host handles the ones before it.
             processed = False
             while len(self._inflight) > int(launched):
@@ -510,13 +537,13 @@ class Engine:
             event.record()
         self._inflight.append(_Launched(entries, host_tokens, logprobs, event))
 
-    def _form_group(self) -> None:
-        if self._group is not None or not self._free_rows:
+    def _form_group(self, budget: int | None = None) -> None:
+        if not self._free_rows:
             return
         with self._lock:
             lengths = [len(q.prompt) for q in self._waiting]
             oldest = time.monotonic() - self._waiting[0].arrived if self._waiting else 0.0
-            k = self.scheduler.group_size(lengths, len(self._free_rows), bool(self._running), oldest)
+            k = self.scheduler.group_size(lengths, len(self._free_rows), bool(self._running), oldest, budget)
             requests = [self._waiting.popleft() for _ in range(k)]
         if not requests:
             return
@@ -524,10 +551,16 @@ class Engine:
         ids, mask = left_pad([q.prompt for q in requests], self.pad_id, self.device)
         width, padding = ids.shape[1], max(ids.shape[1] - len(q.prompt) for q in requests)
         chunk = self.scheduler.chunk
-        first = min(width, padding + chunk)
-        pieces = [(0, first)] + [(start, min(start + chunk, width)) for start in range(first, width, chunk)]
-        self._group = _Group(requests, slots, ids, mask, pieces)
-        self.scratch.reset_rows(list(range(len(requests))))
+        rows = list(range(len(requests)))
+        # Padding may only precede a row's meta tokens, so only unpadded rows can start from their state.
+        from_meta = self.meta is not None and padding == 0
+        first = chunk if from_meta else min(width, padding + chunk)
+        pieces = [(0, min(first, width))] + [(start, min(start + chunk, width)) for start in range(first, width, chunk)]
+        self._group = _Group(requests, slots, ids, mask, pieces, from_meta)
+        if from_meta:
+            self.scratch.copy_rows_from(rows, self.meta, [0] * len(rows))
+        else:
+            self.scratch.reset_rows(rows)
         with self._lock:
             self._prompt_tokens += sum(lengths[:len(requests)])
 
@@ -537,9 +570,9 @@ class Engine:
         group = self._group
         k = len(group.requests)
         cache = self.scratch.rows(k)
-        cache.started = group.done_pieces > 0
+        cache.started = group.from_meta or group.done_pieces > 0
         start, end = group.pieces[group.done_pieces]
-        mask = group.mask[:, start:end] if group.done_pieces == 0 else None
+        mask = group.mask[:, start:end] if not cache.started else None
         logits = self.model(group.ids[:, start:end], mask, cache=cache, logits_to_keep=1).logits[:, -1]
         group.done_pieces += 1
         if group.done_pieces < len(group.pieces):
