@@ -245,12 +245,14 @@ def test_scheduler_groups_arrivals_under_the_token_budget():
 
 
 def test_arrivals_during_chunked_group_prefills_equal_offline(model, tokenizer):
-    """Small pieces and budget: groups take several steps, requests arrive while others prefill and decode, and
-    each still gets exactly what offline `generate` gives it alone; so does the one-at-a-time reference."""
+    """Small pieces and budget: groups take several steps, requests arrive while others prefill and decode (also
+    between a prefill's layers, as on CUDA), and each still gets exactly what offline `generate` gives it alone;
+    so does the one-at-a-time reference."""
     lengths = [1, *MAX_TOKENS[1:]]  # one request wants a single token: the prefill's, with no decode step
     jobs = [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS, lengths)]
     want = [offline(model, p, n) for p, n in zip(PROMPTS, lengths)]
-    for kwargs in (dict(prefill_chunk=4, max_batch_tokens=40), dict(max_prefill_rows=1)):
+    for kwargs in (dict(prefill_chunk=4, max_batch_tokens=40), dict(prefill_chunk=4, decode_during_prefill=True),
+                   dict(max_prefill_rows=1)):
         engine = Engine(model, tokenizer, max_batch=4, max_len=96, **kwargs)
         outputs = queue.Queue()
         ids, pending = [], list(jobs)
@@ -288,8 +290,10 @@ def test_seeded_sampling_is_the_same_under_any_load(model, tokenizer):
     job = (PROMPTS[2], GenerationParams(max_tokens=15, sampling=sampling, seed=1234))
     alone = run(Engine(model, tokenizer, max_batch=1, max_len=96), [job])[0]
     crowd = [(p, GenerationParams(max_tokens=n, sampling=sampling)) for p, n in zip(PROMPTS[3:], MAX_TOKENS[3:])]
-    busy = run(Engine(model, tokenizer, max_batch=3, max_len=96, prefill_chunk=8), crowd[:2] + [job] + crowd[2:])[2]
-    assert tokens(alone) == tokens(busy) == offline(model, job[0], 15, seed=1234, **vars(sampling))
+    for decode_during_prefill in (False, True):
+        busy = run(Engine(model, tokenizer, max_batch=3, max_len=96, prefill_chunk=8,
+                          decode_during_prefill=decode_during_prefill), crowd[:2] + [job] + crowd[2:])[2]
+        assert tokens(alone) == tokens(busy) == offline(model, job[0], 15, seed=1234, **vars(sampling))
 
 
 def test_a_failing_prefill_ends_its_group_and_the_engine_goes_on(model, tokenizer):

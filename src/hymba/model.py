@@ -12,6 +12,7 @@ goes through the same modules; an optional `HymbaCache` is the only difference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -295,8 +296,11 @@ class HymbaModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: HymbaCache | None = None) -> torch.Tensor:
-        """Hidden states (b, L, hidden) for the L input tokens; meta tokens are added and removed here."""
+                cache: HymbaCache | None = None, between_layers: Callable[[], None] | None = None) -> torch.Tensor:
+        """Hidden states (b, L, hidden) for the L input tokens; meta tokens are added and removed here.
+
+        `between_layers` is called after each layer has been launched: the serving engine launches its decode steps
+        there while a prefill forward is being launched (see `hymba.engine`)."""
         x = self.embed_tokens(input_ids)
         valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         continuing = cache is not None and cache.started
@@ -332,6 +336,8 @@ class HymbaModel(nn.Module):
                 x, produced = layer(x, ctx, shared_kv)
             if produced is not None:
                 shared[i] = produced
+            if between_layers is not None:
+                between_layers()
         if cache is not None:
             cache.advance(positions, valid)
         x = self.final_layernorm(x)
@@ -404,7 +410,8 @@ class HymbaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: HymbaCache | None = None,
                 logits_to_keep: int | None = None, *, shift_labels: torch.Tensor | None = None,
-                loss_reduction: str = "mean", return_logits: bool = True) -> CausalLMOutput:
+                loss_reduction: str = "mean", return_logits: bool = True,
+                between_layers: Callable[[], None] | None = None) -> CausalLMOutput:
         """Logits (b, L, vocab) for each input token; with `labels`, also the mean next-token cross-entropy.
 
         `labels` are aligned with `input_ids` (shifted inside, ignore index -100); `shift_labels` are the next-token
@@ -413,10 +420,11 @@ class HymbaForCausalLM(nn.Module):
         (`lm_head_loss`), never from the returned logits, so it costs no float32 copy of them; `return_logits=False`
         skips the logits altogether (training, where only the loss is wanted; `logits` is then None).
         `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last).
+        `between_layers`: see `HymbaModel.forward`.
         """
         if labels is not None and shift_labels is not None:
             raise ValueError("pass labels (aligned with input_ids) or shift_labels (already shifted), not both")
-        hidden = self.model(input_ids, attention_mask, cache)
+        hidden = self.model(input_ids, attention_mask, cache, between_layers)
         loss = None
         if labels is not None:
             loss = lm_head_loss(self.lm_head, hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), loss_reduction)
