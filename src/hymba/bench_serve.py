@@ -393,9 +393,9 @@ def add_parser(subparsers) -> None:
                                           "`hymba serve --devices` runs them (static generate runs on the first)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--max-batch-tokens", type=int, default=16384,
-                        help="prompt tokens one prefill forward may take (default 16384)")
-    parser.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill piece (default 1024)")
+    parser.add_argument("--max-batch-tokens", type=int, default=32768,
+                        help="prompt tokens one prefill forward may take (default 32768)")
+    parser.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill piece (default 2048)")
     parser.add_argument("--prefill-wait", type=float, default=0.0,
                         help="seconds a group that is not full may wait for more arrivals while others decode")
     parser.add_argument("--no-compile", action="store_true", help="capture the eager decode step (no torch.compile)")

@@ -92,12 +92,12 @@ def add_parser(subparsers) -> None:
                        help="tokens per slot, prompt + completion (default: the model's context)")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests that may wait for a slot; beyond it the server answers 429")
-    serve.add_argument("--max-batch-tokens", type=int, default=16384,
+    serve.add_argument("--max-batch-tokens", type=int, default=32768,
                        help="prompt tokens (meta tokens and padding included) one prefill forward may take; prompts "
-                            "waiting together prefill in one forward up to this (default 16384)")
-    serve.add_argument("--prefill-chunk", type=int, default=1024,
+                            "waiting together prefill in one forward up to this (default 32768)")
+    serve.add_argument("--prefill-chunk", type=int, default=2048,
                        help="tokens per prefill piece: a long prompt prefills over several steps while the running "
-                            "requests keep decoding (default 1024)")
+                            "requests keep decoding (default 2048)")
     serve.add_argument("--prefill-wait", type=float, default=0.0,
                        help="seconds a prefill group that is not full may wait for more arrivals while others decode "
                             "(fewer, larger prefills: more throughput, later first tokens; default 0)")
