@@ -143,3 +143,18 @@ def test_a_row_view_reads_and_writes_the_rows_in_place():
     for layer, state in alone.ssm.items():
         assert torch.equal(whole.ssm[layer].ssm[:2], state.ssm) and whole.ssm[layer].ssm[2].eq(0).all()
     assert whole.next_position[:2].tolist() == alone.next_position.tolist() and int(whole.next_position[2]) == 0
+
+
+def test_a_forward_past_the_allocation_is_refused():
+    from hymba.errors import HymbaError
+
+    model = make_model("all-global")
+    M = model.config.num_memory_tokens
+    with torch.no_grad(), pytest.raises(HymbaError, match="sized for"):  # fresh: the width alone says so
+        model(torch.ones(1, 9, dtype=torch.long), cache=HymbaCache(model.config, 1, 8))
+    cache = HymbaCache(model.config, 1, 8)
+    with torch.no_grad():
+        model(torch.ones(1, 6, dtype=torch.long), cache=cache)
+        with pytest.raises(HymbaError, match="sized for"):  # continuing: positions M+6 .. M+8 past M+8 slots
+            model(torch.ones(1, 3, dtype=torch.long), cache=cache)
+    assert M + 8 == cache.layouts[None].capacity

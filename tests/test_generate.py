@@ -36,6 +36,32 @@ def test_batched_logits_equal_alone(model):
             torch.testing.assert_close(batched[row, -len(prompt) - 10:], alone, rtol=0, atol=1e-5)
 
 
+def test_a_prefill_padded_into_its_bucket_equals_each_prompt_alone(model):
+    """`PrefillGraphs` runs a group left-padded to its bucket, with all-padding rows past it (eagerly here, the
+    reference of the captured graphs): each row's logits and the decode steps after it are each prompt's alone."""
+    from hymba.cache import HymbaCache
+    from hymba.generate import PrefillGraphs
+
+    cache = HymbaCache(model.config, 4, 48)
+    graphs = PrefillGraphs(model, cache, rows=(1, 4), widths=(8, 32), cuda_graph=False)
+    assert graphs.bucket(3, 17) == (4, 32) and graphs.bucket(1, 5) == (1, 8) and graphs.bucket(5, 8) is None
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    with torch.no_grad():
+        logits = graphs(ids, mask)
+        rows = cache.rows(3)
+        rows.started = True
+        steps = [logits]
+        for _ in range(4):
+            steps.append(model(steps[-1].argmax(-1)[:, None], cache=rows).logits[:, -1])
+        for row, prompt in enumerate(PROMPTS):
+            alone = HymbaCache(model.config, 1, 48)
+            want = [model(torch.tensor([prompt]), cache=alone).logits[:, -1]]
+            for _ in range(4):
+                want.append(model(want[-1].argmax(-1)[:, None], cache=alone).logits[:, -1])
+            for got, expected in zip(steps, want):
+                torch.testing.assert_close(got[row], expected[0], rtol=0, atol=1e-5)
+
+
 def test_chunked_prefill_gives_same_tokens(model):
     whole = generate(model, PROMPTS, max_new_tokens=12)
     for chunk in (1, 3, 8):

@@ -24,6 +24,7 @@ import torch
 
 from hymba.config import HymbaConfig
 from hymba.errors import HymbaError
+from hymba.ops import capturing_cuda_graph
 
 
 @dataclass
@@ -68,11 +69,20 @@ class KeyLayout:
         if self.ring is not None:
             end = torch.where(keep, positions, -1).amax(dim=1, keepdim=True) + 1  # next position of each row
             keep &= (positions < self.num_meta) | (positions >= end - self.ring)
-        elif bool((positions[keep] >= self.capacity).any()):
+        elif fresh:  # positions count from 0 within the forward, so its width bounds them without a device read
+            if T > self.capacity:
+                raise HymbaError(f"a forward of {T} positions (meta tokens and padding included) into a cache sized for "
+                                 f"{self.capacity}; allocate it for the full prompt + max_new_tokens")
+        elif not capturing_cuda_graph(positions) and bool((positions[keep] >= self.capacity).any()):
             raise HymbaError(f"the prompt needs more than the {self.capacity} positions the cache was sized for; "
                              "allocate it for the full prompt + max_new_tokens")
-        rows, index = keep.nonzero(as_tuple=True)
-        slot = self.slots(positions[rows, index])
+        # Every entry writes (a fixed-size, sync-free plan): one not kept writes its row's last kept entry again, into
+        # that entry's slot, so duplicate writes carry the same bytes. Rows (b, 1) broadcast against the (b, T) rest.
+        order = torch.arange(T, device=positions.device)
+        last_kept = torch.where(keep, order, 0).amax(dim=1, keepdim=True)  # (b, 1); 0 if a row keeps nothing
+        index = torch.where(keep, order, last_kept)
+        rows = torch.arange(b, device=positions.device)[:, None]
+        slot = self.slots(positions.gather(1, index))
         self.write = (rows, index, slot)
         chunk_valid = torch.ones_like(keep) if valid is None else valid
         if fresh:
@@ -80,8 +90,8 @@ class KeyLayout:
         else:
             self.attend_pos = torch.cat([self.positions, positions], dim=1)
             self.attend_valid = torch.cat([self.valid, chunk_valid], dim=1)
-        self.positions[rows, slot] = positions[rows, index]
-        self.valid[rows, slot] = True
+        self.positions[rows, slot] = positions.gather(1, index)
+        self.valid[rows, slot] = keep.gather(1, index)
 
 
 class HymbaCache:

@@ -45,6 +45,7 @@ from hymba.cache import HymbaCache
 from hymba.errors import HymbaError
 from hymba.generate import (
     DecodeRunner,
+    PrefillGraphs,
     RowSampling,
     SamplingParams,
     _eos_ids,
@@ -234,15 +235,17 @@ class Engine:
     together, `prefill_chunk` tokens per piece, `max_batch_tokens` tokens per forward, waiting up to
     `prefill_wait_s` to fill a group while others decode (see `Scheduler`). On CUDA the decode step is compiled
     (`compile`) and captured as CUDA graphs (`cuda_graph`) for each batch bucket at start-up, reporting each to
-    `progress`. With `decode_during_prefill` (the default on CUDA) the decode steps that fall due while a prefill
-    forward is being launched are launched between its layers. `max_prefill_rows=1`, `cuda_graph=False` and
+    `progress`; with `prefill_graphs` so is a small group's prefill (`PrefillGraphs`). With
+    `decode_during_prefill` (the default on CUDA) the decode steps that fall due while a prefill forward is being
+    launched are launched between its layers. `max_prefill_rows=1`, `cuda_graph=False`, `prefill_graphs=False` and
     `decode_during_prefill=False` are the reference paths the tests compare against.
     """
 
     def __init__(self, model, tokenizer: HymbaTokenizer, max_batch: int = 8, max_len: int | None = None,
                  max_queue: int | None = None, prefill_chunk: int = 2048, max_batch_tokens: int = 32768,
                  max_prefill_rows: int | None = None, prefill_wait_s: float = 0.0, cuda_graph: bool | None = None,
-                 compile: bool | None = None, decode_during_prefill: bool | None = None,
+                 compile: bool | None = None, prefill_graphs: bool = False,
+                 decode_during_prefill: bool | None = None,
                  eos_token_id: int | list[int] | None = None, progress: Callable[[str], None] | None = None):
         config = model.config
         limit = config.max_position_embeddings - config.num_memory_tokens
@@ -282,6 +285,12 @@ class Engine:
             with torch.inference_mode():
                 model(torch.empty(1, 0, dtype=torch.long, device=self.device), cache=self.meta)
         self.scratch = HymbaCache(config, max_prefill_rows, max_len, device=self.device, dtype=model.dtype)
+        # Off by default until measured on a GPU: the captured forward is tested against its eager reference on a
+        # CPU only so far (`hymba bench serve --prefill-graphs` measures it).
+        self.prefill_graphs = None
+        if self.runner.graphed and prefill_graphs:
+            self.prefill_graphs = PrefillGraphs(model, self.scratch, progress=progress)
+            self.prefill_graphs.capture()
         # A small group's prefill forward is launch-bound on a GPU (about 70 ms of host time for 16 ms of device time
         # at 1 x 512 tokens on the 1.5B shape): running requests decode between its layers instead of waiting for it.
         # On a CPU every op computes as it is launched, so there is nothing to overlap.
@@ -586,9 +595,13 @@ class Engine:
         cache.started = group.from_meta or group.done_pieces > 0
         start, end = group.pieces[group.done_pieces]
         mask = group.mask[:, start:end] if not cache.started else None
-        logits = self.model(group.ids[:, start:end], mask, cache=cache, logits_to_keep=1,
-                            between_layers=self._decode_between_layers if self.decode_during_prefill else None
-                            ).logits[:, -1]
+        logits = None
+        if self.prefill_graphs is not None and not cache.started and len(group.pieces) == 1:
+            logits = self.prefill_graphs(group.ids, group.mask)  # None when no bucket holds the group
+        if logits is None:
+            logits = self.model(group.ids[:, start:end], mask, cache=cache, logits_to_keep=1,
+                                between_layers=self._decode_between_layers if self.decode_during_prefill else None
+                                ).logits[:, -1]
         group.done_pieces += 1
         if group.done_pieces < len(group.pieces):
             return True

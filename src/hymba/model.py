@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hymba.config import HymbaConfig
-from hymba.ops import compiled_on_gpu
+from hymba.ops import capturing_cuda_graph, compiled_on_gpu
 from hymba.ops.attention import attention, plan_attention
 from hymba.ops.conv import causal_conv1d
 from hymba.ops.cross_entropy import linear_cross_entropy
@@ -302,7 +302,9 @@ class HymbaModel(nn.Module):
         `between_layers` is called after each layer has been launched: the serving engine launches its decode steps
         there while a prefill forward is being launched (see `hymba.engine`)."""
         x = self.embed_tokens(input_ids)
-        valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        valid = None
+        if attention_mask is not None and (capturing_cuda_graph(x) or not bool(attention_mask.all())):
+            valid = attention_mask.bool()  # a captured forward keeps its mask: the check would read the device
         continuing = cache is not None and cache.started
         if continuing:
             if valid is not None:

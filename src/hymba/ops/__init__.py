@@ -24,6 +24,11 @@ def gpu_kernels_usable(x: torch.Tensor, module: str = "triton") -> bool:
     return x.is_cuda and _IMPORTABLE[module]
 
 
+def capturing_cuda_graph(x: torch.Tensor) -> bool:
+    """Whether `x`'s work is being captured into a CUDA graph, where a host read of a device value cannot happen."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def compiled_on_gpu(fn):
     """`fn` as written (the reference: CPUs, and inside an outer `torch.compile`, which traces it inline) and, for
     CUDA tensors, a `torch.compile`d copy with dynamic shapes: eager PyTorch runs a chain like RMSNorm's cast, square,
