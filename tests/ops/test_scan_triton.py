@@ -85,18 +85,24 @@ def check(results, fwd_tol, bwd_tol):
         assert rel_err(grads[name], ref) < bwd_tol, name
 
 
-# (batch, d_inner, d_state, length, chunk, block_d): chunks that split L unevenly, channel blocks with a ragged tail.
+# (batch, d_inner, d_state, length, chunk, block_d, block_l): chunks that split L unevenly, channel blocks with a
+# ragged tail; block_l None is the forward that walks positions one at a time, a number the parallel forward over
+# blocks of that many positions (a last block cut short, one block per chunk and several).
 FP32_CASES = [
-    (2, 37, 16, 1, 64, 32),
-    (2, 37, 5, 7, 4, 32),
-    (2, 100, 16, 63, 16, 128),
-    (1, 37, 5, 300, 64, 64),
+    (2, 37, 16, 1, 64, 32, None),
+    (2, 37, 5, 7, 4, 32, None),
+    (2, 100, 16, 63, 16, 128, None),
+    (1, 37, 5, 300, 64, 64, None),
+    (2, 37, 16, 1, 64, 32, 16),
+    (2, 37, 5, 7, 4, 32, 4),
+    (2, 100, 16, 63, 16, 16, 8),
+    (1, 37, 5, 300, 64, 64, 64),
 ]
 
 
-@pytest.mark.parametrize("batch,d_inner,d_state,length,chunk,block_d", FP32_CASES)
-def test_scan_fp32_matches_reference(batch, d_inner, d_state, length, chunk, block_d):
-    results = run_both(make_inputs(batch, d_inner, d_state, length), chunk=chunk, block_d=block_d)
+@pytest.mark.parametrize("batch,d_inner,d_state,length,chunk,block_d,block_l", FP32_CASES)
+def test_scan_fp32_matches_reference(batch, d_inner, d_state, length, chunk, block_d, block_l):
+    results = run_both(make_inputs(batch, d_inner, d_state, length), chunk=chunk, block_d=block_d, block_l=block_l)
     check(results, fwd_tol=1e-5, bwd_tol=1e-5)
 
 
@@ -105,9 +111,11 @@ def test_scan_fp32_matches_reference(batch, d_inner, d_state, length, chunk, blo
     (True, True, True, True, False, True, False),  # gradient only through the final state
     (True, False, True, True, True, False, True),  # only through y; non-unit strides everywhere
 ])
-def test_scan_variants(z, bias, h0, softplus, use_y, use_state, strided):
+@pytest.mark.parametrize("block_l", [None, 2])
+def test_scan_variants(z, bias, h0, softplus, use_y, use_state, strided, block_l):
     inputs = make_inputs(2, 37, 5, 9, z=z, bias=bias, h0=h0, strided=strided)
-    results = run_both(inputs, softplus=softplus, use_y=use_y, use_state=use_state, chunk=4, block_d=32)
+    results = run_both(inputs, softplus=softplus, use_y=use_y, use_state=use_state, chunk=4, block_d=32,
+                       block_l=block_l)
     check(results, fwd_tol=1e-5, bwd_tol=1e-5)
 
 

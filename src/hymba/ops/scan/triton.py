@@ -153,6 +153,96 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _linear_recurrence(a1, b1, a2, b2):
+    """Composes h -> a1 h + b1, then h -> a2 h + b2 (the associative step of h_t = a_t h_{t-1} + b_t)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _scan_fwd_parallel_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    y_ptr, hlast_ptr, ckpt_ptr,
+    d_inner, d_state, length,
+    stride_u_b, stride_u_d, stride_u_l,
+    stride_delta_b, stride_delta_d, stride_delta_l,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_n, stride_B_l,
+    stride_C_b, stride_C_n, stride_C_l,
+    stride_z_b, stride_z_d, stride_z_l,
+    stride_h0_b, stride_h0_d, stride_h0_n,
+    stride_y_b, stride_y_d, stride_y_l,
+    stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """`_scan_fwd_kernel`'s work and outputs, BLOCK_L positions at a time: a block's inputs load as tiles, its
+    states come from an associative scan over the block ((BLOCK_L, BLOCK_N, BLOCK_D), log2(BLOCK_L) levels), and
+    only the carry from block to block is sequential, so the walk's chain of dependent steps is BLOCK_L times
+    shorter. Positions past the end are the identity step (dt = 0: decay 1, input 0). BLOCK_L divides CHUNK."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    A = tl.load(A_ptr + offs_n[:, None] * stride_A_n + offs_d[None, :] * stride_A_d, mask=mask_nd, other=0.0)
+    A = A.to(tl.float32)  # (BLOCK_N, BLOCK_D)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if HAS_H0:
+        h += tl.load(h0_ptr + pid_b * stride_h0_b + offs_n[:, None] * stride_h0_n + offs_d[None, :] * stride_h0_d,
+                     mask=mask_nd, other=0.0).to(tl.float32)
+    if SAVE_CKPT:
+        ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_n[:, None] + offs_d[None, :] * stride_ckpt_d
+    last = (offs_l == BLOCK_L - 1)[:, None, None]
+
+    for start in range(0, length, BLOCK_L):
+        if SAVE_CKPT:
+            if start % CHUNK == 0:
+                tl.store(ckpt_ptrs, h, mask=mask_nd)
+                ckpt_ptrs += stride_ckpt_c
+        pos = start + offs_l
+        mask_ld = (pos < length)[:, None] & mask_d[None, :]  # (BLOCK_L, BLOCK_D)
+        mask_ln = (pos < length)[:, None] & mask_n[None, :]  # (BLOCK_L, BLOCK_N)
+        dt = tl.load(delta_ptr + pid_b * stride_delta_b + pos[:, None] * stride_delta_l
+                     + offs_d[None, :] * stride_delta_d, mask=mask_ld, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + pid_b * stride_u_b + pos[:, None] * stride_u_l + offs_d[None, :] * stride_u_d,
+                    mask=mask_ld, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + pid_b * stride_B_b + pos[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+                     mask=mask_ln, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + pid_b * stride_C_b + pos[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                     mask=mask_ln, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(mask_ld, dt, 0.0)  # the identity step past the end (softplus(0) is not 0)
+        decay = tl.exp(dt[:, None, :] * A[None, :, :])  # (BLOCK_L, BLOCK_N, BLOCK_D)
+        inputs = Bt[:, :, None] * (dt * u)[:, None, :]
+        decay, inputs = tl.associative_scan((decay, inputs), 0, _linear_recurrence)
+        states = decay * h[None, :, :] + inputs  # every position's state, the carry folded in
+        y = tl.sum(states * Ct[:, :, None], axis=1)  # (BLOCK_L, BLOCK_D)
+        h = tl.sum(tl.where(last, states, 0.0), axis=0)
+        if HAS_D:
+            y += D[None, :] * u
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * stride_z_b + pos[:, None] * stride_z_l + offs_d[None, :] * stride_z_d,
+                        mask=mask_ld, other=0.0).to(tl.float32)
+            y = y * z / (1.0 + tl.exp(-z))
+        tl.store(y_ptr + pid_b * stride_y_b + pos[:, None] * stride_y_l + offs_d[None, :] * stride_y_d, y,
+                 mask=mask_ld)
+
+    tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
+
+
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dhlast_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
@@ -338,8 +428,10 @@ def _strides3(x: torch.Tensor | None) -> tuple[int, ...]:
     return (0, 0, 0) if x is None else tuple(x.stride())
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_ckpt, chunk, block_d):
-    """Launches the forward kernel; returns (y, last_state, checkpoints or None)."""
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_ckpt, chunk, block_d,
+              block_l=None):
+    """Launches the forward kernel (the walk, or with `block_l` the parallel one over blocks of that many
+    positions); returns (y, last_state, checkpoints or None)."""
     batch, d_inner, length = u.shape
     d_state = A.shape[1]
     block_d = _block_d(d_inner, block_d)
@@ -351,16 +443,21 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     if save_ckpt:
         ckpt = torch.empty(batch, d_inner, triton.cdiv(length, chunk), d_state, device=u.device, dtype=torch.float32)
     grid = (batch, triton.cdiv(d_inner, block_d))
-    _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, initial_state,
-        y, hlast, ckpt,
-        d_inner, d_state, length,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-        *_strides3(initial_state), *y.stride(), *(_strides3(ckpt)[:3]),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=initial_state is not None,
-        SOFTPLUS=bool(delta_softplus), SAVE_CKPT=save_ckpt,
-        CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=max(1, block_d // 32),
-    )
+    block_n = triton.next_power_of_2(d_state)
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, y, hlast, ckpt, d_inner, d_state, length,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+            *_strides3(initial_state), *y.stride(), *(_strides3(ckpt)[:3]))
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), SAVE_CKPT=save_ckpt, CHUNK=chunk,
+                 BLOCK_D=block_d, BLOCK_N=block_n)
+    if block_l is None:
+        _scan_fwd_kernel[grid](*args, **flags, num_warps=max(1, block_d // 32))
+    else:
+        if chunk % block_l:
+            raise ValueError(f"block_l ({block_l}) must divide chunk ({chunk})")
+        # About 16 elements of each (BLOCK_L, BLOCK_N, BLOCK_D) tile per thread.
+        warps = min(16, max(1, block_l * block_n * block_d // 512))
+        _scan_fwd_parallel_kernel[grid](*args, **flags, BLOCK_L=block_l, num_warps=warps)
     return y, hlast, ckpt
 
 
@@ -368,9 +465,9 @@ class _SelectiveScanFn(torch.autograd.Function):
     """Forward saves the inputs and the per-chunk states; backward is `_scan_bwd_kernel`."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, block_d):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, block_d, block_l):
         y, hlast, ckpt = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                   save_ckpt=True, chunk=chunk, block_d=block_d)
+                                   save_ckpt=True, chunk=chunk, block_d=block_d, block_l=block_l)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt)
         # Unused outputs then arrive as None instead of zero tensors, so the kernel skips them.
         ctx.set_materialize_grads(False)
@@ -414,24 +511,25 @@ class _SelectiveScanFn(torch.autograd.Function):
 
         return (
             du, ddelta, cast(dA.sum(0), A), cast(dB.sum(1), B), cast(dC.sum(1), C), cast(dD.sum(0), D), dz,
-            cast(dbias.sum(0), delta_bias), cast(dh0, initial_state), None, None, None,
+            cast(dbias.sum(0), delta_bias), cast(dh0, initial_state), None, None, None, None,
         )
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, initial_state=None,
-                          *, chunk: int = DEFAULT_CHUNK, block_d: int | None = None):
+                          *, chunk: int = DEFAULT_CHUNK, block_d: int | None = None, block_l: int | None = None):
     """Fused selective scan. Shapes and results as `selective_scan_ref`: returns (y in u's dtype, last_state
     (batch, d_inner, d_state) float32). Differentiable in every tensor input via the Triton backward.
 
-    `chunk` (positions between states saved for the backward) and `block_d` (channels per program) are tuning
-    knobs; they do not change results beyond float rounding.
+    `chunk` (positions between states saved for the backward), `block_d` (channels per program) and `block_l`
+    (positions per block of the parallel forward; None walks positions one at a time) are tuning knobs; they do not
+    change results beyond float rounding.
     """
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
-                                      block_d)
+                                      block_d, block_l)
     y, hlast, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                            save_ckpt=False, chunk=chunk, block_d=block_d)
+                            save_ckpt=False, chunk=chunk, block_d=block_d, block_l=block_l)
     return y, hlast
 
 
