@@ -20,7 +20,15 @@ import sys
 import torch
 
 from hymba.bench import build_engine_model
-from hymba.bench_serve import ServeLoad, arrival_offsets, drive_engine, random_prompts, static_generate, static_step_ms
+from hymba.bench_serve import (
+    ServeLoad,
+    arrival_offsets,
+    drive_engine,
+    prompt_lengths,
+    random_prompts,
+    static_generate,
+    static_step_ms,
+)
 from hymba.config import HymbaConfig
 from hymba.engine import Engine
 from hymba.generate import decode_runner
@@ -42,6 +50,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=REFERENCE_SETTINGS)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--prompt-len-min", type=int, help="prompt lengths uniform from this up to --prompt-len")
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--rate", type=float, help="Poisson arrivals per second (default: 70%% of measured capacity)")
@@ -56,7 +65,7 @@ def main() -> None:
     config = HymbaConfig.preset("hymba-1.5b" if gpu else "tiny")
     model = build_engine_model(config, device, torch.bfloat16 if gpu else torch.float32)
     tokenizer = HymbaTokenizer.from_pretrained()
-    load = ServeLoad(args.requests, args.prompt_len, args.output_len, args.slots)
+    load = ServeLoad(args.requests, args.prompt_len, args.output_len, args.slots, prompt_len_min=args.prompt_len_min)
     prompts = random_prompts(load, config.vocab_size)
     max_len = decode_runner(model, load.slots, load.prompt_len + load.output_len, compile=args.compile).max_len
     warm = ServeLoad(min(load.requests, load.slots), load.prompt_len, 2, load.slots)
@@ -88,7 +97,7 @@ def main() -> None:
     batch = round(next((r["decode_rows"] for r in rows if r["arrivals"] != "all at once"), load.slots) or 1)
     step_ms = static_step_ms(model, batch, load.prompt_len, device)
 
-    print(f"{load.requests} x ({load.prompt_len} prompt + {load.output_len} new), {load.slots} slots, "
+    print(f"{load.requests} x ({prompt_lengths(vars(load))} prompt + {load.output_len} new), {load.slots} slots, "
           f"{config_label(gpu)}; static generate {static:,.0f} output tok/s; static step at {batch} rows "
           f"{step_ms:.2f} ms\n")
     print("| setting | arrivals | output tok/s | vs static | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 (ms) |")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hymba.bench_serve import ServeLoad, arrival_offsets, percentiles
+from hymba.bench_serve import ServeLoad, arrival_offsets, percentiles, random_prompts
 from hymba.cli import main
 
 
@@ -21,6 +21,18 @@ def test_poisson_arrivals_are_seeded_and_increasing():
     assert offsets == arrival_offsets(load, rate=10.0) and offsets[0] == 0.0
     assert all(b > a for a, b in zip(offsets, offsets[1:])) and 2 < offsets[-1] < 10  # about 49 / 10 s
     assert arrival_offsets(ServeLoad(3, 4, 4, 2), None) == [0.0, 0.0, 0.0]
+
+
+def test_prompt_lengths_vary_within_the_range_when_asked():
+    assert {len(p) for p in random_prompts(ServeLoad(20, 6, 4, 2), 100)} == {6}
+    lengths = [len(p) for p in random_prompts(ServeLoad(200, 6, 4, 2, prompt_len_min=2), 100)]
+    assert min(lengths) == 2 and max(lengths) == 6
+
+
+def test_serve_bench_with_prompts_of_mixed_lengths(capsys):
+    assert main(["bench", "serve", "--requests", "6", "--prompt-len", "8", "--prompt-len-min", "3",
+                 "--output-len", "3", "--slots", "3"]) == 0
+    assert "6 requests x (3-8 prompt + 3 new)" in capsys.readouterr().out
 
 
 def test_serve_bench_runs_and_reports(tmp_path, capsys):

@@ -123,6 +123,8 @@ ROWS = {
     "bench: unknown device": (["bench", "--device", "tpu"], "unknown device 'tpu'", None),
     "bench: unknown model": (["bench", "--models", "gpt-5"], "unknown model(s) gpt-5", None),
     "bench: contexts not integers": (["bench", "--contexts", "a,b"], "comma-separated integers", None),
+    "bench serve: prompt range upside down": (["bench", "serve", "--prompt-len", "4", "--prompt-len-min", "9"],
+                                              "--prompt-len-min (9) must be <= --prompt-len (4)", None),
     # data
     "data: not gzip": (["data", "tokenize", "{bad.jsonl.gz}", "--out", "{root}/tok1", "--quiet", "--workers", "1"],
                        "not a complete gzip file", "{root}/tok1"),

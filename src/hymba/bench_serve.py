@@ -1,7 +1,8 @@
 """`hymba bench serve`: the continuous-batching engine under load, against static `generate` batches in the same
 process.
 
-The load: `--requests` random prompts of `--prompt-len` tokens, each asking for `--output-len` new tokens (EOS
+The load: `--requests` random prompts of `--prompt-len` tokens (or of lengths uniform from `--prompt-len-min` up
+to it, as real traffic has; groups then pad), each asking for `--output-len` new tokens (EOS
 off, so every request runs to its length), on a model with random weights (nothing downloaded). Arrivals are all
 at once (`--arrivals all`) or Poisson (`--arrivals poisson`) at `--rate` requests/s, by default 70% of the capacity
 the all-at-once run measured (that run then goes first). The engine runs its scheduler thread as `hymba serve` does;
@@ -33,12 +34,13 @@ from hymba.errors import HymbaError
 @dataclass
 class ServeLoad:
     requests: int
-    prompt_len: int
+    prompt_len: int  # the longest prompt; each is exactly this long unless prompt_len_min is set
     output_len: int
     slots: int
     arrivals: str = "all"  # or "poisson"
     rate: float | None = None  # requests/s for poisson; None: 70% of the measured capacity
     seed: int = 0
+    prompt_len_min: int | None = None  # prompt lengths uniform in [prompt_len_min, prompt_len]; None: all prompt_len
 
 
 @dataclass
@@ -67,7 +69,9 @@ def percentiles(values: list[float], points=(50, 90, 99)) -> dict[str, float]:
 
 def random_prompts(load: ServeLoad, vocab_size: int) -> list[list[int]]:
     rng = random.Random(load.seed)
-    return [[rng.randrange(3, vocab_size - 1) for _ in range(load.prompt_len)] for _ in range(load.requests)]
+    shortest = load.prompt_len if load.prompt_len_min is None else load.prompt_len_min
+    return [[rng.randrange(3, vocab_size - 1) for _ in range(rng.randint(shortest, load.prompt_len))]
+            for _ in range(load.requests)]
 
 
 def arrival_offsets(load: ServeLoad, rate: float | None) -> list[float]:
@@ -104,14 +108,14 @@ class _Timeline:
                 if not self.left:
                     self.done.set()
 
-    def result(self, name: str, load: ServeLoad, start: float, rate: float | None) -> ServeResult:
+    def result(self, name: str, load: ServeLoad, start: float, rate: float | None, prompt_tokens: int) -> ServeResult:
         end = max(t[-1] for t in self.times)
         produced = sum(len(t) for t in self.times)
         seconds = end - start
         ttft = [t[0] - s for t, s in zip(self.times, self.submitted)]
         tpot = [(t[-1] - t[0]) / (len(t) - 1) * 1e3 for t in self.times if len(t) > 1]
         return ServeResult(name, load.requests, seconds, produced / seconds,
-                           (produced + load.requests * load.prompt_len) / seconds, percentiles(ttft),
+                           (produced + prompt_tokens) / seconds, percentiles(ttft),
                            percentiles(tpot, (50, 90)), rate=rate)
 
 
@@ -140,7 +144,7 @@ def drive_engine(engine, prompts: list[list[int]], load: ServeLoad, offsets: lis
         timeline.submitted[i] = time.perf_counter()
         engine.submit(prompt, params, lambda out, i=i: timeline.on_output(i, out))
     timeline.done.wait()
-    result = timeline.result(name, load, start, rate)
+    result = timeline.result(name, load, start, rate, sum(map(len, prompts)))
     rows, steps, seconds = counters()
     result.engine_seconds = {part: round(t - seconds_before.get(part, 0.0), 3) for part, t in seconds.items()}
     steps -= steps_before
@@ -193,10 +197,10 @@ def drive_http(engine, model_name: str, prompts: list[list[int]], load: ServeLoa
         server.should_exit = True
         thread.join()
     # A streamed chunk carries text, not always exactly one token: count tokens as the load asked for.
-    result = timeline.result("engine over HTTP", load, start, rate)
+    result = timeline.result("engine over HTTP", load, start, rate, sum(map(len, prompts)))
     produced = load.requests * load.output_len
     result.output_tok_s = produced / result.seconds
-    result.total_tok_s = (produced + load.requests * load.prompt_len) / result.seconds
+    result.total_tok_s = (produced + sum(map(len, prompts))) / result.seconds
     return result
 
 
@@ -204,16 +208,18 @@ def static_generate(model, prompts: list[list[int]], load: ServeLoad, device) ->
     """The same requests as static `generate` batches of `slots` rows, one after the other."""
     import torch
 
+    from hymba.generate import left_pad, pad_token_id
+
     start = time.perf_counter()
     for i in range(0, len(prompts), load.slots):
-        ids = torch.tensor(prompts[i:i + load.slots], device=device)
-        model.generate(ids, max_new_tokens=load.output_len, eos_token_id=[])
+        ids, mask = left_pad(prompts[i:i + load.slots], pad_token_id(model.config), device)
+        model.generate(ids, mask, max_new_tokens=load.output_len, eos_token_id=[])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     produced = len(prompts) * load.output_len
     return ServeResult("static generate", len(prompts), seconds, produced / seconds,
-                       (produced + len(prompts) * load.prompt_len) / seconds)
+                       (produced + sum(map(len, prompts))) / seconds)
 
 
 def static_step_ms(model, batch: int, context: int, device, steps: int = 32) -> float:
@@ -258,14 +264,16 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HymbaError(f"--device {args.device} asked for, but PyTorch sees no CUDA device; use --device cpu")
     gpu = device.type == "cuda"
-    for flag in ("requests", "prompt_len", "output_len", "slots"):
+    for flag in ("requests", "prompt_len", "prompt_len_min", "output_len", "slots"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise HymbaError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.rate is not None and args.rate <= 0:
         raise HymbaError("--rate must be > 0 requests/s")
     load = ServeLoad(requests=args.requests or (256 if gpu else 8), prompt_len=args.prompt_len or (512 if gpu else 16),
                      output_len=args.output_len or (256 if gpu else 8), slots=args.slots or (64 if gpu else 4),
-                     arrivals=args.arrivals, rate=args.rate, seed=args.seed)
+                     arrivals=args.arrivals, rate=args.rate, seed=args.seed, prompt_len_min=args.prompt_len_min)
+    if load.prompt_len_min is not None and load.prompt_len_min > load.prompt_len:
+        raise HymbaError(f"--prompt-len-min ({load.prompt_len_min}) must be <= --prompt-len ({load.prompt_len})")
     config = HymbaConfig.preset(args.model or ("hymba-1.5b" if gpu else "tiny"))
     if load.prompt_len + load.output_len + config.num_memory_tokens > config.max_position_embeddings:
         raise HymbaError(f"--prompt-len + --output-len exceed the model's {config.max_position_embeddings} positions")
@@ -334,6 +342,12 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def prompt_lengths(load: dict[str, Any]) -> str:
+    if load.get("prompt_len_min") is None:
+        return str(load["prompt_len"])
+    return f"{load['prompt_len_min']}-{load['prompt_len']}"
+
+
 def config_name(gpu: bool) -> str:
     return "hymba-1.5b" if gpu else "tiny"
 
@@ -341,7 +355,7 @@ def config_name(gpu: bool) -> str:
 def format_report(report: dict[str, Any]) -> str:
     load = report["load"]
     lines = [f"hymba bench serve on {report['device']}, torch {report['torch_version']}, {report['dtype']}, "
-             f"{report['model']} (random weights), {load['requests']} requests x ({load['prompt_len']} prompt + "
+             f"{report['model']} (random weights), {load['requests']} requests x ({prompt_lengths(load)} prompt + "
              f"{load['output_len']} new), {load['slots']} slots, compiled step: {'yes' if report['compile'] else 'no'}",
              "",
              "| run | output tok/s | total tok/s | vs static | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 (ms) "
@@ -380,6 +394,8 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--requests", type=int, help="requests in the load (default 256 on GPU, 8 on CPU)")
     parser.add_argument("--prompt-len", type=int, help="prompt tokens per request (default 512 on GPU, 16 on CPU)")
+    parser.add_argument("--prompt-len-min", type=int,
+                        help="draw each prompt's length uniformly from this up to --prompt-len (default: all equal)")
     parser.add_argument("--output-len", type=int, help="new tokens per request (default 256 on GPU, 8 on CPU)")
     parser.add_argument("--slots", type=int, help="engine slots = static batch (default 64 on GPU, 4 on CPU)")
     parser.add_argument("--arrivals", choices=["all", "poisson"], default="all",
