@@ -27,7 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     dev, bf16 = "cuda", torch.bfloat16
-    print(f"{'batch':>5} {'block_d':>7} {'block_l':>7} {'programs':>8} {'ms':>8} {'ns/position':>11} {'vs walk 32':>10}")
+    header = ("batch", 5), ("block_d", 7), ("block_l", 7), ("programs", 8), ("ms", 8), ("ns/position", 11),
+    print(" ".join(f"{name:>{width}}" for name, width in (*header, ("vs walk 32", 10))))
     for batch in (int(b) for b in args.batches.split(",")):
         length = args.length
         # Position-major activations, as the model passes them: (batch, L, channels) memory viewed as (batch, d, L).
@@ -37,10 +38,10 @@ def main() -> None:
         D, bias = torch.ones(D_INNER, device=dev), torch.zeros(D_INNER, device=dev)
         inputs = (u, delta, A, B, C, D, z, bias, True)
         want, _ = selective_scan_triton(*inputs, block_d=32)
-        baseline = do_bench(lambda: selective_scan_triton(*inputs, block_d=32), warmup=3, rep=10)
+        baseline = do_bench(lambda args=inputs: selective_scan_triton(*args, block_d=32), warmup=3, rep=10)
         for block_d, block_l in CASES:
-            def run(bd=block_d, bl=block_l):
-                return selective_scan_triton(*inputs, block_d=bd, block_l=bl)
+            def run(bd=block_d, bl=block_l, args=inputs):
+                return selective_scan_triton(*args, block_d=bd, block_l=bl)
             err = ((run()[0].float() - want.float()).norm() / want.float().norm()).item()
             ms = do_bench(run, warmup=3, rep=10)
             programs = batch * -(-D_INNER // block_d)

@@ -1,10 +1,14 @@
-"""Where a decode step's or a prefill's time goes: the top CUDA kernels, as a torch.profiler table.
+"""Where a decode step's, a prefill's or a training step's time goes: the top CUDA kernels, as a torch.profiler
+table.
 
     python benchmarks/profile_step.py --model hymba-1.5b --context 8192 --batch 128 [--no-compile]
     python benchmarks/profile_step.py --phase prefill --context 8192 --batch 4
+    python benchmarks/profile_step.py --phase train --context 2048 --batch 8
 
 Random bf16 weights. Decode: one (compiled) step over a synthetically filled cache, as `hymba bench` does.
 Prefill: one prefill of `context` random tokens per row into a fresh cache, after an untimed one of the same shape.
+Train: one `hymba train` optimizer step (bf16 autocast, float32 master weights, fused AdamW) on random tokens, as
+`hymba bench train` times it, after two untimed ones.
 """
 
 import argparse
@@ -21,13 +25,22 @@ from hymba.generate import decode_step, prefill
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="hymba-1.5b")
-    parser.add_argument("--phase", choices=["decode", "prefill"], default="decode")
+    parser.add_argument("--phase", choices=["decode", "prefill", "train"], default="decode")
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--no-compile", action="store_true", help="decode: profile the eager step")
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
 
+    if args.phase == "train":
+        from hymba.bench_train import TrainBenchOptions, TrainRow, training_step
+
+        row = TrainRow(args.model, args.context, args.batch, False, 0, False)
+        options = TrainBenchOptions([args.model], [args.context], args.batch * args.context, [False], 0, 1, 2,
+                                    torch.device("cuda"))
+        step = training_step(row, options, args.batch)[3]
+        report(step, warmup=2, rows=args.rows)
+        return
     model = build_engine_model(HymbaConfig.preset(args.model), torch.device("cuda"), torch.bfloat16)
     new_cache = lambda: HymbaCache(model.config, args.batch, args.context, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     if args.phase == "prefill":
@@ -40,13 +53,18 @@ def main() -> None:
         tokens = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
         run = lambda: step(model, cache, tokens)  # noqa: E731
     with torch.inference_mode():
-        for _ in range(1 if args.phase == "prefill" else 3):
-            run()
+        report(run, warmup=1 if args.phase == "prefill" else 3, rows=args.rows)
+
+
+def report(run, warmup: int, rows: int) -> None:
+    """Profile one call of `run` after `warmup` untimed ones and print the kernels by total time."""
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run()
-            torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90))
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_ms = sum(e.device_time for e in kernels) / 1e3
     print(f"{len(kernels)} kernels, {total_ms:.2f} ms of kernel time (profiled; a CUDA graph replay adds no launches)")

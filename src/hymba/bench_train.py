@@ -97,31 +97,43 @@ def train_config(row: TrainRow, o: TrainBenchOptions):
                      f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))})")
 
 
-def run_case(row: TrainRow, o: TrainBenchOptions, note) -> TrainRow:
-    """Measure one case in place (halving its batch on out-of-memory) and return it."""
+def training_step(row: TrainRow, o: TrainBenchOptions, batch: int):
+    """(cfg, runtime, model, step) for one case at `batch` rows: `step()` is one `hymba train` optimizer step on a
+    fixed batch of random tokens, returning (summed loss, grad norm)."""
     import dataclasses
 
     import torch
 
+    from hymba.train import trainer
+
+    cfg = dataclasses.replace(train_config(row, o), batch_size=batch)
+    rt = trainer.setup_runtime(cfg)
+    model = trainer.build_model(cfg, rt.device)
+    if row.lora_r:
+        from hymba.train.lora import DEFAULT_TARGETS, add_adapters
+
+        model = add_adapters(model, row.lora_r, 2 * row.lora_r, 0.0, list(DEFAULT_TARGETS))
+    wrapped = trainer.wrap_model(model, cfg, rt)
+    optimizer = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, rt.device.type)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, row.seq_len + 1),
+                           generator=torch.Generator().manual_seed(o.seed))
+    micro_batches = [(tokens[:, :-1].to(rt.device), tokens[:, 1:].to(rt.device))]
+
+    def step():
+        return trainer.optimizer_step(wrapped, model, optimizer, micro_batches, batch * row.seq_len, rt,
+                                      cfg.grad_clip)
+
+    return cfg, rt, model, step
+
+
+def run_case(row: TrainRow, o: TrainBenchOptions, note) -> TrainRow:
+    """Measure one case in place (halving its batch on out-of-memory) and return it."""
     from hymba.bench import free_memory, peak_gib, reset_peak, run_halving, timed
     from hymba.train import trainer
 
     def attempt(batch: int) -> dict[str, Any]:
-        cfg = dataclasses.replace(train_config(row, o), batch_size=batch)
-        rt = trainer.setup_runtime(cfg)
-        model = trainer.build_model(cfg, rt.device)
-        if row.lora_r:
-            from hymba.train.lora import DEFAULT_TARGETS, add_adapters
-
-            model = add_adapters(model, row.lora_r, 2 * row.lora_r, 0.0, list(DEFAULT_TARGETS))
-        wrapped = trainer.wrap_model(model, cfg, rt)
-        optimizer = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, rt.device.type)
-        tokens = torch.randint(0, model.config.vocab_size, (batch, row.seq_len + 1),
-                               generator=torch.Generator().manual_seed(o.seed))
-        micro_batches = [(tokens[:, :-1].to(rt.device), tokens[:, 1:].to(rt.device))]
+        cfg, rt, model, step = training_step(row, o, batch)
         n_targets = batch * row.seq_len
-        step = lambda: trainer.optimizer_step(wrapped, model, optimizer, micro_batches, n_targets, rt,  # noqa: E731
-                                              cfg.grad_clip)
         reset_peak(rt.device)
         for _ in range(o.warmup_steps):
             step()

@@ -71,8 +71,8 @@ class KeyLayout:
             keep &= (positions < self.num_meta) | (positions >= end - self.ring)
         elif fresh:  # positions count from 0 within the forward, so its width bounds them without a device read
             if T > self.capacity:
-                raise HymbaError(f"a forward of {T} positions (meta tokens and padding included) into a cache sized for "
-                                 f"{self.capacity}; allocate it for the full prompt + max_new_tokens")
+                raise HymbaError(f"a forward of {T} positions (meta tokens and padding included) into a cache sized "
+                                 f"for {self.capacity}; allocate it for the full prompt + max_new_tokens")
         elif not capturing_cuda_graph(positions) and bool((positions[keep] >= self.capacity).any()):
             raise HymbaError(f"the prompt needs more than the {self.capacity} positions the cache was sized for; "
                              "allocate it for the full prompt + max_new_tokens")
