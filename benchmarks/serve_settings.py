@@ -9,11 +9,14 @@ Each setting is a comma-separated list of `Engine` keyword arguments (`name=valu
 arrivals at `--rate` requests/s, by default 70% of the capacity the first setting's all-at-once run measured, so
 every setting meets the same arrivals. Random weights, no download; CUDA by default (`--device cpu` runs the tiny
 shape, for trying the script). Decode steps are captured eagerly unless `--compile` (compiling every bucket costs
-about 40 s each). Prints one table; `--json` writes the rows.
+about 40 s each). Prints one table; `--json` writes the rows. `--profile` runs the first setting's all-at-once load
+under the PyTorch profiler and prints how busy the GPU was and its top kernels: where an engine loses to static
+generate, the gaps show as idle time.
 """
 
 import argparse
 import ast
+import functools
 import json
 import sys
 
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile the decode step before capturing it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--profile", action="store_true", help="profile the first setting's all-at-once run")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -85,7 +89,9 @@ def main() -> None:
                         compile=args.compile, **parse_setting(text)).start()
         try:
             drive_engine(engine, prompts[:warm.requests], warm, [0.0] * warm.requests, "warm-up", None)
-            result = drive_engine(engine, prompts, load, [0.0] * load.requests, "all at once", None)
+            all_at_once = functools.partial(drive_engine, engine, prompts, load, [0.0] * load.requests,
+                                            "all at once", None)
+            result = profiled(all_at_once) if args.profile and text == args.settings[0] else all_at_once()
             report(text, "all at once", result)
             if not args.no_poisson:
                 rate = rate or 0.7 * load.requests / result.seconds
@@ -109,6 +115,30 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(load=vars(load), static_tok_s=static, static_step_ms=step_ms, rows=rows), f, indent=1)
+
+
+def profiled(run):
+    """`run()` under the profiler; prints the share of the run's wall time some kernel was running, and the top
+    kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = run()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, reach = 0, None
+    for start, end in spans:
+        if reach is None or start > reach:
+            busy, reach = busy + end - start, end
+        elif end > reach:
+            busy, reach = busy + end - reach, end
+    wall = spans[-1][1] - spans[0][0] if spans else 0
+    print(f"GPU busy {busy / 1e3:,.0f} of {wall / 1e3:,.0f} ms between the first and last kernel "
+          f"({busy / max(wall, 1):.1%})", file=sys.stderr)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=80),
+          file=sys.stderr)
+    return result
 
 
 def config_label(gpu: bool) -> str:
