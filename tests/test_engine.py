@@ -313,6 +313,27 @@ def test_a_failing_prefill_ends_its_group_and_the_engine_goes_on(model, tokenize
     assert tokens(outputs) == offline(model, PROMPTS[2], 5)
 
 
+def test_a_decode_step_failing_between_prefill_layers_ends_only_the_decoding_requests(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=96, decode_during_prefill=True)
+    working = engine._step_fn
+
+    def fails_while_prefilling(tokens):
+        if engine._group is not None:
+            raise RuntimeError("out of memory (simulated)")
+        return working(tokens)
+
+    outputs = collections.defaultdict(list)
+    decoding = engine.submit(PROMPTS[0], GenerationParams(max_tokens=20), lambda o: outputs[o.request_id].append(o))
+    for _ in range(3):
+        engine.step()
+    engine._step_fn = fails_while_prefilling
+    arriving = engine.submit(PROMPTS[2], GenerationParams(max_tokens=5), lambda o: outputs[o.request_id].append(o))
+    while not outputs[arriving] or outputs[arriving][-1].finish_reason is None:
+        engine.step()
+    assert outputs[decoding][-1].finish_reason == "error"
+    assert tokens(outputs[arriving]) == offline(model, PROMPTS[2], 5)
+
+
 def test_replicas_spread_requests_and_answer_as_one_engine(model, tokenizer):
     from hymba.engine import Replicas
 
