@@ -269,6 +269,26 @@ def test_arrivals_during_chunked_group_prefills_equal_offline(model, tokenizer):
         assert [tokens(got[i]) for i in ids] == want, kwargs
 
 
+def test_a_steps_prefill_groups_keep_to_the_token_budget(model, tokenizer):
+    """Rows x (meta tokens + piece) over all of a step's fresh groups stays within max_batch_tokens, as the
+    scheduler counts a group (a GPU's groups are fresh: they compute the meta tokens again)."""
+    M = model.config.num_memory_tokens
+    engine = Engine(model, tokenizer, max_batch=8, max_len=96, max_batch_tokens=3 * (M + 10) + 5)
+    engine.meta = None  # every group fresh, as on a GPU
+    prefilled = []
+    piece = engine._prefill_piece
+
+    def counted():
+        prefilled.append(len(engine._group.requests))
+        return piece()
+
+    engine._prefill_piece = counted
+    for _ in range(6):
+        engine.submit([5] * 10, GenerationParams(max_tokens=2))
+    engine.step()
+    assert prefilled == [3]
+
+
 def test_cancel_mid_prefill_frees_the_slot(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=1, max_len=96, prefill_chunk=4)
     outputs = queue.Queue()

@@ -446,8 +446,11 @@ class Engine:
             # Prefill pieces up to the step's token budget: a group finished in one piece leaves room for the next.
             spent = 0
             while self._group is not None:
-                start, end = self._group.pieces[self._group.done_pieces]
-                spent += len(self._group.requests) * (end - start)
+                group = self._group
+                start, end = group.pieces[group.done_pieces]
+                fresh = not group.from_meta and group.done_pieces == 0  # it computes the meta tokens too
+                # Counted as the scheduler counts a group's forward: rows x (meta tokens if fresh + the piece).
+                spent += len(group.requests) * (end - start + self.model.config.num_memory_tokens * fresh)
                 launched |= self._guarded([q for q in self._group.requests if not q.done], self._prefill_piece)
                 if self._group is not None or spent >= self.scheduler.max_batch_tokens:
                     break
