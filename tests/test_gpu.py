@@ -166,3 +166,30 @@ def test_compiled_layers_training_step_matches_eager_in_bf16():
     assert rel(compiled_loss, eager_loss) < 1e-2
     for name in eager:
         assert rel(compiled[name], eager[name]) < 3e-2, name
+
+
+def test_captured_prefill_equals_its_eager_run():
+    """`PrefillGraphs`' replays give the logits and cache rows of the same padded forward run eagerly, bucket after
+    bucket and again after other buckets ran (they share one memory pool)."""
+    from hymba.cache import HymbaCache
+    from hymba.generate import PrefillGraphs, left_pad
+
+    torch.manual_seed(0)
+    model = HymbaForCausalLM(HymbaConfig.preset("tiny", vocab_size=257, sliding_window=16)).cuda().eval()
+    model.init_weights()
+    groups = [[list(range(1, 40)), [7, 8, 9]], [list(range(100, 220))], [[5] * 7, list(range(9, 30)), [3, 4]]]
+    captured_cache, eager_cache = (HymbaCache(model.config, 4, 200, device="cuda") for _ in range(2))
+    captured = PrefillGraphs(model, captured_cache, rows=(2, 4), widths=(32, 64, 128))
+    eager = PrefillGraphs(model, eager_cache, rows=(2, 4), widths=(32, 64, 128), cuda_graph=False)
+    captured.capture()
+    with torch.inference_mode():
+        for ids_list in groups + groups[::-1]:
+            ids, mask = left_pad(ids_list, 0, "cuda")
+            for cache in (captured_cache, eager_cache):
+                cache.reset_rows(list(range(4)))
+            got, want = captured(ids, mask), eager(ids, mask)
+            assert rel(got, want) < 1e-5
+            k = len(ids_list)
+            for layer, state in eager_cache.ssm.items():
+                assert rel(captured_cache.ssm[layer].ssm[:k], state.ssm[:k]) < 1e-5
+            assert torch.equal(captured_cache.next_position[:k], eager_cache.next_position[:k])
