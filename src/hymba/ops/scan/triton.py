@@ -423,6 +423,145 @@ def _scan_bwd_kernel(
     tl.store(dbias_ptr + pid_b * d_inner + offs_d, dbias_acc, mask=mask_d)
 
 
+@triton.jit
+def _load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw delta + bias, dt) as float32 at `offs`, dt = 0 where `mask` is off (the identity step)."""
+    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += bias
+    dt = _softplus(x) if SOFTPLUS else x
+    return x, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _scan_bwd_parallel_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dhlast_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    d_inner, d_state, length,
+    stride_u_b, stride_u_d, stride_u_l,
+    stride_delta_b, stride_delta_d, stride_delta_l,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_n, stride_B_l,
+    stride_C_b, stride_C_n, stride_C_l,
+    stride_z_b, stride_z_d, stride_z_l,
+    stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
+    stride_dout_b, stride_dout_d, stride_dout_l,
+    stride_dhlast_b, stride_dhlast_d, stride_dhlast_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOUT: tl.constexpr,
+    HAS_DHLAST: tl.constexpr, SOFTPLUS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """`_scan_bwd_kernel`'s gradients (same equations, outputs and layouts), a chunk of CHUNK positions at a time
+    from the end, each from its checkpoint: the states h_t and the states before each position h_{t-1} come from two
+    associative scans forward (the second over the inputs shifted by one), the adjoint g_t = gy_t C_t + a_{t+1}
+    g_{t+1} from one in reverse, and only the carry a_t g_t passes from chunk to chunk. Tiles are
+    (CHUNK, BLOCK_D, BLOCK_N); positions past the end are identity steps with no output gradient."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    n_dblocks = tl.num_programs(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, CHUNK)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    A = A.to(tl.float32)[None, :, :]  # (1, BLOCK_D, BLOCK_N)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DHLAST:
+        carry = tl.load(dhlast_ptr + pid_b * stride_dhlast_b + offs_d[:, None] * stride_dhlast_d
+                        + offs_n[None, :] * stride_dhlast_n, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+    first = (offs_l == 0)[:, None, None]
+
+    n_chunks = tl.cdiv(length, CHUNK)
+    for c_rev in range(0, n_chunks):
+        c = n_chunks - 1 - c_rev
+        pos = c * CHUNK + offs_l  # (CHUNK,)
+        here = pos < length
+        before = here & (offs_l > 0)  # position t-1 inside this chunk (the first row's comes from the checkpoint)
+        after = (pos + 1 < length) & (offs_l < CHUNK - 1)  # position t+1 inside this chunk
+        m_here, m_before, m_after = (m[:, None] & mask_d[None, :] for m in (here, before, after))
+        d_offs = (pos[:, None] * stride_delta_l + offs_d[None, :] * stride_delta_d) + pid_b * stride_delta_b
+        u_offs = (pos[:, None] * stride_u_l + offs_d[None, :] * stride_u_d) + pid_b * stride_u_b
+        B_offs = (pos[:, None] * stride_B_l + offs_n[None, :] * stride_B_n) + pid_b * stride_B_b
+        mask_ln = here[:, None] & mask_n[None, :]
+        x, dt = _load_dt(delta_ptr, bias[None, :], d_offs, m_here, HAS_BIAS, SOFTPLUS)
+        _, dt_before = _load_dt(delta_ptr, bias[None, :], d_offs - stride_delta_l, m_before, HAS_BIAS, SOFTPLUS)
+        _, dt_after = _load_dt(delta_ptr, bias[None, :], d_offs + stride_delta_l, m_after, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + u_offs, mask=m_here, other=0.0).to(tl.float32)
+        u_before = tl.load(u_ptr + u_offs - stride_u_l, mask=m_before, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + B_offs, mask=mask_ln, other=0.0).to(tl.float32)
+        B_before = tl.load(B_ptr + B_offs - stride_B_l, mask=before[:, None] & mask_n[None, :],
+                           other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + pid_b * stride_C_b + pos[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                     mask=mask_ln, other=0.0).to(tl.float32)
+
+        # States from the chunk's checkpoint: h_t, and h_{t-1} from the same scan over the inputs shifted by one.
+        h_start = tl.load(ckpt_ptr + pid_b * stride_ckpt_b + c * stride_ckpt_c + offs_d[:, None] * stride_ckpt_d
+                          + offs_n[None, :], mask=mask_dn, other=0.0)[None, :, :]
+        a = tl.exp(dt[:, :, None] * A)  # (CHUNK, BLOCK_D, BLOCK_N)
+        decay, inputs = tl.associative_scan((a, (dt * u)[:, :, None] * Bt[:, None, :]), 0, _linear_recurrence)
+        h = decay * h_start + inputs
+        decay, inputs = tl.associative_scan((tl.exp(dt_before[:, :, None] * A),
+                                             (dt_before * u_before)[:, :, None] * B_before[:, None, :]), 0,
+                                            _linear_recurrence)
+        h_prev = decay * h_start + inputs
+
+        gy = tl.zeros((CHUNK, BLOCK_D), tl.float32)
+        if HAS_DOUT:
+            gy = tl.load(dout_ptr + pid_b * stride_dout_b + pos[:, None] * stride_dout_l
+                         + offs_d[None, :] * stride_dout_d, mask=m_here, other=0.0).to(tl.float32)
+        out_offs = (pid_b * d_inner + offs_d[None, :]) * length + pos[:, None]  # du, ddelta, dz: (CHUNK, BLOCK_D)
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * stride_z_b + pos[:, None] * stride_z_l + offs_d[None, :] * stride_z_d,
+                        mask=m_here, other=0.0).to(tl.float32)
+            sig_z = 1.0 / (1.0 + tl.exp(-z))
+            y_pre = tl.sum(h * Ct[:, None, :], axis=2)
+            if HAS_D:
+                y_pre += D[None, :] * u
+            tl.store(dz_ptr + out_offs, gy * y_pre * sig_z * (1.0 + z * (1.0 - sig_z)), mask=m_here)
+            gy = gy * z * sig_z  # now d loss / d (C.h + D u)
+
+        # The adjoint, from the chunk's end (where the carry from the next chunk enters) to its start.
+        decay, g = tl.associative_scan((tl.exp(dt_after[:, :, None] * A), gy[:, :, None] * Ct[:, None, :]), 0,
+                                       _linear_recurrence, reverse=True)
+        g = decay * carry[None, :, :] + g
+        carry = tl.sum(tl.where(first, g * a, 0.0), axis=0)
+
+        dBC_offs = ((pid_b * n_dblocks + pid_d) * d_state + offs_n[None, :]) * length + pos[:, None]
+        tl.store(dC_ptr + dBC_offs, tl.sum(gy[:, :, None] * h, axis=1), mask=mask_ln)
+        tl.store(dB_ptr + dBC_offs, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mask_ln)
+        gB = tl.sum(g * Bt[:, None, :], axis=2)
+        g_decay = g * h_prev * a  # d loss / d (dt*A), elementwise
+        ddelta = u * gB + tl.sum(g_decay * A, axis=2)
+        if SOFTPLUS:
+            ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp(-x)))
+        du = dt * gB
+        if HAS_D:
+            du += gy * D[None, :]
+            dD_acc += tl.sum(gy * u, axis=0)
+        tl.store(du_ptr + out_offs, du, mask=m_here)
+        tl.store(ddelta_ptr + out_offs, ddelta, mask=m_here)
+        dA_acc += tl.sum(g_decay * dt[:, :, None], axis=0)
+        dbias_acc += tl.sum(tl.where(m_here, ddelta, 0.0), axis=0)
+
+    bdn_offs = (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :]
+    tl.store(dA_ptr + bdn_offs, dA_acc, mask=mask_dn)
+    tl.store(dh0_ptr + bdn_offs, carry, mask=mask_dn)
+    tl.store(dD_ptr + pid_b * d_inner + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + pid_b * d_inner + offs_d, dbias_acc, mask=mask_d)
+
+
 def _strides3(x: torch.Tensor | None) -> tuple[int, ...]:
     """x's strides, or zeros standing in for an absent optional tensor."""
     return (0, 0, 0) if x is None else tuple(x.stride())
@@ -466,12 +605,14 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, block_d, block_l):
+        # The parallel backward starts each block of positions from a saved state: one per block.
+        chunk = block_l or chunk
         y, hlast, ckpt = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                    save_ckpt=True, chunk=chunk, block_d=block_d, block_l=block_l)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt)
         # Unused outputs then arrive as None instead of zero tensors, so the kernel skips them.
         ctx.set_materialize_grads(False)
-        ctx.delta_softplus, ctx.chunk, ctx.block_d = delta_softplus, chunk, block_d
+        ctx.delta_softplus, ctx.chunk, ctx.block_d, ctx.parallel = delta_softplus, chunk, block_d, block_l is not None
         return y, hlast
 
     @staticmethod
@@ -494,17 +635,20 @@ class _SelectiveScanFn(torch.autograd.Function):
         dD = torch.empty(batch, d_inner, **f32)
         dbias = torch.empty(batch, d_inner, **f32)
         dh0 = torch.empty(batch, d_inner, d_state, **f32)
-        scratch = torch.empty(batch, n_dblocks, chunk, block_d, block_n, **f32)
-        _scan_bwd_kernel[(batch, n_dblocks)](
-            u, delta, A, B, C, D, z, delta_bias, ckpt, dy, dhlast, scratch,
-            du, ddelta, dz, dA, dB, dC, dD, dbias, dh0,
-            d_inner, d_state, length,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-            ckpt.stride(0), ckpt.stride(1), ckpt.stride(2), *_strides3(dy), *_strides3(dhlast),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DOUT=dy is not None,
-            HAS_DHLAST=dhlast is not None, SOFTPLUS=bool(ctx.delta_softplus),
-            CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
-        )
+        inputs = (u, delta, A, B, C, D, z, delta_bias, ckpt, dy, dhlast)
+        outputs = (du, ddelta, dz, dA, dB, dC, dD, dbias, dh0)
+        shapes = (d_inner, d_state, length,
+                  *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+                  ckpt.stride(0), ckpt.stride(1), ckpt.stride(2), *_strides3(dy), *_strides3(dhlast))
+        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                     HAS_DOUT=dy is not None, HAS_DHLAST=dhlast is not None, SOFTPLUS=bool(ctx.delta_softplus),
+                     CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
+        if ctx.parallel:
+            warps = min(16, max(1, chunk * block_n * block_d // 512))
+            _scan_bwd_parallel_kernel[(batch, n_dblocks)](*inputs, *outputs, *shapes, **flags, num_warps=warps)
+        else:
+            scratch = torch.empty(batch, n_dblocks, chunk, block_d, block_n, **f32)
+            _scan_bwd_kernel[(batch, n_dblocks)](*inputs, scratch, *outputs, *shapes, **flags)
 
         def cast(grad, like):
             return None if like is None else grad.to(like.dtype)
@@ -521,8 +665,8 @@ def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_s
     (batch, d_inner, d_state) float32). Differentiable in every tensor input via the Triton backward.
 
     `chunk` (positions between states saved for the backward), `block_d` (channels per program) and `block_l`
-    (positions per block of the parallel forward; None walks positions one at a time) are tuning knobs; they do not
-    change results beyond float rounding.
+    (positions per block of the parallel forward and backward, which then save a state per block; None walks
+    positions one at a time) are tuning knobs; they do not change results beyond float rounding.
     """
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
