@@ -1,12 +1,14 @@
-"""The Triton selective scan's forward at Hymba-1.5B prefill shapes: the walk over positions against the parallel
-forward over blocks of positions, by channels per program.
+"""The Triton selective scan at Hymba-1.5B shapes: the walk over positions against the parallel forward (and
+backward) over blocks of positions, by channels per program.
 
     python benchmarks/bench_scan.py                 # needs CUDA and Triton
     python benchmarks/bench_scan.py --batches 1,8 --length 640
+    python benchmarks/bench_scan.py --batches 8 --length 2176 --backward   # forward + backward, as training runs it
 
 The walk: one program per `block_d` channels steps through every position with block_d / 32 warps, so time per
-position is the latency of one step of the recurrence. The parallel forward (`block_l` positions per block) scans
-each block at once and carries only the state from block to block. Each row is checked against the walk.
+position is the latency of one step of the recurrence. The parallel kernels (`block_l` positions per block) scan
+each block at once and carry only the state from block to block. Each row is checked against the walk (its output,
+or with --backward the gradient of its input u).
 """
 
 import argparse
@@ -20,33 +22,46 @@ D_INNER, D_STATE = 3200, 16
 CASES = [(16, None), (32, None), (64, None), (8, 16), (16, 16), (32, 16), (16, 32), (16, 64), (32, 8)]
 
 
+def bench_batch(batch: int, length: int, backward: bool) -> None:
+    dev, bf16 = "cuda", torch.bfloat16
+    # Position-major activations, as the model passes them: (batch, L, channels) memory viewed as (batch, d, L).
+    leaves = [torch.randn(batch, length, n, device=dev, dtype=bf16, requires_grad=backward)
+              for n in (D_INNER, D_INNER, D_INNER, D_STATE, D_STATE)]
+    u, delta, z, B, C = (t.transpose(1, 2) for t in leaves)
+    A = -torch.rand(D_INNER, D_STATE, device=dev)
+    D, bias = torch.ones(D_INNER, device=dev), torch.zeros(D_INNER, device=dev)
+    dy = torch.randn_like(u)
+
+    def scan(block_d, block_l):
+        y, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, block_d=block_d, block_l=block_l)
+        if backward:
+            y.backward(dy)
+            return leaves[0].grad.detach().clone()
+        return y.detach()
+
+    want = scan(32, None)
+    baseline = do_bench(lambda: scan(32, None), warmup=3, rep=10, grad_to_none=leaves)
+    for block_d, block_l in CASES:
+        got = scan(block_d, block_l)
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        ms = do_bench(lambda bd=block_d, bl=block_l: scan(bd, bl), warmup=3, rep=10, grad_to_none=leaves)
+        programs = batch * -(-D_INNER // block_d)
+        print(f"{batch:5d} {block_d:7d} {str(block_l):>7} {programs:8d} {ms:8.2f} {ms * 1e6 / length:11.0f} "
+              f"{baseline / ms:10.2f}" + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--length", type=int, default=8192 + 128, help="positions, meta tokens included")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward")
     args = parser.parse_args()
     torch.manual_seed(0)
-    dev, bf16 = "cuda", torch.bfloat16
-    header = ("batch", 5), ("block_d", 7), ("block_l", 7), ("programs", 8), ("ms", 8), ("ns/position", 11),
-    print(" ".join(f"{name:>{width}}" for name, width in (*header, ("vs walk 32", 10))))
+    header = [("batch", 5), ("block_d", 7), ("block_l", 7), ("programs", 8), ("ms", 8), ("ns/position", 11),
+              ("vs walk 32", 10)]
+    print(" ".join(f"{name:>{width}}" for name, width in header))
     for batch in (int(b) for b in args.batches.split(",")):
-        length = args.length
-        # Position-major activations, as the model passes them: (batch, L, channels) memory viewed as (batch, d, L).
-        u, delta, z = (torch.randn(batch, length, D_INNER, device=dev, dtype=bf16).transpose(1, 2) for _ in range(3))
-        B, C = (torch.randn(batch, length, D_STATE, device=dev, dtype=bf16).transpose(1, 2) for _ in range(2))
-        A = -torch.rand(D_INNER, D_STATE, device=dev)
-        D, bias = torch.ones(D_INNER, device=dev), torch.zeros(D_INNER, device=dev)
-        inputs = (u, delta, A, B, C, D, z, bias, True)
-        want, _ = selective_scan_triton(*inputs, block_d=32)
-        baseline = do_bench(lambda args=inputs: selective_scan_triton(*args, block_d=32), warmup=3, rep=10)
-        for block_d, block_l in CASES:
-            def run(bd=block_d, bl=block_l, args=inputs):
-                return selective_scan_triton(*args, block_d=bd, block_l=bl)
-            err = ((run()[0].float() - want.float()).norm() / want.float().norm()).item()
-            ms = do_bench(run, warmup=3, rep=10)
-            programs = batch * -(-D_INNER // block_d)
-            print(f"{batch:5d} {block_d:7d} {str(block_l):>7} {programs:8d} {ms:8.2f} {ms * 1e6 / length:11.0f} "
-                  f"{baseline / ms:10.2f}" + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""))
+        bench_batch(batch, args.length, args.backward)
 
 
 if __name__ == "__main__":
