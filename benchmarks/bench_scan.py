@@ -33,6 +33,8 @@ def bench_batch(batch: int, length: int, backward: bool) -> None:
     dy = torch.randn_like(u)
 
     def scan(block_d, block_l):
+        for leaf in leaves:
+            leaf.grad = None
         y, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, block_d=block_d, block_l=block_l)
         if backward:
             y.backward(dy)
