@@ -65,6 +65,38 @@ def _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, pos, 
 
 
 @triton.jit
+def _fwd_program_start(A_ptr, D_ptr, bias_ptr, h0_ptr, pid_b, d_inner, d_state, stride_A_d, stride_A_n,
+                       stride_h0_b, stride_h0_d, stride_h0_n, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A forward program's channels and states, and what it loads once: A and the state h as (d_state, channels)
+    tiles, the bias and D per channel (zeros when absent), h from h0 or zero."""
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    # Padded lanes load A = 0 and u = B = C = 0, so their state stays 0 and nothing non-finite appears.
+    A = tl.load(A_ptr + offs_n[:, None] * stride_A_n + offs_d[None, :] * stride_A_d, mask=mask_nd, other=0.0)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    D = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if HAS_H0:
+        h += tl.load(h0_ptr + pid_b * stride_h0_b + offs_n[:, None] * stride_h0_n + offs_d[None, :] * stride_h0_d,
+                     mask=mask_nd, other=0.0).to(tl.float32)
+    return offs_d, offs_n, mask_d, mask_n, A.to(tl.float32), bias, D, h
+
+
+@triton.jit
+def _linear_recurrence(a1, b1, a2, b2):
+    """Composes h -> a1 h + b1, then h -> a2 h + b2 (the associative step of h_t = a_t h_{t-1} + b_t)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     y_ptr, hlast_ptr, ckpt_ptr,
@@ -80,9 +112,12 @@ def _scan_fwd_kernel(
     stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """One program: batch `pid_b`, channels [pid_d*BLOCK_D, +BLOCK_D), all L positions in order.
+    """One program: batch `pid_b`, channels [pid_d*BLOCK_D, +BLOCK_D), all L positions in order: one at a time
+    (BLOCK_L = 1, the walk) or BLOCK_L at a time (BLOCK_L dividing CHUNK), a block's inputs loaded as tiles and its
+    states given by an associative scan over the block ((BLOCK_L, BLOCK_N, BLOCK_D), log2(BLOCK_L) levels), so that
+    only the carry from block to block is sequential. Past the end a block takes identity steps (dt = 0).
 
     y (batch, d_inner, L; any strides), hlast (batch, d_inner, d_state) and ckpt (batch, d_inner, n_chunks, d_state,
     last dim contiguous) are outputs; ckpt[:, :, c] is the state *before* position c*CHUNK (only when SAVE_CKPT).
@@ -91,155 +126,102 @@ def _scan_fwd_kernel(
     d_state values in registers, so C.h sums inside a thread, without shuffles, on the walk's critical path.
     """
     pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
+    offs_d, offs_n, mask_d, mask_n, A, bias, D, h = _fwd_program_start(
+        A_ptr, D_ptr, bias_ptr, h0_ptr, pid_b, d_inner, d_state, stride_A_d, stride_A_n, stride_h0_b, stride_h0_d,
+        stride_h0_n, HAS_D, HAS_BIAS, HAS_H0, BLOCK_D, BLOCK_N)
     mask_nd = mask_n[:, None] & mask_d[None, :]
 
-    # Padded lanes load A = 0 and u = B = C = 0, so their state stays 0 and nothing non-finite appears.
-    A = tl.load(A_ptr + offs_n[:, None] * stride_A_n + offs_d[None, :] * stride_A_d, mask=mask_nd, other=0.0)
-    A = A.to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    if HAS_H0:
-        h += tl.load(h0_ptr + pid_b * stride_h0_b + offs_n[:, None] * stride_h0_n + offs_d[None, :] * stride_h0_d,
-                     mask=mask_nd, other=0.0).to(tl.float32)
-
-    # Pointers at position 0.
-    u_ptrs = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
-    delta_ptrs = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
-    B_ptrs = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
-    C_ptrs = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n
-    y_ptrs = y_ptr + pid_b * stride_y_b + offs_d * stride_y_d
-    z_ptrs = u_ptrs  # never read without a gate
-    if HAS_Z:
-        z_ptrs = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
     if SAVE_CKPT:
         ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_n[:, None] + offs_d[None, :] * stride_ckpt_d
 
-    # Each step's inputs are loaded one step ahead, so the walk's chain of dependent steps does not also wait on
-    # memory: 22% less scan time on an H100, measured before the state tile was transposed (a second step ahead,
-    # measured after, gained nothing).
-    dt, u, Bt, Ct, z = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, 0, length, HAS_Z)
-    for t in range(0, length):
-        if SAVE_CKPT:
-            if t % CHUNK == 0:
-                tl.store(ckpt_ptrs, h, mask=mask_nd)
-                ckpt_ptrs += stride_ckpt_c
-        ahead = t + 1
-        dt1, u1, B1, C1, z1 = _load_step(delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l,
-                                         B_ptrs + ahead * stride_B_l, C_ptrs + ahead * stride_C_l,
-                                         z_ptrs + ahead * stride_z_l, mask_d, mask_n, ahead, length, HAS_Z)
-        if HAS_BIAS:
-            dt += bias
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        h = tl.exp(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
-        y = tl.sum(h * Ct[:, None], axis=0)
-        if HAS_D:
-            y += D * u
-        if HAS_Z:
-            y = y * z / (1.0 + tl.exp(-z))
-        tl.store(y_ptrs, y, mask=mask_d)
-        y_ptrs += stride_y_l
-        dt, u, Bt, Ct, z = dt1, u1, B1, C1, z1
+    if BLOCK_L > 1:
+        offs_l = tl.arange(0, BLOCK_L)
+        last = (offs_l == BLOCK_L - 1)[:, None, None]
 
-    tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
-
-
-@triton.jit
-def _linear_recurrence(a1, b1, a2, b2):
-    """Composes h -> a1 h + b1, then h -> a2 h + b2 (the associative step of h_t = a_t h_{t-1} + b_t)."""
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _scan_fwd_parallel_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-    y_ptr, hlast_ptr, ckpt_ptr,
-    d_inner, d_state, length,
-    stride_u_b, stride_u_d, stride_u_l,
-    stride_delta_b, stride_delta_d, stride_delta_l,
-    stride_A_d, stride_A_n,
-    stride_B_b, stride_B_n, stride_B_l,
-    stride_C_b, stride_C_n, stride_C_l,
-    stride_z_b, stride_z_d, stride_z_l,
-    stride_h0_b, stride_h0_d, stride_h0_n,
-    stride_y_b, stride_y_d, stride_y_l,
-    stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """`_scan_fwd_kernel`'s work and outputs, BLOCK_L positions at a time: a block's inputs load as tiles, its
-    states come from an associative scan over the block ((BLOCK_L, BLOCK_N, BLOCK_D), log2(BLOCK_L) levels), and
-    only the carry from block to block is sequential, so the walk's chain of dependent steps is BLOCK_L times
-    shorter. Positions past the end are the identity step (dt = 0: decay 1, input 0). BLOCK_L divides CHUNK."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_l = tl.arange(0, BLOCK_L)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-
-    A = tl.load(A_ptr + offs_n[:, None] * stride_A_n + offs_d[None, :] * stride_A_d, mask=mask_nd, other=0.0)
-    A = A.to(tl.float32)  # (BLOCK_N, BLOCK_D)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    if HAS_H0:
-        h += tl.load(h0_ptr + pid_b * stride_h0_b + offs_n[:, None] * stride_h0_n + offs_d[None, :] * stride_h0_d,
-                     mask=mask_nd, other=0.0).to(tl.float32)
-    if SAVE_CKPT:
-        ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_n[:, None] + offs_d[None, :] * stride_ckpt_d
-    last = (offs_l == BLOCK_L - 1)[:, None, None]
-
-    for start in range(0, length, BLOCK_L):
-        if SAVE_CKPT:
-            if start % CHUNK == 0:
-                tl.store(ckpt_ptrs, h, mask=mask_nd)
-                ckpt_ptrs += stride_ckpt_c
-        pos = start + offs_l
-        mask_ld = (pos < length)[:, None] & mask_d[None, :]  # (BLOCK_L, BLOCK_D)
-        mask_ln = (pos < length)[:, None] & mask_n[None, :]  # (BLOCK_L, BLOCK_N)
-        dt = tl.load(delta_ptr + pid_b * stride_delta_b + pos[:, None] * stride_delta_l
-                     + offs_d[None, :] * stride_delta_d, mask=mask_ld, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + pid_b * stride_u_b + pos[:, None] * stride_u_l + offs_d[None, :] * stride_u_d,
-                    mask=mask_ld, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + pid_b * stride_B_b + pos[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-                     mask=mask_ln, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + pid_b * stride_C_b + pos[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
-                     mask=mask_ln, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(mask_ld, dt, 0.0)  # the identity step past the end (softplus(0) is not 0)
-        decay = tl.exp(dt[:, None, :] * A[None, :, :])  # (BLOCK_L, BLOCK_N, BLOCK_D)
-        inputs = Bt[:, :, None] * (dt * u)[:, None, :]
-        decay, inputs = tl.associative_scan((decay, inputs), 0, _linear_recurrence)
-        states = decay * h[None, :, :] + inputs  # every position's state, the carry folded in
-        y = tl.sum(states * Ct[:, :, None], axis=1)  # (BLOCK_L, BLOCK_D)
-        h = tl.sum(tl.where(last, states, 0.0), axis=0)
-        if HAS_D:
-            y += D[None, :] * u
-        if HAS_Z:
-            z = tl.load(z_ptr + pid_b * stride_z_b + pos[:, None] * stride_z_l + offs_d[None, :] * stride_z_d,
+        for start in range(0, length, BLOCK_L):
+            if SAVE_CKPT:
+                if start % CHUNK == 0:
+                    tl.store(ckpt_ptrs, h, mask=mask_nd)
+                    ckpt_ptrs += stride_ckpt_c
+            pos = start + offs_l
+            mask_ld = (pos < length)[:, None] & mask_d[None, :]  # (BLOCK_L, BLOCK_D)
+            mask_ln = (pos < length)[:, None] & mask_n[None, :]  # (BLOCK_L, BLOCK_N)
+            dt = tl.load(delta_ptr + pid_b * stride_delta_b + pos[:, None] * stride_delta_l
+                         + offs_d[None, :] * stride_delta_d, mask=mask_ld, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + pid_b * stride_u_b + pos[:, None] * stride_u_l + offs_d[None, :] * stride_u_d,
                         mask=mask_ld, other=0.0).to(tl.float32)
-            y = y * z / (1.0 + tl.exp(-z))
-        tl.store(y_ptr + pid_b * stride_y_b + pos[:, None] * stride_y_l + offs_d[None, :] * stride_y_d, y,
-                 mask=mask_ld)
+            Bt = tl.load(B_ptr + pid_b * stride_B_b + pos[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+                         mask=mask_ln, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + pid_b * stride_C_b + pos[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                         mask=mask_ln, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bias[None, :]
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(mask_ld, dt, 0.0)  # the identity step past the end (softplus(0) is not 0)
+            decay = tl.exp(dt[:, None, :] * A[None, :, :])  # (BLOCK_L, BLOCK_N, BLOCK_D)
+            inputs = Bt[:, :, None] * (dt * u)[:, None, :]
+            decay, inputs = tl.associative_scan((decay, inputs), 0, _linear_recurrence)
+            states = decay * h[None, :, :] + inputs  # every position's state, the carry folded in
+            y = tl.sum(states * Ct[:, :, None], axis=1)  # (BLOCK_L, BLOCK_D)
+            h = tl.sum(tl.where(last, states, 0.0), axis=0)
+            if HAS_D:
+                y += D[None, :] * u
+            if HAS_Z:
+                z = tl.load(z_ptr + pid_b * stride_z_b + pos[:, None] * stride_z_l + offs_d[None, :] * stride_z_d,
+                            mask=mask_ld, other=0.0).to(tl.float32)
+                y = y * z / (1.0 + tl.exp(-z))
+            tl.store(y_ptr + pid_b * stride_y_b + pos[:, None] * stride_y_l + offs_d[None, :] * stride_y_d, y,
+                     mask=mask_ld)
+    else:
+        # Pointers at position 0.
+        u_ptrs = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
+        delta_ptrs = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
+        B_ptrs = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
+        C_ptrs = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n
+        y_ptrs = y_ptr + pid_b * stride_y_b + offs_d * stride_y_d
+        z_ptrs = u_ptrs  # never read without a gate
+        if HAS_Z:
+            z_ptrs = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
+
+        # Each step's inputs are loaded one step ahead, so the walk's chain of dependent steps does not also wait on
+        # memory: 22% less scan time on an H100, measured before the state tile was transposed (a second step ahead,
+        # measured after, gained nothing).
+        dt, u, Bt, Ct, z = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, 0, length, HAS_Z)
+        for t in range(0, length):
+            if SAVE_CKPT:
+                if t % CHUNK == 0:
+                    tl.store(ckpt_ptrs, h, mask=mask_nd)
+                    ckpt_ptrs += stride_ckpt_c
+            ahead = t + 1
+            dt1, u1, B1, C1, z1 = _load_step(delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l,
+                                             B_ptrs + ahead * stride_B_l, C_ptrs + ahead * stride_C_l,
+                                             z_ptrs + ahead * stride_z_l, mask_d, mask_n, ahead, length, HAS_Z)
+            if HAS_BIAS:
+                dt += bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            h = tl.exp(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * Ct[:, None], axis=0)
+            if HAS_D:
+                y += D * u
+            if HAS_Z:
+                y = y * z / (1.0 + tl.exp(-z))
+            tl.store(y_ptrs, y, mask=mask_d)
+            y_ptrs += stride_y_l
+            dt, u, Bt, Ct, z = dt1, u1, B1, C1, z1
 
     tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
+
+
+@triton.jit
+def _load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw delta + bias, dt) as float32 at `offs`, dt = 0 where `mask` is off (the identity step)."""
+    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += bias
+    dt = _softplus(x) if SOFTPLUS else x
+    return x, tl.where(mask, dt, 0.0)
 
 
 @triton.jit
@@ -258,7 +240,7 @@ def _scan_bwd_kernel(
     stride_dhlast_b, stride_dhlast_d, stride_dhlast_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOUT: tl.constexpr,
     HAS_DHLAST: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARALLEL: tl.constexpr,
 ):
     """Reverse walk for one (batch, channel block), chunk by chunk from the end.
 
@@ -270,6 +252,11 @@ def _scan_bwd_kernel(
     Outputs: du, ddelta, dz (batch, d_inner, L) contiguous; dA (batch, d_inner, d_state), dD and dbias
     (batch, d_inner): per batch element; dB, dC (batch, n_dblocks, d_state, L): per channel block; dh0 (batch,
     d_inner, d_state). scratch (batch, n_dblocks, CHUNK, BLOCK_D, BLOCK_N) holds this program's recomputed states.
+
+    With PARALLEL a chunk is done at once from its checkpoint, without the scratch: the states h_t and the states
+    before each position h_{t-1} come from two associative scans forward (the second over the inputs shifted by
+    one), the adjoint g from one in reverse, and only the carry passes from chunk to chunk. Tiles are then (CHUNK,
+    BLOCK_D, BLOCK_N), and positions past the end identity steps with no output gradient.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -282,26 +269,11 @@ def _scan_bwd_kernel(
 
     A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
     A = A.to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    # Position-0 pointers for this program; each chunk offsets them to where it starts.
-    u_ptrs0 = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
-    delta_ptrs0 = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
-    B_ptrs0 = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
-    C_ptrs0 = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n
-    if HAS_Z:
-        z_ptrs0 = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
-    if HAS_DOUT:
-        dout_ptrs0 = dout_ptr + pid_b * stride_dout_b + offs_d * stride_dout_d
-    out_offs0 = (pid_b * d_inner + offs_d) * length  # du, ddelta, dz
-    dBC_offs0 = (pid_b * n_dblocks + pid_d) * d_state * length + offs_n * length
-    ckpt_ptrs0 = ckpt_ptr + pid_b * stride_ckpt_b + offs_d[:, None] * stride_ckpt_d + offs_n[None, :]
-    # Scratch slot i of the current chunk holds the state *before* position start+i.
-    scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * BLOCK_D * BLOCK_N)
-                     + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
 
     # carry = a_{t+1} g_{t+1}: the part of g_t that flows back from later positions.
     if HAS_DHLAST:
@@ -314,246 +286,198 @@ def _scan_bwd_kernel(
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
 
     n_chunks = tl.cdiv(length, CHUNK)
-    for c_rev in range(0, n_chunks):
-        c = n_chunks - 1 - c_rev
-        start = c * CHUNK
-        chunk_len = tl.minimum(length - start, CHUNK)
+    if PARALLEL:
+        offs_l = tl.arange(0, CHUNK)
+        first = (offs_l == 0)[:, None, None]
+        A3 = A[None, :, :]  # (1, BLOCK_D, BLOCK_N)
+        for c_rev in range(0, n_chunks):
+            c = n_chunks - 1 - c_rev
+            pos = c * CHUNK + offs_l  # (CHUNK,)
+            here = pos < length
+            before = here & (offs_l > 0)  # position t-1 inside this chunk (the first row's comes from the checkpoint)
+            after = (pos + 1 < length) & (offs_l < CHUNK - 1)  # position t+1 inside this chunk
+            m_here, m_before, m_after = (m[:, None] & mask_d[None, :] for m in (here, before, after))
+            d_offs = (pos[:, None] * stride_delta_l + offs_d[None, :] * stride_delta_d) + pid_b * stride_delta_b
+            u_offs = (pos[:, None] * stride_u_l + offs_d[None, :] * stride_u_d) + pid_b * stride_u_b
+            B_offs = (pos[:, None] * stride_B_l + offs_n[None, :] * stride_B_n) + pid_b * stride_B_b
+            mask_ln = here[:, None] & mask_n[None, :]
+            x, dt = _load_dt(delta_ptr, bias[None, :], d_offs, m_here, HAS_BIAS, SOFTPLUS)
+            _, dt_before = _load_dt(delta_ptr, bias[None, :], d_offs - stride_delta_l, m_before, HAS_BIAS, SOFTPLUS)
+            _, dt_after = _load_dt(delta_ptr, bias[None, :], d_offs + stride_delta_l, m_after, HAS_BIAS, SOFTPLUS)
+            u = tl.load(u_ptr + u_offs, mask=m_here, other=0.0).to(tl.float32)
+            u_before = tl.load(u_ptr + u_offs - stride_u_l, mask=m_before, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + B_offs, mask=mask_ln, other=0.0).to(tl.float32)
+            B_before = tl.load(B_ptr + B_offs - stride_B_l, mask=before[:, None] & mask_n[None, :],
+                               other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + pid_b * stride_C_b + pos[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                         mask=mask_ln, other=0.0).to(tl.float32)
 
-        # 1. Recompute the chunk's states from its checkpoint, saving the state before each position.
-        h = tl.load(ckpt_ptrs0 + c * stride_ckpt_c, mask=mask_dn, other=0.0)
-        u_ptrs = u_ptrs0 + start * stride_u_l
-        delta_ptrs = delta_ptrs0 + start * stride_delta_l
-        B_ptrs = B_ptrs0 + start * stride_B_l
-        scratch_ptrs = scratch_ptrs0
-        for i in range(0, CHUNK):
-            if i < chunk_len:
-                tl.store(scratch_ptrs, h)
-                dt = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    dt += bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                Bt = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
-                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-                u_ptrs += stride_u_l
-                delta_ptrs += stride_delta_l
-                B_ptrs += stride_B_l
-                scratch_ptrs += BLOCK_D * BLOCK_N
-        # The reverse walk reads slots that other threads of this program wrote.
-        tl.debug_barrier()
+            # States from the chunk's checkpoint: h_t, and h_{t-1} from the same scan over the inputs shifted by one.
+            h_start = tl.load(ckpt_ptr + pid_b * stride_ckpt_b + c * stride_ckpt_c + offs_d[:, None] * stride_ckpt_d
+                              + offs_n[None, :], mask=mask_dn, other=0.0)[None, :, :]
+            a = tl.exp(dt[:, :, None] * A3)  # (CHUNK, BLOCK_D, BLOCK_N)
+            decay, inputs = tl.associative_scan((a, (dt * u)[:, :, None] * Bt[:, None, :]), 0, _linear_recurrence)
+            h = decay * h_start + inputs
+            decay, inputs = tl.associative_scan((tl.exp(dt_before[:, :, None] * A3),
+                                                 (dt_before * u_before)[:, :, None] * B_before[:, None, :]), 0,
+                                                _linear_recurrence)
+            h_prev = decay * h_start + inputs
 
-        # 2. Walk the chunk backwards from its last position: h holds h_t, the scratch gives h_{t-1}.
-        t = start + chunk_len - 1
-        u_ptrs = u_ptrs0 + t * stride_u_l
-        delta_ptrs = delta_ptrs0 + t * stride_delta_l
-        B_ptrs = B_ptrs0 + t * stride_B_l
-        C_ptrs = C_ptrs0 + t * stride_C_l
-        if HAS_Z:
-            z_ptrs = z_ptrs0 + t * stride_z_l
-        if HAS_DOUT:
-            dout_ptrs = dout_ptrs0 + t * stride_dout_l
-        out_offs = out_offs0 + t
-        dBC_offs = dBC_offs0 + t
-        scratch_ptrs = scratch_ptrs0 + (chunk_len - 1) * (BLOCK_D * BLOCK_N)
-        for i_rev in range(0, CHUNK):
-            if i_rev < chunk_len:
-                h_prev = tl.load(scratch_ptrs)
-                x = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    x += bias
-                if SOFTPLUS:
-                    dt = _softplus(x)
-                else:
-                    dt = x
-                u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                Bt = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
-                Ct = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
-                if HAS_DOUT:
-                    gy = tl.load(dout_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                else:
-                    gy = tl.zeros((BLOCK_D,), tl.float32)
-                if HAS_Z:
-                    z = tl.load(z_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                    sig_z = 1.0 / (1.0 + tl.exp(-z))
-                    y_pre = tl.sum(h * Ct[None, :], axis=1)
-                    if HAS_D:
-                        y_pre += D * u
-                    tl.store(dz_ptr + out_offs, gy * y_pre * sig_z * (1.0 + z * (1.0 - sig_z)), mask=mask_d)
-                    gy = gy * z * sig_z  # now d loss / d (C.h + D u)
-                a = tl.exp(dt[:, None] * A)
-                g = gy[:, None] * Ct[None, :] + carry
-                tl.store(dC_ptr + dBC_offs, tl.sum(gy[:, None] * h, axis=0), mask=mask_n)
-                tl.store(dB_ptr + dBC_offs, tl.sum(g * (dt * u)[:, None], axis=0), mask=mask_n)
-                gB = tl.sum(g * Bt[None, :], axis=1)
-                g_decay = g * h_prev * a  # d loss / d (dt*A), elementwise
-                ddelta = u * gB + tl.sum(g_decay * A, axis=1)
-                if SOFTPLUS:
-                    # softplus' = sigmoid, exactly 1 where softplus is the identity.
-                    ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp(-x)))
-                du = dt * gB
+            gy = tl.zeros((CHUNK, BLOCK_D), tl.float32)
+            if HAS_DOUT:
+                gy = tl.load(dout_ptr + pid_b * stride_dout_b + pos[:, None] * stride_dout_l
+                             + offs_d[None, :] * stride_dout_d, mask=m_here, other=0.0).to(tl.float32)
+            out_offs = (pid_b * d_inner + offs_d[None, :]) * length + pos[:, None]  # du, ddelta, dz: (CHUNK, BLOCK_D)
+            if HAS_Z:
+                z = tl.load(z_ptr + pid_b * stride_z_b + pos[:, None] * stride_z_l + offs_d[None, :] * stride_z_d,
+                            mask=m_here, other=0.0).to(tl.float32)
+                sig_z = 1.0 / (1.0 + tl.exp(-z))
+                y_pre = tl.sum(h * Ct[:, None, :], axis=2)
                 if HAS_D:
-                    du += gy * D
-                    dD_acc += gy * u
-                tl.store(du_ptr + out_offs, du, mask=mask_d)
-                tl.store(ddelta_ptr + out_offs, ddelta, mask=mask_d)
-                dA_acc += g_decay * dt[:, None]
-                dbias_acc += ddelta
-                carry = g * a
-                h = h_prev
+                    y_pre += D[None, :] * u
+                tl.store(dz_ptr + out_offs, gy * y_pre * sig_z * (1.0 + z * (1.0 - sig_z)), mask=m_here)
+                gy = gy * z * sig_z  # now d loss / d (C.h + D u)
 
-                u_ptrs -= stride_u_l
-                delta_ptrs -= stride_delta_l
-                B_ptrs -= stride_B_l
-                C_ptrs -= stride_C_l
-                if HAS_Z:
-                    z_ptrs -= stride_z_l
-                if HAS_DOUT:
-                    dout_ptrs -= stride_dout_l
-                out_offs -= 1
-                dBC_offs -= 1
-                scratch_ptrs -= BLOCK_D * BLOCK_N
-        # The next chunk's recompute overwrites slots this walk may still be reading in other threads.
-        tl.debug_barrier()
+            # The adjoint, from the chunk's end (where the carry from the next chunk enters) to its start.
+            decay, g = tl.associative_scan((tl.exp(dt_after[:, :, None] * A3), gy[:, :, None] * Ct[:, None, :]), 0,
+                                           _linear_recurrence, reverse=True)
+            g = decay * carry[None, :, :] + g
+            carry = tl.sum(tl.where(first, g * a, 0.0), axis=0)
 
-    bdn_offs = (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :]
-    tl.store(dA_ptr + bdn_offs, dA_acc, mask=mask_dn)
-    tl.store(dh0_ptr + bdn_offs, carry, mask=mask_dn)
-    tl.store(dD_ptr + pid_b * d_inner + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_ptr + pid_b * d_inner + offs_d, dbias_acc, mask=mask_d)
-
-
-@triton.jit
-def _load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(raw delta + bias, dt) as float32 at `offs`, dt = 0 where `mask` is off (the identity step)."""
-    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        x += bias
-    dt = _softplus(x) if SOFTPLUS else x
-    return x, tl.where(mask, dt, 0.0)
-
-
-@triton.jit
-def _scan_bwd_parallel_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dhlast_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    d_inner, d_state, length,
-    stride_u_b, stride_u_d, stride_u_l,
-    stride_delta_b, stride_delta_d, stride_delta_l,
-    stride_A_d, stride_A_n,
-    stride_B_b, stride_B_n, stride_B_l,
-    stride_C_b, stride_C_n, stride_C_l,
-    stride_z_b, stride_z_d, stride_z_l,
-    stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
-    stride_dout_b, stride_dout_d, stride_dout_l,
-    stride_dhlast_b, stride_dhlast_d, stride_dhlast_n,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOUT: tl.constexpr,
-    HAS_DHLAST: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """`_scan_bwd_kernel`'s gradients (same equations, outputs and layouts), a chunk of CHUNK positions at a time
-    from the end, each from its checkpoint: the states h_t and the states before each position h_{t-1} come from two
-    associative scans forward (the second over the inputs shifted by one), the adjoint g_t = gy_t C_t + a_{t+1}
-    g_{t+1} from one in reverse, and only the carry a_t g_t passes from chunk to chunk. Tiles are
-    (CHUNK, BLOCK_D, BLOCK_N); positions past the end are identity steps with no output gradient."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    n_dblocks = tl.num_programs(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_l = tl.arange(0, CHUNK)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-
-    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
-    A = A.to(tl.float32)[None, :, :]  # (1, BLOCK_D, BLOCK_N)
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_DHLAST:
-        carry = tl.load(dhlast_ptr + pid_b * stride_dhlast_b + offs_d[:, None] * stride_dhlast_d
-                        + offs_n[None, :] * stride_dhlast_n, mask=mask_dn, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-    first = (offs_l == 0)[:, None, None]
-
-    n_chunks = tl.cdiv(length, CHUNK)
-    for c_rev in range(0, n_chunks):
-        c = n_chunks - 1 - c_rev
-        pos = c * CHUNK + offs_l  # (CHUNK,)
-        here = pos < length
-        before = here & (offs_l > 0)  # position t-1 inside this chunk (the first row's comes from the checkpoint)
-        after = (pos + 1 < length) & (offs_l < CHUNK - 1)  # position t+1 inside this chunk
-        m_here, m_before, m_after = (m[:, None] & mask_d[None, :] for m in (here, before, after))
-        d_offs = (pos[:, None] * stride_delta_l + offs_d[None, :] * stride_delta_d) + pid_b * stride_delta_b
-        u_offs = (pos[:, None] * stride_u_l + offs_d[None, :] * stride_u_d) + pid_b * stride_u_b
-        B_offs = (pos[:, None] * stride_B_l + offs_n[None, :] * stride_B_n) + pid_b * stride_B_b
-        mask_ln = here[:, None] & mask_n[None, :]
-        x, dt = _load_dt(delta_ptr, bias[None, :], d_offs, m_here, HAS_BIAS, SOFTPLUS)
-        _, dt_before = _load_dt(delta_ptr, bias[None, :], d_offs - stride_delta_l, m_before, HAS_BIAS, SOFTPLUS)
-        _, dt_after = _load_dt(delta_ptr, bias[None, :], d_offs + stride_delta_l, m_after, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + u_offs, mask=m_here, other=0.0).to(tl.float32)
-        u_before = tl.load(u_ptr + u_offs - stride_u_l, mask=m_before, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + B_offs, mask=mask_ln, other=0.0).to(tl.float32)
-        B_before = tl.load(B_ptr + B_offs - stride_B_l, mask=before[:, None] & mask_n[None, :],
-                           other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + pid_b * stride_C_b + pos[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
-                     mask=mask_ln, other=0.0).to(tl.float32)
-
-        # States from the chunk's checkpoint: h_t, and h_{t-1} from the same scan over the inputs shifted by one.
-        h_start = tl.load(ckpt_ptr + pid_b * stride_ckpt_b + c * stride_ckpt_c + offs_d[:, None] * stride_ckpt_d
-                          + offs_n[None, :], mask=mask_dn, other=0.0)[None, :, :]
-        a = tl.exp(dt[:, :, None] * A)  # (CHUNK, BLOCK_D, BLOCK_N)
-        decay, inputs = tl.associative_scan((a, (dt * u)[:, :, None] * Bt[:, None, :]), 0, _linear_recurrence)
-        h = decay * h_start + inputs
-        decay, inputs = tl.associative_scan((tl.exp(dt_before[:, :, None] * A),
-                                             (dt_before * u_before)[:, :, None] * B_before[:, None, :]), 0,
-                                            _linear_recurrence)
-        h_prev = decay * h_start + inputs
-
-        gy = tl.zeros((CHUNK, BLOCK_D), tl.float32)
-        if HAS_DOUT:
-            gy = tl.load(dout_ptr + pid_b * stride_dout_b + pos[:, None] * stride_dout_l
-                         + offs_d[None, :] * stride_dout_d, mask=m_here, other=0.0).to(tl.float32)
-        out_offs = (pid_b * d_inner + offs_d[None, :]) * length + pos[:, None]  # du, ddelta, dz: (CHUNK, BLOCK_D)
-        if HAS_Z:
-            z = tl.load(z_ptr + pid_b * stride_z_b + pos[:, None] * stride_z_l + offs_d[None, :] * stride_z_d,
-                        mask=m_here, other=0.0).to(tl.float32)
-            sig_z = 1.0 / (1.0 + tl.exp(-z))
-            y_pre = tl.sum(h * Ct[:, None, :], axis=2)
+            dBC_offs = ((pid_b * n_dblocks + pid_d) * d_state + offs_n[None, :]) * length + pos[:, None]
+            tl.store(dC_ptr + dBC_offs, tl.sum(gy[:, :, None] * h, axis=1), mask=mask_ln)
+            tl.store(dB_ptr + dBC_offs, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mask_ln)
+            gB = tl.sum(g * Bt[:, None, :], axis=2)
+            g_decay = g * h_prev * a  # d loss / d (dt*A), elementwise
+            ddelta = u * gB + tl.sum(g_decay * A3, axis=2)
+            if SOFTPLUS:
+                ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp(-x)))
+            du = dt * gB
             if HAS_D:
-                y_pre += D[None, :] * u
-            tl.store(dz_ptr + out_offs, gy * y_pre * sig_z * (1.0 + z * (1.0 - sig_z)), mask=m_here)
-            gy = gy * z * sig_z  # now d loss / d (C.h + D u)
+                du += gy * D[None, :]
+                dD_acc += tl.sum(gy * u, axis=0)
+            tl.store(du_ptr + out_offs, du, mask=m_here)
+            tl.store(ddelta_ptr + out_offs, ddelta, mask=m_here)
+            dA_acc += tl.sum(g_decay * dt[:, :, None], axis=0)
+            dbias_acc += tl.sum(tl.where(m_here, ddelta, 0.0), axis=0)
+    else:
+        # Position-0 pointers for this program; each chunk offsets them to where it starts.
+        u_ptrs0 = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
+        delta_ptrs0 = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
+        B_ptrs0 = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
+        C_ptrs0 = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n
+        if HAS_Z:
+            z_ptrs0 = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
+        if HAS_DOUT:
+            dout_ptrs0 = dout_ptr + pid_b * stride_dout_b + offs_d * stride_dout_d
+        out_offs0 = (pid_b * d_inner + offs_d) * length  # du, ddelta, dz
+        dBC_offs0 = (pid_b * n_dblocks + pid_d) * d_state * length + offs_n * length
+        ckpt_ptrs0 = ckpt_ptr + pid_b * stride_ckpt_b + offs_d[:, None] * stride_ckpt_d + offs_n[None, :]
+        # Scratch slot i of the current chunk holds the state *before* position start+i.
+        scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * BLOCK_D * BLOCK_N)
+                         + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
 
-        # The adjoint, from the chunk's end (where the carry from the next chunk enters) to its start.
-        decay, g = tl.associative_scan((tl.exp(dt_after[:, :, None] * A), gy[:, :, None] * Ct[:, None, :]), 0,
-                                       _linear_recurrence, reverse=True)
-        g = decay * carry[None, :, :] + g
-        carry = tl.sum(tl.where(first, g * a, 0.0), axis=0)
+        for c_rev in range(0, n_chunks):
+            c = n_chunks - 1 - c_rev
+            start = c * CHUNK
+            chunk_len = tl.minimum(length - start, CHUNK)
 
-        dBC_offs = ((pid_b * n_dblocks + pid_d) * d_state + offs_n[None, :]) * length + pos[:, None]
-        tl.store(dC_ptr + dBC_offs, tl.sum(gy[:, :, None] * h, axis=1), mask=mask_ln)
-        tl.store(dB_ptr + dBC_offs, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mask_ln)
-        gB = tl.sum(g * Bt[:, None, :], axis=2)
-        g_decay = g * h_prev * a  # d loss / d (dt*A), elementwise
-        ddelta = u * gB + tl.sum(g_decay * A, axis=2)
-        if SOFTPLUS:
-            ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp(-x)))
-        du = dt * gB
-        if HAS_D:
-            du += gy * D[None, :]
-            dD_acc += tl.sum(gy * u, axis=0)
-        tl.store(du_ptr + out_offs, du, mask=m_here)
-        tl.store(ddelta_ptr + out_offs, ddelta, mask=m_here)
-        dA_acc += tl.sum(g_decay * dt[:, :, None], axis=0)
-        dbias_acc += tl.sum(tl.where(m_here, ddelta, 0.0), axis=0)
+            # 1. Recompute the chunk's states from its checkpoint, saving the state before each position.
+            h = tl.load(ckpt_ptrs0 + c * stride_ckpt_c, mask=mask_dn, other=0.0)
+            u_ptrs = u_ptrs0 + start * stride_u_l
+            delta_ptrs = delta_ptrs0 + start * stride_delta_l
+            B_ptrs = B_ptrs0 + start * stride_B_l
+            scratch_ptrs = scratch_ptrs0
+            for i in range(0, CHUNK):
+                if i < chunk_len:
+                    tl.store(scratch_ptrs, h)
+                    dt = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                    if HAS_BIAS:
+                        dt += bias
+                    if SOFTPLUS:
+                        dt = _softplus(dt)
+                    u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                    Bt = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+                    h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                    u_ptrs += stride_u_l
+                    delta_ptrs += stride_delta_l
+                    B_ptrs += stride_B_l
+                    scratch_ptrs += BLOCK_D * BLOCK_N
+            # The reverse walk reads slots that other threads of this program wrote.
+            tl.debug_barrier()
+
+            # 2. Walk the chunk backwards from its last position: h holds h_t, the scratch gives h_{t-1}.
+            t = start + chunk_len - 1
+            u_ptrs = u_ptrs0 + t * stride_u_l
+            delta_ptrs = delta_ptrs0 + t * stride_delta_l
+            B_ptrs = B_ptrs0 + t * stride_B_l
+            C_ptrs = C_ptrs0 + t * stride_C_l
+            if HAS_Z:
+                z_ptrs = z_ptrs0 + t * stride_z_l
+            if HAS_DOUT:
+                dout_ptrs = dout_ptrs0 + t * stride_dout_l
+            out_offs = out_offs0 + t
+            dBC_offs = dBC_offs0 + t
+            scratch_ptrs = scratch_ptrs0 + (chunk_len - 1) * (BLOCK_D * BLOCK_N)
+            for i_rev in range(0, CHUNK):
+                if i_rev < chunk_len:
+                    h_prev = tl.load(scratch_ptrs)
+                    x = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                    if HAS_BIAS:
+                        x += bias
+                    if SOFTPLUS:
+                        dt = _softplus(x)
+                    else:
+                        dt = x
+                    u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                    Bt = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+                    Ct = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+                    if HAS_DOUT:
+                        gy = tl.load(dout_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                    else:
+                        gy = tl.zeros((BLOCK_D,), tl.float32)
+                    if HAS_Z:
+                        z = tl.load(z_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                        sig_z = 1.0 / (1.0 + tl.exp(-z))
+                        y_pre = tl.sum(h * Ct[None, :], axis=1)
+                        if HAS_D:
+                            y_pre += D * u
+                        tl.store(dz_ptr + out_offs, gy * y_pre * sig_z * (1.0 + z * (1.0 - sig_z)), mask=mask_d)
+                        gy = gy * z * sig_z  # now d loss / d (C.h + D u)
+                    a = tl.exp(dt[:, None] * A)
+                    g = gy[:, None] * Ct[None, :] + carry
+                    tl.store(dC_ptr + dBC_offs, tl.sum(gy[:, None] * h, axis=0), mask=mask_n)
+                    tl.store(dB_ptr + dBC_offs, tl.sum(g * (dt * u)[:, None], axis=0), mask=mask_n)
+                    gB = tl.sum(g * Bt[None, :], axis=1)
+                    g_decay = g * h_prev * a  # d loss / d (dt*A), elementwise
+                    ddelta = u * gB + tl.sum(g_decay * A, axis=1)
+                    if SOFTPLUS:
+                        # softplus' = sigmoid, exactly 1 where softplus is the identity.
+                        ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp(-x)))
+                    du = dt * gB
+                    if HAS_D:
+                        du += gy * D
+                        dD_acc += gy * u
+                    tl.store(du_ptr + out_offs, du, mask=mask_d)
+                    tl.store(ddelta_ptr + out_offs, ddelta, mask=mask_d)
+                    dA_acc += g_decay * dt[:, None]
+                    dbias_acc += ddelta
+                    carry = g * a
+                    h = h_prev
+
+                    u_ptrs -= stride_u_l
+                    delta_ptrs -= stride_delta_l
+                    B_ptrs -= stride_B_l
+                    C_ptrs -= stride_C_l
+                    if HAS_Z:
+                        z_ptrs -= stride_z_l
+                    if HAS_DOUT:
+                        dout_ptrs -= stride_dout_l
+                    out_offs -= 1
+                    dBC_offs -= 1
+                    scratch_ptrs -= BLOCK_D * BLOCK_N
+            # The next chunk's recompute overwrites slots this walk may still be reading in other threads.
+            tl.debug_barrier()
 
     bdn_offs = (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :]
     tl.store(dA_ptr + bdn_offs, dA_acc, mask=mask_dn)
@@ -590,13 +514,13 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
                  HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), SAVE_CKPT=save_ckpt, CHUNK=chunk,
                  BLOCK_D=block_d, BLOCK_N=block_n)
     if block_l is None:
-        _scan_fwd_kernel[grid](*args, **flags, num_warps=max(1, block_d // 32))
+        warps, block_l = max(1, block_d // 32), 1
     else:
         if chunk % block_l:
             raise ValueError(f"block_l ({block_l}) must divide chunk ({chunk})")
         # About 16 elements of each (BLOCK_L, BLOCK_N, BLOCK_D) tile per thread.
         warps = min(16, max(1, block_l * block_n * block_d // 512))
-        _scan_fwd_parallel_kernel[grid](*args, **flags, BLOCK_L=block_l, num_warps=warps)
+    _scan_fwd_kernel[grid](*args, **flags, BLOCK_L=block_l, num_warps=warps)
     return y, hlast, ckpt
 
 
@@ -643,12 +567,12 @@ class _SelectiveScanFn(torch.autograd.Function):
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                      HAS_DOUT=dy is not None, HAS_DHLAST=dhlast is not None, SOFTPLUS=bool(ctx.delta_softplus),
                      CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
-        if ctx.parallel:
-            warps = min(16, max(1, chunk * block_n * block_d // 512))
-            _scan_bwd_parallel_kernel[(batch, n_dblocks)](*inputs, *outputs, *shapes, **flags, num_warps=warps)
+        if ctx.parallel:  # no scratch: about 16 elements of each (CHUNK, BLOCK_D, BLOCK_N) tile per thread
+            scratch, warps = None, min(16, max(1, chunk * block_n * block_d // 512))
         else:
-            scratch = torch.empty(batch, n_dblocks, chunk, block_d, block_n, **f32)
-            _scan_bwd_kernel[(batch, n_dblocks)](*inputs, scratch, *outputs, *shapes, **flags)
+            scratch, warps = torch.empty(batch, n_dblocks, chunk, block_d, block_n, **f32), 4
+        _scan_bwd_kernel[(batch, n_dblocks)](*inputs, scratch, *outputs, *shapes, **flags, PARALLEL=ctx.parallel,
+                                             num_warps=warps)
 
         def cast(grad, like):
             return None if like is None else grad.to(like.dtype)
