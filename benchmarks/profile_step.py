@@ -20,6 +20,7 @@ from hymba.bench import build_engine_model, fill_cache_synthetic
 from hymba.cache import HymbaCache
 from hymba.config import HymbaConfig
 from hymba.generate import decode_step, prefill
+from hymba.ops import scan
 
 
 def main() -> None:
@@ -30,7 +31,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--no-compile", action="store_true", help="decode: profile the eager step")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--scan-block-l", type=int, help="run the selective scan's parallel Triton kernels")
     args = parser.parse_args()
+    scan.TRITON_BLOCK_L = args.scan_block_l
 
     if args.phase == "train":
         from hymba.bench_train import TrainBenchOptions, TrainRow, training_step

@@ -5,9 +5,10 @@
     python benchmarks/serve_settings.py --prompt-len 2048 --output-len 128 --requests 512 --slots 128 --no-poisson
 
 Each setting is a comma-separated list of `Engine` keyword arguments (`name=value`, values read as Python literals;
-"" is the defaults). For each, a fresh engine runs the load all at once, then (unless `--no-poisson`) with Poisson
-arrivals at `--rate` requests/s, by default 70% of the capacity the first setting's all-at-once run measured, so
-every setting meets the same arrivals. Random weights, no download; CUDA by default (`--device cpu` runs the tiny
+"" is the defaults); `scan_block_l=N` runs the selective scan's parallel Triton kernels (`hymba.ops.scan`). For each,
+a fresh engine runs the load all at once, then (unless `--no-poisson`) with Poisson arrivals at `--rate` requests/s,
+by default 70% of the capacity the first setting's all-at-once run measured, so every setting meets the same
+arrivals. Random weights, no download; CUDA by default (`--device cpu` runs the tiny
 shape, for trying the script). Decode steps are captured eagerly unless `--compile` (compiling every bucket costs
 about 40 s each). Prints one table; `--json` writes the rows. `--profile` runs the first setting's all-at-once load
 under the PyTorch profiler and prints how busy the GPU was and its top kernels: where an engine loses to static
@@ -35,6 +36,7 @@ from hymba.bench_serve import (
 from hymba.config import HymbaConfig
 from hymba.engine import Engine
 from hymba.generate import decode_runner
+from hymba.ops import scan
 from hymba.tokenizer import HymbaTokenizer
 
 REFERENCE_SETTINGS = ["", "decode_during_prefill=False", "prefill_graphs=True"]
@@ -85,8 +87,10 @@ def main() -> None:
         print(json.dumps(row), file=sys.stderr, flush=True)
 
     for text in args.settings:
+        setting = parse_setting(text)
+        scan.TRITON_BLOCK_L = setting.pop("scan_block_l", None)
         engine = Engine(model, tokenizer, max_batch=load.slots, max_len=max_len, eos_token_id=[],
-                        compile=args.compile, **parse_setting(text)).start()
+                        compile=args.compile, **setting).start()
         try:
             drive_engine(engine, prompts[:warm.requests], warm, [0.0] * warm.requests, "warm-up", None)
             all_at_once = functools.partial(drive_engine, engine, prompts, load, [0.0] * load.requests,

@@ -35,6 +35,9 @@ __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_cpu", "se
 
 # Below this length the sequential loop is cheaper than building the parallel scan's intermediates.
 SEQUENTIAL_MAX_LEN = 8
+# Positions per block of the Triton scan's parallel kernels (`selective_scan_triton`'s block_l); None walks positions
+# one at a time, the default until the parallel kernels are measured on a GPU (benchmarks/bench_scan.py).
+TRITON_BLOCK_L: int | None = None
 
 
 def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, initial_state=None):
@@ -42,7 +45,8 @@ def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus
     if gpu_kernels_usable(u):
         from hymba.ops.scan.triton import selective_scan_triton
 
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                     block_l=TRITON_BLOCK_L)
     if not u.is_cuda:
         return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     if u.shape[-1] <= SEQUENTIAL_MAX_LEN:
