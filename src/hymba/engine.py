@@ -7,7 +7,9 @@ The engine is three parts, as vLLM and SGLang build theirs:
    with every running request stalled behind it; decoding rows keep producing a token every step meanwhile.
 2. **Model runner**: each step one decode step for the rows in use (compiled and captured as CUDA graphs per batch
    bucket on CUDA, so a half-empty engine runs a half-size step) and, when a group is prefilling, its next piece
-   into a scratch cache; a finished group's rows are copied into their slots in one indexed copy per tensor.
+   into a scratch cache; a finished group's rows are copied into their slots in one indexed copy per tensor. A
+   prefill forward of a few short prompts is launch-bound on a GPU, so the decode steps that fall due while it is
+   being launched go between its layers (`decode_during_prefill`).
    Sampling runs for all rows at once on the device from per-slot tensors (temperature, top-k, top-p, min-p,
    repetition penalty, seed), and the sampled tokens feed the next step without leaving the device.
 3. **Output processor**: detokenizing, stop strings, log-probabilities and callbacks for step N run on the host
