@@ -155,14 +155,20 @@ PRESETS: dict[str, StudyPreset] = {
         recall_tokens_per_step=512, recall_steps=10, recall_lr=3e-3, recall_log_interval=5, recall_eval_examples=16,
         recall_eval_batch=16, decode_batch=2, decode_prompt=32, decode_tokens=8,
         notes="CI smoke test on CPU: exercises every code path, results are noise."),
-    # One H100 in about 12 minutes for 8 variants x 2 seeds with --workers 6 (measured; 54-136 s per run alone);
-    # ~8.4M non-embedding parameters per variant.
+    # ~8.4M non-embedding parameters per variant. With 600 recall steps at lr 3e-3 (which left every design on the
+    # MQAR plateau) 8 variants x 2 seeds took 12 minutes on one H100 with --workers 6 (measured: a wave of 6 runs of
+    # 200 LM + 600 recall steps in ~165 s, so <= 0.2 s a step with 6 sharing the GPU). The recall budget is now up to
+    # 1,500 steps a run: 3 waves x 1,500 x 0.2 s ~ 15 minutes with --workers 6, ~10 with 8 on an H200 (an estimate,
+    # not measured; early stopping at 0.99 shortens the runs that solve every length).
     "small": StudyPreset(
         name="small",
         shape=ModelShape(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=640, global_attn_idx=(0, 4, 7), sliding_window=128, num_memory_tokens=32),
-        warmup_steps=20, recall_steps=600, recall_lr=3e-3,
-        notes="One H100: 3.3M corpus tokens and 4.9M recall tokens per run."),
+        # Recall: the smallest vocabulary that holds 1024 tokens' 64 distinct keys and values (a larger one delays
+        # learning), lengths joining every 150 steps and MQAR alone for the first 600 (both learn MQAR sooner).
+        warmup_steps=20, recall_vocab_size=160, recall_lengths=(64, 128, 256, 512, 1024), recall_steps=1500,
+        recall_curriculum_steps=150, recall_mqar_only_steps=600, recall_log_interval=50,
+        notes="One GPU: 3.3M corpus tokens and up to 12.3M recall tokens per run (recall time estimated)."),
     # ~49M non-embedding parameters, 2 corpus epochs: one H100 for 1-1.5 hours (unmeasured).
     "medium": StudyPreset(
         name="medium",
@@ -171,7 +177,7 @@ PRESETS: dict[str, StudyPreset] = {
                          num_memory_tokens=64),
         warmup_steps=50, lm_block_size=1024, lm_batch_size=32, lm_steps=300, lm_lr=1.5e-3, lm_eval_interval=25,
         recall_vocab_size=1024, recall_lengths=(256, 512, 1024, 2048), recall_tokens_per_step=16384,
-        recall_steps=1500, recall_lr=2e-3, recall_log_interval=50, decode_batch=32, decode_prompt=2048,
+        recall_steps=1500, recall_log_interval=50, decode_batch=32, decode_prompt=2048,
         notes="One H100 for 1-1.5 hours (unmeasured estimate)."),
 }
 
@@ -615,7 +621,8 @@ def mean_spread(values: list[float]) -> dict[str, float]:
 def run_metrics(result: dict[str, Any], lengths: tuple[int, ...]) -> dict[str, float]:
     """The scalar metrics of one run, by name (`mqar@256`, ...), in table order."""
     metrics = {"val_loss": result["lm"]["val_loss"], "val_ppl": result["lm"]["val_ppl"],
-               "decode_tokens_per_s": result["decode_tokens_per_s"]}
+               "decode_tokens_per_s": result["decode_tokens_per_s"],
+               "recall_steps": result["recall"]["curve"][-1]["step"]}  # fewer than recall_steps: stopped early
     for task in ("mqar", "phonebook"):
         metrics.update({f"{task}@{n}": result["recall"][task][str(n)] for n in lengths})
     return metrics
@@ -665,8 +672,9 @@ def format_markdown(summary: dict[str, Any], preset: StudyPreset, plots: list[st
              "corpus, perplexity over the whole validation split. Recall: a separate model of the same architecture "
              "trained on MQAR + phonebook rows (integer vocabulary) at the context lengths below, evaluated on fresh "
              "examples at each length (MQAR: accuracy on value positions; phonebook: exact match of the generated "
-             f"number). The sliding window is {preset.shape.sliding_window} tokens. See `hymba.study.run` for the "
-             "full protocol.", "",
+             f"number); `steps` is how long it trained (at most {preset.recall_steps}: it stops once held-out "
+             f"accuracy reaches {preset.recall_stop_accuracy} at every length). The sliding window is "
+             f"{preset.shape.sliding_window} tokens. See `hymba.study.run` for the full protocol.", "",
              "## Language modelling and efficiency", "",
              "| variant | layers | meta | attention | KV groups | params (M) | non-emb. (M) | val loss | val ppl "
              "| cache @1K (KiB) | cache @8K (KiB) | decode tok/s |",
@@ -679,11 +687,12 @@ def format_markdown(summary: dict[str, Any], preset: StudyPreset, plots: list[st
                      f"| {s['cache_bytes']['8192'] / 1024:,.0f} | {_fmt(m['decode_tokens_per_s'], 0)} |")
     lengths = preset.recall_lengths
     lines += ["", "## Recall", "",
-              "| variant | " + " | ".join(f"MQAR @{n}" for n in lengths) + " | "
+              "| variant | steps | " + " | ".join(f"MQAR @{n}" for n in lengths) + " | "
               + " | ".join(f"phonebook @{n}" for n in lengths) + " |",
-              "|---|" + "---:|" * (2 * len(lengths))]
+              "|---|---:|" + "---:|" * (2 * len(lengths))]
     for name, s in summary.items():
-        cells = [_fmt(s["metrics"][f"{task}@{n}"], 3) for task in ("mqar", "phonebook") for n in lengths]
+        cells = [_fmt(s["metrics"]["recall_steps"], 0)]
+        cells += [_fmt(s["metrics"][f"{task}@{n}"], 3) for task in ("mqar", "phonebook") for n in lengths]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     pairs = [mqar_pairs(n, preset.mqar_pairs_ratio) for n in lengths]
     entries = [PhonebookFormat().entries(n, phonebook_queries(n)) for n in lengths]
@@ -763,8 +772,8 @@ def add_parser(subparsers) -> None:
                     "phonebook recall, cache size and decode throughput. Resumable: finished runs in --out are "
                     "skipped. Writes results.md, results.json, results.csv and plots to --out (or --report-dir).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny: CPU smoke test (minutes); small: about 12 minutes on one H100 with --workers 6; "
-                        "medium: 1-1.5 hours")
+                        help="tiny: CPU smoke test (minutes); small: about 15-20 minutes on one H100 or H200 with "
+                        "--workers 6-8 (estimated); medium: 1-1.5 hours")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     parser.add_argument("--out", required=True, help="study directory (resumed when it exists)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per variant (0..N-1)")
