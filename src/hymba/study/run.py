@@ -14,14 +14,17 @@ Protocol (the same for every variant; `hymba.study.variants.VARIANTS` lists them
    the trainer's validation-loss curve, and the final loss / perplexity over consecutive windows of the whole
    validation split.
 3. Recall. Separately, a fresh model of the same architecture (with the integer recall vocabulary instead of the
-   tokenizer's) is trained on synthetic recall data only - half MQAR, half phonebook rows per batch, the context
-   length cycling through the preset's `recall_lengths` step by step at a fixed number of tokens per step - with
-   the same optimizer and schedule as step 2. Batches depend only on (seed, step), so again all variants see the
-   same data. It is then evaluated on fresh examples (fixed evaluation seeds, disjoint from training) at every
-   length: MQAR accuracy over the value positions (teacher-forced, as Zoology scores it) and phonebook exact match
-   of the greedily generated number (cached generation engine). The lengths exceed the sliding window, so a
-   windowed layer alone cannot reach most keys. Training recall separately keeps it learnable at small scale
-   (a corpus-trained model of this size does not learn in-context lookup) without contaminating step 2.
+   tokenizer's, and a larger embedding init: `init_recall_model`) is trained on synthetic recall data only - MQAR
+   rows for the first `recall_mqar_only_steps`, then half MQAR, half phonebook rows per batch, the context length
+   cycling through the preset's `recall_lengths` (joining shortest first, `recall_length`) at a fixed number of
+   tokens per step - with the same optimizer and schedule as step 2, until held-out accuracy reaches
+   `recall_stop_accuracy` at every length or `recall_steps` run out. Batches depend only on (seed, step), so again
+   all variants see the same data. It is then evaluated on fresh examples (fixed evaluation seeds, disjoint from
+   training) at every length: MQAR accuracy over the value positions (teacher-forced, as Zoology scores it) and
+   phonebook exact match of the greedily generated number (cached generation engine). The lengths exceed the
+   sliding window, so a windowed layer alone cannot reach most keys. Training recall separately keeps it learnable
+   at small scale (a corpus-trained model of this size does not learn in-context lookup) without contaminating
+   step 2.
 4. Efficiency. Cache bytes per sequence at 1K and 8K tokens as the engine allocates them (bf16 K/V and conv
    state, float32 SSM state); decode throughput of the LM model with the cached engine, alone on the device
    (`prefill`, then the decode step as a CUDA graph on GPU), in bf16 on GPU.
