@@ -258,10 +258,9 @@ def init_recall_model(config: HymbaConfig, preset: StudyPreset, seed: int, devic
     """A fresh recall model: the released init, then the input embedding (tied to the output layer) redrawn as
     normal(0, `recall_embedding_std`) unless that is None.
 
-    With the released std 0.02 the tied logits start nearly uniform and the tokens nearly indistinguishable, and
-    the attention model sits on MQAR's 1/pairs plateau for thousands of steps; a larger embedding lets it leave in
-    hundreds (docs/study/README.md). Only the synthetic-vocabulary recall models get this; the LM arm keeps the
-    released init."""
+    With the released std 0.02 the attention model sits on MQAR's 1/pairs plateau for thousands of steps; with 0.3
+    it leaves in hundreds (measured at widths 64-256, docs/study/README.md). Only the synthetic-vocabulary recall
+    models get this; the LM arm keeps the released init."""
     import torch
 
     from hymba.model import HymbaForCausalLM
