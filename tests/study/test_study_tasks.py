@@ -124,6 +124,8 @@ def test_recall_batch_mixes_both_tasks():
     assert x.shape == y.shape == (5, 64) and x.dtype == torch.int64
     assert (x[:3, 0] >= VOCAB.key_start).all()  # MQAR rows open with a key
     assert (x[3:] == QUERY).any(dim=1).all()  # phonebook rows hold a lookup
+    x, y = recall_batch(np.random.default_rng(0), VOCAB, 5, 64, phonebook=False)
+    assert x.shape == (5, 64) and (x[:, 0] >= VOCAB.key_start).all() and not (x == QUERY).any()
 
 
 def test_scorers_known_answers():

@@ -2,7 +2,8 @@
 without it `make_plots` returns no files and the tables are written alone.
 
 - val_loss.png: validation loss against training step, mean over seeds with the spread as a band;
-- recall_vs_length.png: MQAR and phonebook accuracy against context length, the sliding window marked;
+- recall_vs_length.png: MQAR and phonebook accuracy against context length (MQAR's pairs grow with it), the sliding
+  window marked;
 - recall_vs_cache.png: accuracy at the longest length against the cache bytes a sequence of that length needs;
 - attention_sink.png: per layer, the attention share on the first token and on the meta tokens.
 """
@@ -46,8 +47,10 @@ def plot_val_loss(plt, summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_recall_vs_length(plt, summary: dict[str, Any], lengths: tuple[int, ...], window: int, path: Path) -> None:
+def plot_recall_vs_length(plt, summary: dict[str, Any], lengths: tuple[int, ...], pairs: list[int], window: int,
+                          path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    ticks = {"mqar": [f"{n}\n{p} pairs" for n, p in zip(lengths, pairs)], "phonebook": [str(n) for n in lengths]}
     for ax, task, title in zip(axes, ("mqar", "phonebook"), ("MQAR (value accuracy)", "Phonebook (exact match)")):
         for name, s in summary.items():
             stats = [s["metrics"][f"{task}@{n}"] for n in lengths]
@@ -56,7 +59,7 @@ def plot_recall_vs_length(plt, summary: dict[str, Any], lengths: tuple[int, ...]
         ax.axvline(window, color="grey", linewidth=0.8, linestyle=":")
         ax.text(window, 1.02, " window", color="grey", fontsize=8, transform=ax.get_xaxis_transform())
         ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(n) for n in lengths], minor=False)
+        ax.set_xticks(lengths, ticks[task], minor=False)
         ax.set_xticks([], minor=True)
         ax.set(xlabel="context length (tokens)", title=title, ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
@@ -115,7 +118,10 @@ def make_plots(summary: dict[str, Any], preset, out: Path) -> list[Path]:
     out = Path(out)
     paths = [out / "val_loss.png", out / "recall_vs_length.png", out / "recall_vs_cache.png"]
     plot_val_loss(plt, summary, paths[0])
-    plot_recall_vs_length(plt, summary, preset.recall_lengths, preset.shape.sliding_window, paths[1])
+    from hymba.study.tasks import mqar_pairs
+
+    pairs = [mqar_pairs(n, preset.mqar_pairs_ratio) for n in preset.recall_lengths]
+    plot_recall_vs_length(plt, summary, preset.recall_lengths, pairs, preset.shape.sliding_window, paths[1])
     plot_recall_vs_cache(plt, summary, preset.recall_lengths[-1], paths[2])
     if plot_attention_sink(plt, summary, out / "attention_sink.png"):
         paths.append(out / "attention_sink.png")

@@ -185,11 +185,14 @@ def phonebook_prompts(rng: np.random.Generator, vocab: RecallVocab, batch: int, 
 
 
 def recall_batch(rng: np.random.Generator, vocab: RecallVocab, rows: int, seq_len: int, pairs_ratio: int = 16,
-                 alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A recall training batch: the first half of the rows MQAR, the rest phonebook, as (x, y) int64 tensors."""
-    mqar = mqar_batch(rng, vocab, rows - rows // 2, seq_len, mqar_pairs(seq_len, pairs_ratio), alpha)
-    book = phonebook_batch(rng, vocab, rows // 2, seq_len)
-    return tuple(torch.from_numpy(np.concatenate([a, b])) for a, b in zip(mqar, book))
+                 alpha: float = 1.0, phonebook: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A recall training batch as (x, y) int64 tensors: the first half of the rows MQAR, the rest phonebook (all
+    MQAR when `phonebook` is False)."""
+    book_rows = rows // 2 if phonebook else 0
+    parts = [mqar_batch(rng, vocab, rows - book_rows, seq_len, mqar_pairs(seq_len, pairs_ratio), alpha)]
+    if book_rows:
+        parts.append(phonebook_batch(rng, vocab, book_rows, seq_len))
+    return tuple(torch.from_numpy(np.concatenate(arrays)) for arrays in zip(*parts))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -225,11 +228,17 @@ def eval_mqar(model, vocab: RecallVocab, seq_len: int, examples: int, batch: int
     correct = total = 0
     for start in range(0, examples, batch):
         x, y = mqar_batch(rng, vocab, min(batch, examples - start), seq_len, mqar_pairs(seq_len, pairs_ratio), alpha)
-        with _autocast(model.device):
-            logits = model(torch.from_numpy(x).to(model.device)).logits
-        c, t = position_accuracy(logits, torch.from_numpy(y).to(model.device))
+        c, t = teacher_forced(model, torch.from_numpy(x), torch.from_numpy(y))
         correct, total = correct + c, total + t
     return correct / total
+
+
+@torch.no_grad()
+def teacher_forced(model, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(correct, scored) next-token predictions of `model` on inputs `x` at the positions `y` scores."""
+    with _autocast(model.device):
+        logits = model(x.to(model.device)).logits
+    return position_accuracy(logits, y.to(model.device))
 
 
 @torch.no_grad()
