@@ -82,7 +82,8 @@ class KeyLayout:
         last_kept = torch.where(keep, order, 0).amax(dim=1, keepdim=True)  # (b, 1); 0 if a row keeps nothing
         index = torch.where(keep, order, last_kept)
         rows = torch.arange(b, device=positions.device)[:, None]
-        slot = self.slots(positions.gather(1, index))
+        written = positions.gather(1, index)  # the position each write carries
+        slot = self.slots(written)
         self.write = (rows, index, slot)
         chunk_valid = torch.ones_like(keep) if valid is None else valid
         if fresh:
@@ -90,7 +91,7 @@ class KeyLayout:
         else:
             self.attend_pos = torch.cat([self.positions, positions], dim=1)
             self.attend_valid = torch.cat([self.valid, chunk_valid], dim=1)
-        self.positions[rows, slot] = positions.gather(1, index)
+        self.positions[rows, slot] = written
         self.valid[rows, slot] = keep.gather(1, index)
 
 

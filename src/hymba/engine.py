@@ -175,6 +175,11 @@ class _Group:
     done_pieces: int = 0
     cancelled: set[int] = field(default_factory=set)
 
+    @property
+    def fresh(self) -> bool:
+        """Whether the next piece is the first forward into emptied rows (it computes the meta tokens too)."""
+        return not self.from_meta and self.done_pieces == 0
+
 
 @dataclass
 class _Launched:
@@ -450,9 +455,8 @@ class Engine:
             while self._group is not None:
                 group = self._group
                 start, end = group.pieces[group.done_pieces]
-                fresh = not group.from_meta and group.done_pieces == 0  # it computes the meta tokens too
                 # Counted as the scheduler counts a group's forward: rows x (meta tokens if fresh + the piece).
-                spent += len(group.requests) * (end - start + self.model.config.num_memory_tokens * fresh)
+                spent += len(group.requests) * (end - start + self.model.config.num_memory_tokens * group.fresh)
                 launched |= self._guarded([q for q in self._group.requests if not q.done], self._prefill_piece)
                 if self._group is not None or spent >= self.scheduler.max_batch_tokens:
                     break
@@ -597,11 +601,11 @@ class Engine:
         group = self._group
         k = len(group.requests)
         cache = self.scratch.rows(k)
-        cache.started = group.from_meta or group.done_pieces > 0
+        cache.started = not group.fresh
         start, end = group.pieces[group.done_pieces]
         mask = group.mask[:, start:end] if not cache.started else None
         logits = None
-        if self.prefill_graphs is not None and not cache.started and len(group.pieces) == 1:
+        if self.prefill_graphs is not None and group.fresh and len(group.pieces) == 1:
             logits = self.prefill_graphs(group.ids, group.mask)  # None when no bucket holds the group
         if logits is None:
             logits = self.model(group.ids[:, start:end], mask, cache=cache, logits_to_keep=1,

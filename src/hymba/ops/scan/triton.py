@@ -486,6 +486,11 @@ def _scan_bwd_kernel(
     tl.store(dbias_ptr + pid_b * d_inner + offs_d, dbias_acc, mask=mask_d)
 
 
+def _tile_warps(block_l: int, block_n: int, block_d: int) -> int:
+    """Warps for the parallel kernels: about 16 elements of each (block_l, block_n, block_d) tile per thread."""
+    return min(16, max(1, block_l * block_n * block_d // 512))
+
+
 def _strides3(x: torch.Tensor | None) -> tuple[int, ...]:
     """x's strides, or zeros standing in for an absent optional tensor."""
     return (0, 0, 0) if x is None else tuple(x.stride())
@@ -518,8 +523,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     else:
         if chunk % block_l:
             raise ValueError(f"block_l ({block_l}) must divide chunk ({chunk})")
-        # About 16 elements of each (BLOCK_L, BLOCK_N, BLOCK_D) tile per thread.
-        warps = min(16, max(1, block_l * block_n * block_d // 512))
+        warps = _tile_warps(block_l, block_n, block_d)
     _scan_fwd_kernel[grid](*args, **flags, BLOCK_L=block_l, num_warps=warps)
     return y, hlast, ckpt
 
@@ -567,8 +571,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                      HAS_DOUT=dy is not None, HAS_DHLAST=dhlast is not None, SOFTPLUS=bool(ctx.delta_softplus),
                      CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
-        if ctx.parallel:  # no scratch: about 16 elements of each (CHUNK, BLOCK_D, BLOCK_N) tile per thread
-            scratch, warps = None, min(16, max(1, chunk * block_n * block_d // 512))
+        if ctx.parallel:  # no scratch: the chunk lives in its tiles
+            scratch, warps = None, _tile_warps(chunk, block_n, block_d)
         else:
             scratch, warps = torch.empty(batch, n_dblocks, chunk, block_d, block_n, **f32), 4
         _scan_bwd_kernel[(batch, n_dblocks)](*inputs, scratch, *outputs, *shapes, **flags, PARALLEL=ctx.parallel,
