@@ -296,7 +296,9 @@ def _scan_bwd_kernel(
             here = pos < length
             before = here & (offs_l > 0)  # position t-1 inside this chunk (the first row's comes from the checkpoint)
             after = (pos + 1 < length) & (offs_l < CHUNK - 1)  # position t+1 inside this chunk
-            m_here, m_before, m_after = (m[:, None] & mask_d[None, :] for m in (here, before, after))
+            m_here = here[:, None] & mask_d[None, :]  # (Triton's compiler takes no generator expressions)
+            m_before = before[:, None] & mask_d[None, :]
+            m_after = after[:, None] & mask_d[None, :]
             d_offs = (pos[:, None] * stride_delta_l + offs_d[None, :] * stride_delta_d) + pid_b * stride_delta_b
             u_offs = (pos[:, None] * stride_u_l + offs_d[None, :] * stride_u_d) + pid_b * stride_u_b
             B_offs = (pos[:, None] * stride_B_l + offs_n[None, :] * stride_B_n) + pid_b * stride_B_b
