@@ -65,6 +65,16 @@ def test_greedy_equals_offline_whatever_shares_the_batch(model, tokenizer):
     assert engine.stats().running == 0 and sorted(engine._free_rows) == [0, 1, 2]
 
 
+def test_prefill_warm_up_leaves_no_trace(model, tokenizer):
+    # CUDA engines run it at start-up (its shapes compile there); here it runs on the CPU's cache the same way.
+    engine, lines = Engine(model, tokenizer, max_batch=3, max_len=96), []
+    engine._warm_up_prefill(lines.append)
+    assert lines and "warming up" in lines[0]
+    results = run(engine, [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS[:4], MAX_TOKENS)])
+    for prompt, n, outputs in zip(PROMPTS, MAX_TOKENS, results):
+        assert tokens(outputs) == offline(model, prompt, n)
+
+
 def test_eos_ends_a_request_early_and_its_slot_is_reused(model, tokenizer):
     eos = offline(model, PROMPTS[2], 33)[4]  # the 5th token request 2 generates
     engine = Engine(model, tokenizer, max_batch=2, max_len=96, eos_token_id=eos)

@@ -298,6 +298,8 @@ class Engine:
         if self.runner.graphed and prefill_graphs:
             self.prefill_graphs = PrefillGraphs(model, self.scratch, progress=progress)
             self.prefill_graphs.capture()
+        if self.device.type == "cuda":
+            self._warm_up_prefill(progress)
         # A small group's prefill forward is launch-bound on a GPU (about 70 ms of host time for 16 ms of device time
         # at 1 x 512 tokens on the 1.5B shape): running requests decode between its layers instead of waiting for it.
         # On a CPU every op computes as it is launched, so there is nothing to overlap.
@@ -333,6 +335,25 @@ class Engine:
         self.decode_steps_total = 0  # decode steps launched, and the requests they decoded (for benchmarks)
         self.decode_rows_total = 0
         self.seconds: collections.Counter[str] = collections.Counter()  # host time per part of `step`
+
+    def _warm_up_prefill(self, progress: Callable[[str], None] | None) -> None:
+        """Run the prefill shapes whose first use compiles, at start-up rather than in a request's time to first
+        token. The compiled elementwise helpers (`compiled_on_gpu`) have dynamic shapes but specialize a size of 1,
+        so a group of one row compiles them again (7 graphs, counted on the CPU; seconds on a GPU), as does a group's
+        continuing piece; Triton specializes lengths by divisibility."""
+        if progress is not None:
+            progress("warming up the prefill (groups of 1 and 2 rows, a continuing piece)")
+        rows = min(2, self.scratch.batch)
+        with torch.inference_mode():
+            for k in sorted({1, rows}):
+                for tokens in sorted({min(16, self.max_len), min(17, self.max_len)}):
+                    self.scratch.reset_rows(list(range(k)))
+                    cache = self.scratch.rows(k)
+                    ids = torch.full((k, tokens), self.pad_id, dtype=torch.long, device=self.device)
+                    self.model(ids, torch.ones_like(ids), cache=cache, logits_to_keep=1)
+                    if 2 * tokens <= self.max_len:  # a second piece, continuing from the first's state
+                        self.model(ids, cache=cache, logits_to_keep=1)
+            self.scratch.reset_rows(list(range(rows)))
 
     # ------------------------------------------------------------------ submitting (any thread)
     def submit(self, prompt: Sequence[int], params: GenerationParams | None = None,
