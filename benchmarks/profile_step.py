@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--no-compile", action="store_true", help="decode: profile the eager step")
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--scan-block-l", type=int, help="run the selective scan's parallel Triton kernels")
+    parser.add_argument("--scan-block-l", type=int,
+                        help="the selective scan's Triton kernels in blocks of N positions (1 walks; default: by batch)")
     args = parser.parse_args()
     scan.TRITON_BLOCK_L = args.scan_block_l
 

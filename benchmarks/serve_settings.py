@@ -5,14 +5,14 @@
     python benchmarks/serve_settings.py --prompt-len 2048 --output-len 128 --requests 512 --slots 128 --no-poisson
 
 Each setting is a comma-separated list of `Engine` keyword arguments (`name=value`, values read as Python literals;
-"" is the defaults); `scan_block_l=N` runs the selective scan's parallel Triton kernels (`hymba.ops.scan`). For each,
-a fresh engine runs the load all at once, then (unless `--no-poisson`) with Poisson arrivals at `--rate` requests/s,
-by default 70% of the capacity the first setting's all-at-once run measured, so every setting meets the same
-arrivals. Random weights, no download; CUDA by default (`--device cpu` runs the tiny
-shape, for trying the script). Decode steps are captured eagerly unless `--compile` (compiling every bucket costs
-about 40 s each). Prints one table; `--json` writes the rows. `--profile` runs the first setting's all-at-once load
-under the PyTorch profiler and prints how busy the GPU was and its top kernels: where an engine loses to static
-generate, the gaps show as idle time.
+"" is the defaults); `scan_block_l=N` forces the selective scan's Triton kernels to blocks of N positions (1 walks;
+by default `hymba.ops.scan.triton_scan_blocks` chooses by batch). For each, a fresh engine runs the load all at once,
+then (unless `--no-poisson`) with Poisson arrivals at `--rate` requests/s, by default 70% of the capacity the first
+setting's all-at-once run measured, so every setting meets the same arrivals. Random weights, no download; CUDA by
+default (`--device cpu` runs the tiny shape, for trying the script). Decode steps are captured eagerly unless
+`--compile` (compiling every bucket costs about 40 s each). Prints one table; `--json` writes the rows. `--profile`
+runs the first setting's all-at-once load under the PyTorch profiler and prints how busy the GPU was and its top
+kernels: where an engine loses to static generate, the gaps show as idle time.
 """
 
 import argparse

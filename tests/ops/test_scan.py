@@ -145,3 +145,14 @@ def test_initial_state_chains_two_halves():
     y1, h1 = selective_scan_chunked(**first)
     y2, h2 = selective_scan_chunked(**{**second, "initial_state": h1})
     assert rel_err(torch.cat([y1, y2], dim=-1), whole) < 1e-5 and rel_err(h2, last) < 1e-5
+
+
+def test_triton_scan_chooses_the_parallel_kernels_only_where_the_walk_leaves_the_gpu_idle(monkeypatch):
+    from hymba.ops import scan
+
+    assert scan.triton_scan_blocks(1, 3200) == (8, 16)  # Hymba-1.5B at batch 1: the walk has 100 programs
+    assert scan.triton_scan_blocks(8, 3200) == (None, None)  # 800 programs: the walk
+    monkeypatch.setattr(scan, "TRITON_BLOCK_L", 1)
+    assert scan.triton_scan_blocks(1, 3200) == (None, None)
+    monkeypatch.setattr(scan, "TRITON_BLOCK_L", 32)
+    assert scan.triton_scan_blocks(8, 3200) == (8, 32)

@@ -31,12 +31,17 @@ from hymba.ops.scan.reference import (
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_cpu", "selective_scan_ref",
            "selective_state_update", "selective_state_update_ref", "ssm_projections", "ssm_step_inputs",
-           "ssm_step_inputs_ref"]
+           "ssm_step_inputs_ref", "triton_scan_blocks"]
 
 # Below this length the sequential loop is cheaper than building the parallel scan's intermediates.
 SEQUENTIAL_MAX_LEN = 8
-# Positions per block of the Triton scan's parallel kernels (`selective_scan_triton`'s block_l); None walks positions
-# one at a time, the default until the parallel kernels are measured on a GPU (benchmarks/bench_scan.py).
+# The Triton scan's parallel kernels (blocks of 16 positions, 8 channels per program) beat its walk over positions only
+# where the walk has too few programs to fill the GPU. Hymba-1.5B's shape on an H200 (132 SMs): at batch 1 (the walk's
+# 100 programs of 32 channels) 2.1x the walk forward over 640 positions and 1.6x forward + backward over 2,176; at
+# batch 8 (800 programs) 0.41x forward (benchmarks/bench_scan.py, session 17). So they run while the walk would have at
+# most this many programs.
+PARALLEL_SCAN_MAX_WALK_PROGRAMS = 128
+# Forces the Triton scan's positions per block for every call (1 walks); None chooses by the rule above.
 TRITON_BLOCK_L: int | None = None
 
 
@@ -45,13 +50,24 @@ def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus
     if gpu_kernels_usable(u):
         from hymba.ops.scan.triton import selective_scan_triton
 
+        block_d, block_l = triton_scan_blocks(u.shape[0], u.shape[1])
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                     block_l=TRITON_BLOCK_L)
+                                     block_d=block_d, block_l=block_l)
     if not u.is_cuda:
         return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     if u.shape[-1] <= SEQUENTIAL_MAX_LEN:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+
+
+def triton_scan_blocks(batch: int, d_inner: int) -> tuple[int | None, int | None]:
+    """(block_d, block_l) for `selective_scan_triton`: the parallel kernels' where the walk would leave the GPU
+    idle, else the walk's (None, None: its default channels per program)."""
+    block_l = TRITON_BLOCK_L
+    if block_l is None:
+        walk_programs = batch * -(-d_inner // 32)
+        block_l = 16 if walk_programs <= PARALLEL_SCAN_MAX_WALK_PROGRAMS else 1
+    return (8, block_l) if block_l > 1 else (None, None)
 
 
 def selective_state_update(state, u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True,
