@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="decode: profile the eager step")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--scan-block-l", type=int,
-                        help="the selective scan's Triton kernels in blocks of N positions (1 walks; default: by batch)")
+                        help="the selective scan's Triton kernels in blocks of N positions (1 walks; default by batch)")
     args = parser.parse_args()
     scan.TRITON_BLOCK_L = args.scan_block_l
 
