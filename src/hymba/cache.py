@@ -24,7 +24,7 @@ import torch
 
 from hymba.config import HymbaConfig
 from hymba.errors import HymbaError
-from hymba.ops import capturing_cuda_graph
+from hymba.ops import capturing_cuda_graph, device_tensor
 
 
 @dataclass
@@ -197,7 +197,8 @@ class HymbaCache:
         K/V bytes are left as they are: with `valid` cleared no query can see them, and refilling a row
         (`copy_rows_from`) overwrites them anyway.
         """
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.next_position.device)
+        if not isinstance(rows, torch.Tensor):
+            rows = device_tensor(rows, torch.long, self.next_position.device)
         for layout in self.layouts.values():
             layout.valid.index_fill_(0, rows, False)
             layout.positions.index_fill_(0, rows, 0)
@@ -218,8 +219,7 @@ class HymbaCache:
                 raise HymbaError(f"copy_rows_from: key layouts differ ({other.layouts[window].capacity} vs "
                                  f"{layout.capacity} slots); allocate both caches with the same max_len")
         device = self.next_position.device
-        dst = torch.as_tensor(rows, dtype=torch.long, device=device)
-        src = torch.as_tensor(other_rows, dtype=torch.long, device=device)
+        dst, src = device_tensor(rows, torch.long, device), device_tensor(other_rows, torch.long, device)
         pairs = [(self.next_position, other.next_position)]
         for window, layout in self.layouts.items():
             pairs += [(layout.positions, other.layouts[window].positions), (layout.valid, other.layouts[window].valid)]

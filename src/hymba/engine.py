@@ -59,6 +59,7 @@ from hymba.generate import (
     seed_as_int64,
     trim_completion,
 )
+from hymba.ops import device_tensor
 from hymba.tokenizer import HymbaTokenizer, StreamDecoder
 
 # Most alternatives a request may ask log-probabilities for (OpenAI's chat limit).
@@ -645,8 +646,8 @@ class Engine:
             self._group = None
             return True
         requests, slots = [group.requests[i] for i in live], [group.slots[i] for i in live]
-        index = torch.tensor(live, device=self.device)
-        slot_index = torch.tensor(slots, device=self.device)
+        index = device_tensor(live, torch.long, self.device)
+        slot_index = device_tensor(slots, torch.long, self.device)
         params = [q.params.sampling for q in requests]
         seen = None
         if any(p.repetition_penalty != 1 for p in params):
@@ -655,7 +656,7 @@ class Engine:
                                          device=self.device)
             seen = torch.zeros(len(live), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             seen.scatter_(1, group.ids[index], group.mask[index].bool())  # padding is not a seen token
-        seeds = torch.tensor([q.seed for q in requests], device=self.device)
+        seeds = device_tensor([q.seed for q in requests], torch.long, self.device)
         counters = torch.zeros(len(live), dtype=torch.long, device=self.device)
         tokens = self._sample(logits[index], RowSampling.of(params, self.device), seeds, counters, seen)
         self.cache.copy_rows_from(slots, self.scratch, live)

@@ -16,6 +16,7 @@ import torch
 
 from hymba.cache import HymbaCache
 from hymba.errors import HymbaError
+from hymba.ops import device_tensor
 
 # Steps between checks of whether every row has finished (each check waits for the GPU).
 SYNC_EVERY = 16
@@ -99,7 +100,7 @@ class RowSampling:
     @classmethod
     def of(cls, params: Sequence[SamplingParams], device=None) -> RowSampling:
         def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+            return device_tensor(values, dtype, device)
 
         return cls(column([p.temperature if p.do_sample else 0.0 for p in params], torch.float32),
                    column([p.top_k for p in params], torch.long), column([p.top_p for p in params], torch.float32),
@@ -209,7 +210,9 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
     for i, row in enumerate(rows):
         ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
+    if torch.device(device or "cpu").type == "cuda":  # pinned: the copies queue on the stream (see `device_tensor`)
+        ids, mask = ids.pin_memory(), mask.pin_memory()
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
 def prefill(model, cache: HymbaCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
