@@ -1,7 +1,7 @@
 """Serving-engine settings side by side on one model and one load, against static `generate` in the same process.
 
     python benchmarks/serve_settings.py                                   # the defaults vs the reference paths
-    python benchmarks/serve_settings.py --settings "" prefill_graphs=1 "prefill_wait_s=0.05,prefill_graphs=1"
+    python benchmarks/serve_settings.py --settings "" prefill_graphs=False "prefill_wait_s=0.05"
     python benchmarks/serve_settings.py --prompt-len 2048 --output-len 128 --requests 512 --slots 128 --no-poisson
 
 Each setting is a comma-separated list of `Engine` keyword arguments (`name=value`, values read as Python literals;
@@ -39,7 +39,7 @@ from hymba.generate import decode_runner
 from hymba.ops import scan
 from hymba.tokenizer import HymbaTokenizer
 
-REFERENCE_SETTINGS = ["", "decode_during_prefill=False", "prefill_graphs=True"]
+REFERENCE_SETTINGS = ["", "decode_during_prefill=False", "prefill_graphs=False"]
 
 
 def parse_setting(text: str) -> dict:

@@ -223,11 +223,14 @@ def test_cuda_graph_engine_equals_eager(model, tokenizer):
     gpu = HymbaForCausalLM(model.config).eval().cuda()
     gpu.load_state_dict(model.state_dict())
     jobs = [(p, GenerationParams(max_tokens=n)) for p, n in zip(PROMPTS, MAX_TOKENS)]
-    graphed = run(Engine(gpu, tokenizer, max_batch=3, max_len=96), jobs)
-    eager = run(Engine(gpu, tokenizer, max_batch=3, max_len=96, cuda_graph=False), jobs)
-    # Slots of 160 tokens hold the smallest prefill bucket (128 tokens + the meta tokens).
-    prefill_graphed = run(Engine(gpu, tokenizer, max_batch=3, max_len=160, prefill_graphs=True), jobs)
-    assert [tokens(o) for o in graphed] == [tokens(o) for o in eager] == [tokens(o) for o in prefill_graphed]
+    # Slots of 160 tokens hold the smallest prefill bucket (128 tokens + the meta tokens): by default the decode
+    # steps and small groups' first prefills replay CUDA graphs.
+    engine = Engine(gpu, tokenizer, max_batch=3, max_len=160)
+    assert engine.prefill_graphs is not None
+    graphed = run(engine, jobs)
+    eager = run(Engine(gpu, tokenizer, max_batch=3, max_len=160, cuda_graph=False), jobs)
+    eager_prefill = run(Engine(gpu, tokenizer, max_batch=3, max_len=160, prefill_graphs=False), jobs)
+    assert [tokens(o) for o in graphed] == [tokens(o) for o in eager] == [tokens(o) for o in eager_prefill]
     for prompt, n, outputs in zip(PROMPTS, MAX_TOKENS, graphed):
         assert tokens(outputs) == offline(gpu, prompt, n, cuda_graph=False)
 

@@ -292,7 +292,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     engines = [Engine(m, tokenizer, max_batch=load.slots, max_len=max_len, eos_token_id=[],
                       compile=not args.no_compile, cuda_graph=not args.no_cuda_graph,
                       max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
-                      prefill_wait_s=args.prefill_wait, prefill_graphs=args.prefill_graphs, progress=note)
+                      prefill_wait_s=args.prefill_wait, prefill_graphs=not args.no_prefill_graphs, progress=note)
                for m in models]
     engine = engines[0] if len(engines) == 1 else Replicas(engines)
     prompts = random_prompts(load, config.vocab_size)
@@ -331,7 +331,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                   compile=not args.no_compile and gpu,
                   cuda_graph=not args.no_cuda_graph and gpu, max_batch_tokens=args.max_batch_tokens,
                   prefill_chunk=args.prefill_chunk, prefill_wait_s=args.prefill_wait,
-                  prefill_graphs=args.prefill_graphs and gpu,
+                  prefill_graphs=not args.no_prefill_graphs and gpu and not args.no_cuda_graph,
                   results=[asdict(r) for r in results], static=asdict(baseline), static_step_ms=step_ms)
     print(format_report(report))
     if args.json:
@@ -418,8 +418,8 @@ def add_parser(subparsers) -> None:
                         help="seconds a group that is not full may wait for more arrivals while others decode")
     parser.add_argument("--no-compile", action="store_true", help="capture the eager decode step (no torch.compile)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
-    parser.add_argument("--prefill-graphs", action="store_true",
-                        help="capture small groups' prefill forwards as CUDA graphs too (hymba.generate.PrefillGraphs)")
+    parser.add_argument("--no-prefill-graphs", action="store_true",
+                        help="run small groups' prefill forwards eagerly instead of replaying CUDA graphs of them")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and arrivals")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.set_defaults(func=run_serve_bench)

@@ -43,7 +43,7 @@ def run_serve(args: argparse.Namespace) -> int:
         engines.append(Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_context,
                               max_queue=args.max_queue, max_batch_tokens=args.max_batch_tokens,
                               prefill_chunk=args.prefill_chunk, prefill_wait_s=args.prefill_wait,
-                              compile=args.compile, progress=_progress))
+                              compile=args.compile, prefill_graphs=args.prefill_graphs, progress=_progress))
     engine = engines[0] if len(engines) == 1 else Replicas(engines)
     name = args.served_model_name or args.model or "hymba"
     app = create_app(engine, name)
@@ -104,6 +104,10 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--no-compile", dest="compile", action="store_false",
                        help="on CUDA, capture the eager decode step instead of compiling it first (starts faster, "
                             "decodes about 10%% slower)")
+    serve.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_false",
+                       help="on CUDA, run the first prefill of a small group of prompts eagerly instead of replaying a "
+                            "CUDA graph captured at start-up for its (rows, length) bucket (starts faster; first tokens "
+                            "come later under load)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (info logs every request)")
     serve.set_defaults(func=run_serve)
