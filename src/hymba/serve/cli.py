@@ -105,9 +105,9 @@ def add_parser(subparsers) -> None:
                        help="on CUDA, capture the eager decode step instead of compiling it first (starts faster, "
                             "decodes about 10%% slower)")
     serve.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_false",
-                       help="on CUDA, run the first prefill of a small group of prompts eagerly instead of replaying a "
-                            "CUDA graph captured at start-up for its (rows, length) bucket (starts faster; first tokens "
-                            "come later under load)")
+                       help="on CUDA, run the first prefill of a small group of prompts eagerly instead of "
+                            "replaying a CUDA graph captured at start-up for its (rows, length) bucket (starts faster; "
+                            "first tokens come later under load)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (info logs every request)")
     serve.set_defaults(func=run_serve)
