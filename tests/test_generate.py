@@ -43,11 +43,13 @@ def test_a_prefill_padded_into_its_bucket_equals_each_prompt_alone(model):
     from hymba.generate import PrefillGraphs
 
     cache = HymbaCache(model.config, 4, 48)
-    graphs = PrefillGraphs(model, cache, rows=(1, 4), widths=(8, 32), cuda_graph=False)
+    graphs = PrefillGraphs(model, cache, rows=(1, 4), widths=(8, 32), cuda_graph=False, segments=3)
     assert graphs.bucket(3, 17) == (4, 32) and graphs.bucket(1, 5) == (1, 8) and graphs.bucket(5, 8) is None
     ids, mask = left_pad(PROMPTS, pad_id=0)
+    calls = []
     with torch.no_grad():
-        logits = graphs(ids, mask)
+        logits = graphs(ids, mask, between=lambda: calls.append(1))
+        assert len(calls) == 2  # between the three segments
         rows = cache.rows(3)
         rows.started = True
         steps = [logits]

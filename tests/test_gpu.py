@@ -170,7 +170,8 @@ def test_compiled_layers_training_step_matches_eager_in_bf16():
 
 def test_captured_prefill_equals_its_eager_run():
     """`PrefillGraphs`' replays give the logits and cache rows of the same padded forward run eagerly, bucket after
-    bucket and again after other buckets ran (they share one memory pool)."""
+    bucket and again after other buckets ran (they share one memory pool), with other work queued between a
+    forward's segments (as the engine's decode steps are)."""
     from hymba.cache import HymbaCache
     from hymba.generate import PrefillGraphs, left_pad
 
@@ -182,13 +183,15 @@ def test_captured_prefill_equals_its_eager_run():
     captured = PrefillGraphs(model, captured_cache, rows=(2, 4), widths=(32, 64, 128))
     eager = PrefillGraphs(model, eager_cache, rows=(2, 4), widths=(32, 64, 128), cuda_graph=False)
     captured.capture()
+    other = torch.randn(256, 256, device="cuda")  # work queued between a forward's segments
     with torch.inference_mode():
         for ids_list in groups + groups[::-1]:
             ids, mask = left_pad(ids_list, 0, "cuda")
             for cache in (captured_cache, eager_cache):
                 cache.reset_rows(list(range(4)))
-            got, want = captured(ids, mask), eager(ids, mask)
-            assert rel(got, want) < 1e-5
+            calls = []
+            got, want = captured(ids, mask, lambda: calls.append(other @ other)), eager(ids, mask)  # noqa: B023
+            assert rel(got, want) < 1e-5 and len(calls) == len(captured.cuts) == 1
             k = len(ids_list)
             for layer, state in eager_cache.ssm.items():
                 assert rel(captured_cache.ssm[layer].ssm[:k], state.ssm[:k]) < 1e-5

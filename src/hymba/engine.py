@@ -631,7 +631,10 @@ class Engine:
         mask = group.mask[:, start:end] if not cache.started else None
         logits = None
         if self.prefill_graphs is not None and group.fresh and len(group.pieces) == 1:
-            logits = self.prefill_graphs(group.ids, group.mask)  # None when no bucket holds the group
+            # None when no bucket holds the group. A replay is queued at once, so the decode step between its
+            # segments goes in unconditionally.
+            logits = self.prefill_graphs(group.ids, group.mask,
+                                         between=self._decode_now if self.decode_during_prefill else None)
         if logits is None:
             logits = self.model(group.ids[:, start:end], mask, cache=cache, logits_to_keep=1,
                                 between_layers=self._decode_between_layers if self.decode_during_prefill else None
@@ -679,6 +682,10 @@ class Engine:
         next decode step (it queues behind the layers launched so far) and hand out the finished tokens."""
         if self._inflight and not self._inflight[-1].finished():
             return
+        self._decode_now()
+
+    def _decode_now(self) -> None:
+        """Launch the next decode step and hand out the tokens of the launches before it."""
         clock = time.perf_counter()
         launched = self._guarded(self._decoding_requests(), self._launch_decode)
         while len(self._inflight) > int(launched):

@@ -7,6 +7,7 @@ EOS id or a stop string stop growing (they are padded) while the others go on.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -386,12 +387,20 @@ class PrefillGraphs:
     empties the rows first (`HymbaCache.reset_rows`). All graphs share one memory pool: replays follow each other on
     one stream and each keeps its own output. Without graphs (a CPU, `cuda_graph=False`) the same padded forward
     runs eagerly, the reference the tests compare.
+
+    Each forward is captured as `segments` graphs of consecutive layers, replayed in order (the order they were
+    captured in, which a shared pool needs), with the call's `between` run between them: the serving engine launches
+    a decode step there, so its running requests wait for part of a prefill instead of all of it.
     """
 
     def __init__(self, model, cache: HymbaCache, rows: Sequence[int] = (1, 2, 4, 8),
                  widths: Sequence[int] = (128, 256, 512, 1024), cuda_graph: bool | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, segments: int = 2):
         self.model, self.cache, self.progress = model, cache, progress
+        layers = model.config.num_hidden_layers
+        segments = max(1, min(segments, layers))
+        # The layer counts after which a segment ends (the last segment ends with the forward).
+        self.cuts = frozenset(layers * k // segments for k in range(1, segments))
         self.graphed = model.device.type == "cuda" and cuda_graph is not False
         # A fresh forward's width (meta tokens and padding included) must fit a global layer's buffer.
         room = min((layout.capacity for layout in cache.layouts.values() if layout.ring is None), default=math.inf)
@@ -413,28 +422,45 @@ class PrefillGraphs:
             for w in self.widths:
                 self._get((r, w))
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 between: Callable[[], None] | None = None) -> torch.Tensor | None:
         """Last-position logits (k, vocab) of k left-padded prompts (k, w) prefilled into the cache's first k rows,
-        or None when no bucket holds them (the caller runs the forward itself)."""
+        or None when no bucket holds them (the caller runs the forward itself). `between` runs between segments."""
         k, w = input_ids.shape
         bucket = self.bucket(k, w)
         if bucket is None:
             return None
-        ids, mask, graph, logits = self._get(bucket)
+        ids, mask, graphs, logits = self._get(bucket)
         ids.fill_(self.pad_id)
         mask.zero_()
         ids[:k, bucket[1] - w:].copy_(input_ids)
         mask[:k, bucket[1] - w:].copy_(attention_mask)
-        if graph is None:
-            logits = self._forward(bucket[0], ids, mask)
+        if graphs is None:
+            logits = self._forward(bucket[0], ids, mask, self._at_cuts(between))
         else:
-            graph.replay()
+            for i, graph in enumerate(graphs):
+                if i and between is not None:
+                    between()
+                graph.replay()
         return logits[:k]
 
-    def _forward(self, rows: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _at_cuts(self, fn: Callable[[], None] | None) -> Callable[[], None] | None:
+        """A `between_layers` callback that calls `fn` after the layers where a segment ends."""
+        if fn is None:
+            return None
+        done = itertools.count(1)
+
+        def after_layer() -> None:
+            if next(done) in self.cuts:
+                fn()
+
+        return after_layer
+
+    def _forward(self, rows: int, ids: torch.Tensor, mask: torch.Tensor,
+                 between_layers: Callable[[], None] | None = None) -> torch.Tensor:
         view = self.cache.rows(rows)
         view.started = False
-        return self.model(ids, mask, cache=view, logits_to_keep=1).logits[:, -1]
+        return self.model(ids, mask, cache=view, logits_to_keep=1, between_layers=between_layers).logits[:, -1]
 
     def _get(self, bucket: tuple[int, int]) -> tuple:
         if bucket not in self._buckets:
@@ -443,7 +469,7 @@ class PrefillGraphs:
             ids = torch.full((rows, width), self.pad_id, dtype=torch.long, device=device)
             mask = torch.ones((rows, width), dtype=torch.long, device=device)
             mask[:, 0] = 0  # the warm-up compiles what the captured forward runs: the padded path
-            graph = logits = None
+            graphs = logits = None
             if self.graphed:
                 if self.progress is not None:
                     self.progress(f"capturing the prefill of {rows} prompt{'s' * (rows > 1)} of up to {width} tokens")
@@ -454,10 +480,22 @@ class PrefillGraphs:
                         for _ in range(2):
                             self._forward(rows, ids, mask)
                     torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self._pool):
-                        logits = self._forward(rows, ids, mask)
-            self._buckets[bucket] = (ids, mask, graph, logits)
+                    graphs = [torch.cuda.CUDAGraph() for _ in range(len(self.cuts) + 1)]
+                    capturing = 0
+
+                    def cut() -> None:  # tensors made in one segment and read in a later one stay in the pool
+                        nonlocal capturing
+                        graphs[capturing].capture_end()
+                        capturing += 1
+                        graphs[capturing].capture_begin(pool=self._pool)
+
+                    torch.cuda.synchronize()
+                    with torch.cuda.stream(side):
+                        graphs[0].capture_begin(pool=self._pool)
+                        logits = self._forward(rows, ids, mask, self._at_cuts(cut))
+                        graphs[-1].capture_end()
+                    torch.cuda.current_stream().wait_stream(side)
+            self._buckets[bucket] = (ids, mask, graphs, logits)
         return self._buckets[bucket]
 
 
