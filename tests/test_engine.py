@@ -230,7 +230,9 @@ def test_cuda_graph_engine_equals_eager(model, tokenizer):
     graphed = run(engine, jobs)
     eager = run(Engine(gpu, tokenizer, max_batch=3, max_len=160, cuda_graph=False), jobs)
     eager_prefill = run(Engine(gpu, tokenizer, max_batch=3, max_len=160, prefill_graphs=False), jobs)
-    assert [tokens(o) for o in graphed] == [tokens(o) for o in eager] == [tokens(o) for o in eager_prefill]
+    segmented = run(Engine(gpu, tokenizer, max_batch=3, max_len=160, prefill_graph_segments=2), jobs)
+    assert ([tokens(o) for o in graphed] == [tokens(o) for o in eager] == [tokens(o) for o in eager_prefill]
+            == [tokens(o) for o in segmented])
     for prompt, n, outputs in zip(PROMPTS, MAX_TOKENS, graphed):
         assert tokens(outputs) == offline(gpu, prompt, n, cuda_graph=False)
 

@@ -180,7 +180,7 @@ def test_captured_prefill_equals_its_eager_run():
     model.init_weights()
     groups = [[list(range(1, 40)), [7, 8, 9]], [list(range(100, 220))], [[5] * 7, list(range(9, 30)), [3, 4]]]
     captured_cache, eager_cache = (HymbaCache(model.config, 4, 200, device="cuda") for _ in range(2))
-    captured = PrefillGraphs(model, captured_cache, rows=(2, 4), widths=(32, 64, 128))
+    captured = PrefillGraphs(model, captured_cache, rows=(2, 4), widths=(32, 64, 128), segments=2)
     eager = PrefillGraphs(model, eager_cache, rows=(2, 4), widths=(32, 64, 128), cuda_graph=False)
     captured.capture()
     other = torch.randn(256, 256, device="cuda")  # work queued between a forward's segments

@@ -244,7 +244,8 @@ class Engine:
     `prefill_wait_s` to fill a group while others decode (see `Scheduler`). On CUDA the decode step is compiled
     (`compile`) and captured as CUDA graphs (`cuda_graph`) for each batch bucket at start-up, reporting each to
     `progress`; with `prefill_graphs` (the default where decode steps are captured) so is a small group's first
-    prefill (`PrefillGraphs`). With
+    prefill (`PrefillGraphs`), as `prefill_graph_segments` graphs of consecutive layers with a decode step launched
+    between them. With
     `decode_during_prefill` (the default on CUDA) the decode steps that fall due while a prefill forward is being
     launched are launched between its layers. `max_prefill_rows=1`, `cuda_graph=False`, `prefill_graphs=False` and
     `decode_during_prefill=False` are the reference paths the tests compare against.
@@ -253,7 +254,7 @@ class Engine:
     def __init__(self, model, tokenizer: HymbaTokenizer, max_batch: int = 8, max_len: int | None = None,
                  max_queue: int | None = None, prefill_chunk: int = 2048, max_batch_tokens: int = 32768,
                  max_prefill_rows: int | None = None, prefill_wait_s: float = 0.0, cuda_graph: bool | None = None,
-                 compile: bool | None = None, prefill_graphs: bool | None = None,
+                 compile: bool | None = None, prefill_graphs: bool | None = None, prefill_graph_segments: int = 1,
                  decode_during_prefill: bool | None = None,
                  eos_token_id: int | list[int] | None = None, progress: Callable[[str], None] | None = None):
         config = model.config
@@ -300,7 +301,9 @@ class Engine:
         # 0.17 (`benchmarks/serve_settings.py`, session 17).
         self.prefill_graphs = None
         if self.runner.graphed and prefill_graphs is not False:
-            self.prefill_graphs = PrefillGraphs(model, self.scratch, progress=progress)
+            # One segment until several are measured on a GPU (they are tested on the CPU through the eager path).
+            self.prefill_graphs = PrefillGraphs(model, self.scratch, progress=progress,
+                                                segments=prefill_graph_segments)
             self.prefill_graphs.capture()
         if self.device.type == "cuda":
             self._warm_up_prefill(progress)

@@ -395,7 +395,7 @@ class PrefillGraphs:
 
     def __init__(self, model, cache: HymbaCache, rows: Sequence[int] = (1, 2, 4, 8),
                  widths: Sequence[int] = (128, 256, 512, 1024), cuda_graph: bool | None = None,
-                 progress: Callable[[str], None] | None = None, segments: int = 2):
+                 progress: Callable[[str], None] | None = None, segments: int = 1):
         self.model, self.cache, self.progress = model, cache, progress
         layers = model.config.num_hidden_layers
         segments = max(1, min(segments, layers))
