@@ -75,6 +75,21 @@ def test_prefill_warm_up_leaves_no_trace(model, tokenizer):
         assert tokens(outputs) == offline(model, prompt, n)
 
 
+def test_a_finished_requests_row_is_parked_before_the_next_step(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=96)
+    outputs = queue.Queue()
+    engine.submit(PROMPTS[1], GenerationParams(max_tokens=30), outputs.put)  # row 0, so nothing moves down
+    short = engine.submit(PROMPTS[0], GenerationParams(max_tokens=2), outputs.put)
+    while short not in engine._running:
+        engine.step()
+    row = engine._running[short].row
+    while short in engine._running:
+        engine.step()
+    engine.step()  # the next decode step: the row computes parked at position 0, emptied of the request
+    assert bool(engine.runner.idle[row]) and int(engine.cache.next_position[row]) <= 1
+    assert not any(layout.valid[row, 1:].any() for layout in engine.cache.layouts.values())
+
+
 def test_eos_ends_a_request_early_and_its_slot_is_reused(model, tokenizer):
     eos = offline(model, PROMPTS[2], 33)[4]  # the 5th token request 2 generates
     engine = Engine(model, tokenizer, max_batch=2, max_len=96, eos_token_id=eos)
