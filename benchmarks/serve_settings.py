@@ -11,8 +11,8 @@ then (unless `--no-poisson`) with Poisson arrivals at `--rate` requests/s, by de
 setting's all-at-once run measured, so every setting meets the same arrivals. Random weights, no download; CUDA by
 default (`--device cpu` runs the tiny shape, for trying the script). Decode steps are captured eagerly unless
 `--compile` (compiling every bucket costs about 40 s each). Prints one table; `--json` writes the rows. `--profile`
-runs the first setting's all-at-once load under the PyTorch profiler and prints how busy the GPU was and its top
-kernels: where an engine loses to static generate, the gaps show as idle time.
+records a window of the first setting's all-at-once run (`--profile-window`) with the PyTorch profiler and prints how
+busy the GPU was and its top kernels: where an engine loses to static generate, the gaps show as idle time.
 """
 
 import argparse
@@ -20,6 +20,8 @@ import ast
 import functools
 import json
 import sys
+import threading
+import time
 
 import torch
 
@@ -64,7 +66,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--profile", action="store_true", help="profile the first setting's all-at-once run")
+    parser.add_argument("--profile-window", type=float, nargs=2, default=(2.0, 1.0), metavar=("START_S", "SECONDS"),
+                        help="when --profile records, from the run's start (default 2 1)")
     args = parser.parse_args()
+    if args.profile and not torch.cuda.is_available():
+        parser.error("--profile records GPU kernels: it needs CUDA")
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -100,7 +106,8 @@ def main() -> None:
                 all_at_once()
             else:
                 drive_engine(engine, prompts[:warm.requests], warm, [0.0] * warm.requests, "warm-up", None)
-            result = profiled(all_at_once) if args.profile and text == args.settings[0] else all_at_once()
+            profile = args.profile and text == args.settings[0]
+            result = profiled(all_at_once, *args.profile_window) if profile else all_at_once()
             report(text, "all at once", result)
             if not args.no_poisson:
                 rate = rate or 0.7 * load.requests / result.seconds
@@ -126,14 +133,23 @@ def main() -> None:
             json.dump(dict(load=vars(load), static_tok_s=static, static_step_ms=step_ms, rows=rows), f, indent=1)
 
 
-def profiled(run):
-    """`run()` under the profiler; prints the share of the run's wall time some kernel was running, and the top
-    kernels by total time."""
+def profiled(run, start_s: float, seconds: float):
+    """`run()` with the profiler on for `seconds` from `start_s` into it (a whole run's kernels are too many to read
+    back: ~800 per decode step); prints the share of that window some kernel was running, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        result = run()
-        torch.cuda.synchronize()
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    results = []
+    driver = threading.Thread(target=lambda: results.append(run()))  # the profiler is started where it was made
+    driver.start()
+    time.sleep(start_s)
+    prof.start()
+    time.sleep(seconds)
+    prof.stop()
+    driver.join()
+    if not results:
+        raise SystemExit("the profiled run failed (see above)")
+    result = results[0]
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA)
     busy, reach = 0, None
