@@ -238,6 +238,7 @@ def _scan_bwd_kernel(
     stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
     stride_dout_b, stride_dout_d, stride_dout_l,
     stride_dhlast_b, stride_dhlast_d, stride_dhlast_n,
+    stride_out_b, stride_out_d, stride_out_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOUT: tl.constexpr,
     HAS_DHLAST: tl.constexpr, SOFTPLUS: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARALLEL: tl.constexpr,
@@ -249,9 +250,11 @@ def _scan_bwd_kernel(
         dC_t = sum_d gy_t h_t      dB_t = sum_d g_t dt_t u_t      du_t = gy_t D + dt_t sum_n g_t B_t
         d dt_t = u_t sum_n g_t B_t + sum_n g_t h_{t-1} a_t A      dA = sum_{b,t} g_t h_{t-1} a_t dt_t
         dz_t = dout_t (C_t.h_t + D u_t) silu'(z_t)      dD = sum_{b,t} gy_t u_t      dh0 = a_0 g_0
-    Outputs: du, ddelta, dz (batch, d_inner, L) contiguous; dA (batch, d_inner, d_state), dD and dbias
-    (batch, d_inner): per batch element; dB, dC (batch, n_dblocks, d_state, L): per channel block; dh0 (batch,
-    d_inner, d_state). scratch (batch, n_dblocks, CHUNK, BLOCK_D, BLOCK_N) holds this program's recomputed states.
+    Outputs: du, ddelta, dz (batch, d_inner, L) with the strides `stride_out_*` (position-major, as the model's
+    activations, so each position writes one contiguous run of channels); dA (batch, d_inner, d_state), dD and dbias
+    (batch, d_inner): per batch element; dB, dC (batch, n_dblocks, L, d_state) contiguous: per channel block, one
+    contiguous run of states per position; dh0 (batch, d_inner, d_state). scratch (batch, n_dblocks, CHUNK, BLOCK_D,
+    BLOCK_N) holds this program's recomputed states.
 
     With PARALLEL a chunk is done at once from its checkpoint, without the scratch: the states h_t and the states
     before each position h_{t-1} come from two associative scans forward (the second over the inputs shifted by
@@ -329,7 +332,7 @@ def _scan_bwd_kernel(
             if HAS_DOUT:
                 gy = tl.load(dout_ptr + pid_b * stride_dout_b + pos[:, None] * stride_dout_l
                              + offs_d[None, :] * stride_dout_d, mask=m_here, other=0.0).to(tl.float32)
-            out_offs = (pid_b * d_inner + offs_d[None, :]) * length + pos[:, None]  # du, ddelta, dz: (CHUNK, BLOCK_D)
+            out_offs = pid_b * stride_out_b + offs_d[None, :] * stride_out_d + pos[:, None] * stride_out_l
             if HAS_Z:
                 z = tl.load(z_ptr + pid_b * stride_z_b + pos[:, None] * stride_z_l + offs_d[None, :] * stride_z_d,
                             mask=m_here, other=0.0).to(tl.float32)
@@ -346,7 +349,7 @@ def _scan_bwd_kernel(
             g = decay * carry[None, :, :] + g
             carry = tl.sum(tl.where(first, g * a, 0.0), axis=0)
 
-            dBC_offs = ((pid_b * n_dblocks + pid_d) * d_state + offs_n[None, :]) * length + pos[:, None]
+            dBC_offs = ((pid_b * n_dblocks + pid_d) * length + pos[:, None]) * d_state + offs_n[None, :]
             tl.store(dC_ptr + dBC_offs, tl.sum(gy[:, :, None] * h, axis=1), mask=mask_ln)
             tl.store(dB_ptr + dBC_offs, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mask_ln)
             gB = tl.sum(g * Bt[:, None, :], axis=2)
@@ -372,8 +375,8 @@ def _scan_bwd_kernel(
             z_ptrs0 = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
         if HAS_DOUT:
             dout_ptrs0 = dout_ptr + pid_b * stride_dout_b + offs_d * stride_dout_d
-        out_offs0 = (pid_b * d_inner + offs_d) * length  # du, ddelta, dz
-        dBC_offs0 = (pid_b * n_dblocks + pid_d) * d_state * length + offs_n * length
+        out_offs0 = pid_b * stride_out_b + offs_d * stride_out_d  # du, ddelta, dz
+        dBC_offs0 = (pid_b * n_dblocks + pid_d) * length * d_state + offs_n
         ckpt_ptrs0 = ckpt_ptr + pid_b * stride_ckpt_b + offs_d[:, None] * stride_ckpt_d + offs_n[None, :]
         # Scratch slot i of the current chunk holds the state *before* position start+i.
         scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * BLOCK_D * BLOCK_N)
@@ -418,8 +421,8 @@ def _scan_bwd_kernel(
                 z_ptrs = z_ptrs0 + t * stride_z_l
             if HAS_DOUT:
                 dout_ptrs = dout_ptrs0 + t * stride_dout_l
-            out_offs = out_offs0 + t
-            dBC_offs = dBC_offs0 + t
+            out_offs = out_offs0 + t * stride_out_l
+            dBC_offs = dBC_offs0 + t * d_state
             scratch_ptrs = scratch_ptrs0 + (chunk_len - 1) * (BLOCK_D * BLOCK_N)
             for i_rev in range(0, CHUNK):
                 if i_rev < chunk_len:
@@ -475,8 +478,8 @@ def _scan_bwd_kernel(
                         z_ptrs -= stride_z_l
                     if HAS_DOUT:
                         dout_ptrs -= stride_dout_l
-                    out_offs -= 1
-                    dBC_offs -= 1
+                    out_offs -= stride_out_l
+                    dBC_offs -= d_state
                     scratch_ptrs -= BLOCK_D * BLOCK_N
             # The next chunk's recompute overwrites slots this walk may still be reading in other threads.
             tl.debug_barrier()
@@ -556,12 +559,13 @@ class _SelectiveScanFn(torch.autograd.Function):
         n_dblocks = triton.cdiv(d_inner, block_d)
         dev = u.device
         f32 = dict(device=dev, dtype=torch.float32)
-        du = torch.empty(batch, d_inner, length, device=dev, dtype=u.dtype)
-        ddelta = torch.empty(batch, d_inner, length, device=dev, dtype=delta.dtype)
-        dz = torch.empty(batch, d_inner, length, device=dev, dtype=z.dtype) if z is not None else None
+        # Position-major, like the activations they are the gradients of (see `_scan_bwd_kernel`).
+        du = torch.empty(batch, length, d_inner, device=dev, dtype=u.dtype).transpose(1, 2)
+        ddelta = torch.empty(batch, length, d_inner, device=dev, dtype=delta.dtype).transpose(1, 2)
+        dz = torch.empty(batch, length, d_inner, device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
         dA = torch.empty(batch, d_inner, d_state, **f32)
-        dB = torch.empty(batch, n_dblocks, d_state, length, **f32)
-        dC = torch.empty(batch, n_dblocks, d_state, length, **f32)
+        dB = torch.empty(batch, n_dblocks, length, d_state, **f32)
+        dC = torch.empty(batch, n_dblocks, length, d_state, **f32)
         dD = torch.empty(batch, d_inner, **f32)
         dbias = torch.empty(batch, d_inner, **f32)
         dh0 = torch.empty(batch, d_inner, d_state, **f32)
@@ -569,7 +573,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         outputs = (du, ddelta, dz, dA, dB, dC, dD, dbias, dh0)
         shapes = (d_inner, d_state, length,
                   *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-                  ckpt.stride(0), ckpt.stride(1), ckpt.stride(2), *_strides3(dy), *_strides3(dhlast))
+                  ckpt.stride(0), ckpt.stride(1), ckpt.stride(2), *_strides3(dy), *_strides3(dhlast), *du.stride())
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                      HAS_DOUT=dy is not None, HAS_DHLAST=dhlast is not None, SOFTPLUS=bool(ctx.delta_softplus),
                      CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
@@ -584,7 +588,8 @@ class _SelectiveScanFn(torch.autograd.Function):
             return None if like is None else grad.to(like.dtype)
 
         return (
-            du, ddelta, cast(dA.sum(0), A), cast(dB.sum(1), B), cast(dC.sum(1), C), cast(dD.sum(0), D), dz,
+            du, ddelta, cast(dA.sum(0), A), cast(dB.sum(1).transpose(1, 2), B), cast(dC.sum(1).transpose(1, 2), C),
+            cast(dD.sum(0), D), dz,
             cast(dbias.sum(0), delta_bias), cast(dh0, initial_state), None, None, None, None,
         )
 
