@@ -19,7 +19,13 @@ from triton.testing import do_bench
 from hymba.ops.scan.triton import selective_scan_triton
 
 D_INNER, D_STATE = 3200, 16
-CASES = [(16, None), (32, None), (64, None), (8, 16), (16, 16), (32, 16), (16, 32), (16, 64), (32, 8)]
+# (block_d, block_l, backward block_l, chunk): the forward without gradients saves no states, so its chunk is moot; the
+# walk's backward recomputes each chunk's states into a scratch of chunk x block_d x d_state floats per program (in
+# L2 when small); a parallel backward saves a state per block of its own.
+CASES = [(16, None, None, 64), (32, None, None, 64), (64, None, None, 64), (8, 16, 16, 16), (16, 16, 16, 16),
+         (32, 16, 16, 16), (16, 32, 32, 32), (16, 64, 64, 64), (32, 8, 8, 8)]
+BACKWARD_CASES = [(32, None, None, 32), (32, None, None, 16), (16, None, None, 32), (16, None, None, 16),
+                  (8, 16, 16, 16), (16, 16, 16, 16), (32, None, 16, 16), (16, None, 16, 16), (8, None, 16, 16)]
 
 
 def bench_batch(batch: int, length: int, backward: bool) -> None:
@@ -32,24 +38,27 @@ def bench_batch(batch: int, length: int, backward: bool) -> None:
     D, bias = torch.ones(D_INNER, device=dev), torch.zeros(D_INNER, device=dev)
     dy = torch.randn_like(u)
 
-    def scan(block_d, block_l):
+    def scan(block_d, block_l=None, backward_block_l=None, chunk=64):
         for leaf in leaves:
             leaf.grad = None
-        y, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, block_d=block_d, block_l=block_l)
+        y, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, block_d=block_d, block_l=block_l,
+                                     backward_block_l=backward_block_l, chunk=chunk)
         if backward:
             y.backward(dy)
             return leaves[0].grad.detach().clone()
         return y.detach()
 
-    want = scan(32, None)
-    baseline = do_bench(lambda: scan(32, None), warmup=3, rep=10, grad_to_none=leaves)
-    for block_d, block_l in CASES:
-        got = scan(block_d, block_l)
+    want = scan(32)
+    baseline = do_bench(lambda: scan(32), warmup=3, rep=10, grad_to_none=leaves)
+    for case in BACKWARD_CASES if backward else CASES:
+        got = scan(*case)
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        ms = do_bench(lambda bd=block_d, bl=block_l: scan(bd, bl), warmup=3, rep=10, grad_to_none=leaves)
+        ms = do_bench(lambda c=case: scan(*c), warmup=3, rep=10, grad_to_none=leaves)
+        block_d, block_l, backward_block_l, chunk = case
         programs = batch * -(-D_INNER // block_d)
-        print(f"{batch:5d} {block_d:7d} {str(block_l):>7} {programs:8d} {ms:8.2f} {ms * 1e6 / length:11.0f} "
-              f"{baseline / ms:10.2f}" + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""), flush=True)
+        print(f"{batch:5d} {block_d:7d} {str(block_l):>7} {str(backward_block_l):>8} {chunk:5d} {programs:8d} "
+              f"{ms:8.2f} {ms * 1e6 / length:11.0f} {baseline / ms:10.2f}"
+              + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""), flush=True)
 
 
 def main() -> None:
@@ -59,8 +68,8 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     args = parser.parse_args()
     torch.manual_seed(0)
-    header = [("batch", 5), ("block_d", 7), ("block_l", 7), ("programs", 8), ("ms", 8), ("ns/position", 11),
-              ("vs walk 32", 10)]
+    header = [("batch", 5), ("block_d", 7), ("block_l", 7), ("bwd bl", 8), ("chunk", 5), ("programs", 8), ("ms", 8),
+              ("ns/position", 11), ("vs walk 32", 10)]
     print(" ".join(f"{name:>{width}}" for name, width in header))
     for batch in (int(b) for b in args.batches.split(",")):
         bench_batch(batch, args.length, args.backward)

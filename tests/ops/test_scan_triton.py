@@ -118,6 +118,12 @@ def test_scan_variants(z, bias, h0, softplus, use_y, use_state, strided, block_l
     check(results, fwd_tol=1e-5, bwd_tol=1e-5)
 
 
+def test_scan_walk_forward_with_parallel_backward():
+    # The forward saves a state per backward block (8 here, not the chunk of 64 asked for).
+    results = run_both(make_inputs(2, 20, 5, 37), chunk=64, block_d=16, block_l=None, backward_block_l=8)
+    check(results, fwd_tol=1e-5, bwd_tol=1e-5)
+
+
 def test_scan_bf16_matches_reference():
     results = run_both(make_inputs(2, 37, 16, 24, dtype=torch.bfloat16), chunk=8, block_d=64)
     check(results, fwd_tol=2e-2, bwd_tol=2e-2)

@@ -537,15 +537,17 @@ class _SelectiveScanFn(torch.autograd.Function):
     """Forward saves the inputs and the per-chunk states; backward is `_scan_bwd_kernel`."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, block_d, block_l):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, block_d, block_l,
+                backward_block_l):
         # The parallel backward starts each block of positions from a saved state: one per block.
-        chunk = block_l or chunk
+        chunk = backward_block_l or chunk
         y, hlast, ckpt = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                    save_ckpt=True, chunk=chunk, block_d=block_d, block_l=block_l)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt)
         # Unused outputs then arrive as None instead of zero tensors, so the kernel skips them.
         ctx.set_materialize_grads(False)
-        ctx.delta_softplus, ctx.chunk, ctx.block_d, ctx.parallel = delta_softplus, chunk, block_d, block_l is not None
+        ctx.delta_softplus, ctx.chunk, ctx.block_d = delta_softplus, chunk, block_d
+        ctx.parallel = backward_block_l is not None
         return y, hlast
 
     @staticmethod
@@ -590,23 +592,25 @@ class _SelectiveScanFn(torch.autograd.Function):
         return (
             du, ddelta, cast(dA.sum(0), A), cast(dB.sum(1).transpose(1, 2), B), cast(dC.sum(1).transpose(1, 2), C),
             cast(dD.sum(0), D), dz,
-            cast(dbias.sum(0), delta_bias), cast(dh0, initial_state), None, None, None, None,
+            cast(dbias.sum(0), delta_bias), cast(dh0, initial_state), None, None, None, None, None,
         )
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, initial_state=None,
-                          *, chunk: int = DEFAULT_CHUNK, block_d: int | None = None, block_l: int | None = None):
+                          *, chunk: int = DEFAULT_CHUNK, block_d: int | None = None, block_l: int | None = None,
+                          backward_block_l: int | None = None):
     """Fused selective scan. Shapes and results as `selective_scan_ref`: returns (y in u's dtype, last_state
     (batch, d_inner, d_state) float32). Differentiable in every tensor input via the Triton backward.
 
-    `chunk` (positions between states saved for the backward), `block_d` (channels per program) and `block_l`
-    (positions per block of the parallel forward and backward, which then save a state per block; None walks
-    positions one at a time) are tuning knobs; they do not change results beyond float rounding.
+    `chunk` (positions between states saved for the backward), `block_d` (channels per program), `block_l`
+    (positions per block of the parallel forward; None walks positions one at a time) and `backward_block_l` (the
+    same for the backward, which then needs a state saved per block; None: as `block_l`) are tuning knobs; they do
+    not change results beyond float rounding.
     """
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
-                                      block_d, block_l)
+                                      block_d, block_l, backward_block_l or block_l)
     y, hlast, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                             save_ckpt=False, chunk=chunk, block_d=block_d, block_l=block_l)
     return y, hlast
