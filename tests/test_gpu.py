@@ -47,6 +47,26 @@ def test_cuda_graph_decode_equals_eager():
     assert torch.equal(generate(model, prompts, max_new_tokens=30, cuda_graph=True), eager)
 
 
+def test_fused_mlp_decode_gives_the_plain_paths_tokens(monkeypatch):
+    """bf16 decode with the fused gate/up SwiGLU kernel (`hymba.ops.mlp.FUSED_MAX_ROWS`) against the plain MLP: the
+    same greedy tokens at batch 1 and 7 for 64 steps past the sliding window, eager and captured."""
+    from hymba.ops import mlp
+
+    torch.manual_seed(0)
+    model = HymbaForCausalLM(HymbaConfig.preset("tiny", vocab_size=257, sliding_window=16)).cuda().eval()
+    model.init_weights()
+    model.to(torch.bfloat16)
+    for batch in (1, 7):
+        prompts = [list(range(1 + row, 12 + 3 * row)) for row in range(batch)]
+        monkeypatch.setattr(mlp, "FUSED_MAX_ROWS", 0)
+        plain = generate(model, prompts, max_new_tokens=80, cuda_graph=False)
+        monkeypatch.setattr(mlp, "FUSED_MAX_ROWS", 8)
+        for cuda_graph in (False, True):
+            # (compiled with the kernel inside: tests/ops/test_mlp_triton.py)
+            assert torch.equal(generate(model, prompts, max_new_tokens=80, cuda_graph=cuda_graph, compile=False),
+                               plain)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_fast_prefill_matches_reference(dtype, tol):
     """A long prompt (FlexAttention, Triton scan and conv) against the CPU float32 reference path."""
@@ -82,7 +102,8 @@ def test_training_step_gradients_match_reference():
 
 def test_compiled_elementwise_pieces_match_their_reference():
     """RMSNorm, RoPE, SwiGLU and the branch fusion run compiled on CUDA; each equals its eager reference."""
-    from hymba.model import apply_rope, average_of_norms, rms_norm, swiglu
+    from hymba.model import apply_rope, average_of_norms, rms_norm
+    from hymba.ops.mlp import swiglu
 
     torch.manual_seed(0)
     x = torch.randn(3, 37, 2 * 100, device="cuda", dtype=torch.bfloat16)[..., ::2]  # odd shape, not contiguous

@@ -25,6 +25,7 @@ from hymba.ops import capturing_cuda_graph, compiled_on_gpu
 from hymba.ops.attention import attention, plan_attention
 from hymba.ops.conv import causal_conv1d
 from hymba.ops.cross_entropy import linear_cross_entropy
+from hymba.ops.mlp import gate_up_swiglu, swiglu
 from hymba.ops.norm import rms_norm
 from hymba.ops.scan import selective_scan, selective_state_update, ssm_projections, ssm_step_inputs
 
@@ -244,12 +245,9 @@ class HymbaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:  # no adapter wraps them
+            return self.down_proj(gate_up_swiglu(x, self.gate_proj.weight, self.up_proj.weight))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
-@compiled_on_gpu
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
 
 
 class SingleExpert(nn.Module):

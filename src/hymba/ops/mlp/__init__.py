@@ -1,0 +1,41 @@
+"""The MLP's first half, swiglu(x @ gate.T, x @ up.T): `gate_up_swiglu` picks the implementation.
+
+A decode step's MLP at a few rows is two weight-bound GEMVs and an elementwise kernel: on an H200 at batch 1 the
+1.5B shape's gate and up GEMVs took 9.1 and 9.5 us each (1.9 TB/s of weights) and SwiGLU 1.2 us (docs/bench.md).
+`hymba.ops.mlp.triton` reads both weights in one kernel and applies SwiGLU to its tile before storing it. It runs for
+up to `FUSED_MAX_ROWS` rows without gradients; 0 (the default) keeps the plain path until it is measured faster on
+a GPU (`benchmarks/bench_mlp.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hymba.ops import compiled_on_gpu, gpu_kernels_usable
+
+__all__ = ["FUSED_MAX_ROWS", "gate_up_swiglu", "gate_up_swiglu_ref", "swiglu"]
+
+FUSED_MAX_ROWS = 0
+
+
+@compiled_on_gpu
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def gate_up_swiglu_ref(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate_weight.T) * (x @ up_weight.T), each product rounded to x's dtype as a linear layer's is."""
+    return swiglu(F.linear(x, gate_weight), F.linear(x, up_weight))
+
+
+def gate_up_swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+    """x (..., hidden); weights (intermediate, hidden). Returns (..., intermediate) in x's dtype."""
+    rows = x.numel() // x.shape[-1]
+    if (rows <= FUSED_MAX_ROWS and gpu_kernels_usable(x)
+            and not (torch.is_grad_enabled() and (x.requires_grad or gate_weight.requires_grad))):
+        from hymba.ops.mlp.triton import gate_up_swiglu_triton
+
+        return gate_up_swiglu_triton(x.reshape(rows, x.shape[-1]), gate_weight, up_weight).view(
+            *x.shape[:-1], gate_weight.shape[0])
+    return gate_up_swiglu_ref(x, gate_weight, up_weight)

@@ -1,0 +1,88 @@
+"""swiglu(x @ gate.T, x @ up.T) for a few rows in one kernel (see `hymba.ops.mlp`).
+
+One program per BLOCK_N outputs: it streams the same BLOCK_N rows of both weights over the hidden dimension in
+BLOCK_K slices (the rows padded to tl.dot's 16), accumulates both products in float32, rounds each to the model's
+dtype as the two linear layers would, and stores silu(gate) * up. Weight-bound: the kernel's time is how fast it
+reads 2 x intermediate x hidden weights.
+
+Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the kernel also
+takes CPU tensors, which is how the tests exercise it without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["gate_up_swiglu_triton"]
+
+BLOCK_ROWS = 16  # the smallest M of tl.dot; rows beyond the input are masked
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 32, 128, 4, 4  # untuned: benchmarks/bench_mlp.py sweeps them
+
+
+@triton.jit
+def _gate_up_swiglu_kernel(
+    x_ptr, gate_ptr, up_ptr, out_ptr,
+    rows, n, k,
+    stride_x, stride_gate, stride_up, stride_out,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < rows, offs_n < n
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for start in range(0, k, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        w_mask = mask_n[:, None] & mask_k[None, :]
+        gate = tl.load(gate_ptr + offs_n[:, None] * stride_gate + offs_k[None, :], mask=w_mask, other=0.0)
+        up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_k[None, :], mask=w_mask, other=0.0)
+        if DOT_FP32:  # float32 inputs, and the interpreter, whose bf16 tl.dot is wrong
+            x32 = x.to(tl.float32)
+            acc_gate += tl.dot(x32, tl.trans(gate.to(tl.float32)), input_precision="ieee")
+            acc_up += tl.dot(x32, tl.trans(up.to(tl.float32)), input_precision="ieee")
+        else:
+            acc_gate += tl.dot(x, tl.trans(gate))
+            acc_up += tl.dot(x, tl.trans(up))
+    dtype = out_ptr.dtype.element_ty
+    gate = acc_gate.to(dtype).to(tl.float32)
+    up = acc_up.to(dtype).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], out.to(dtype),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# A custom op, so that the compiled decode step (`torch.compile(..., fullgraph=True)`) keeps the launch whole.
+@torch.library.custom_op("hymba::gate_up_swiglu", mutates_args=())
+def gate_up_swiglu_triton(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, block_n: int = 0,
+                          block_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> torch.Tensor:
+    """x (rows, hidden) with rows <= 16; weights (intermediate, hidden), rows contiguous. Zero tuning arguments
+    take the module's defaults."""
+    rows, k = x.shape
+    n = gate_weight.shape[0]
+    if rows > BLOCK_ROWS:
+        raise ValueError(f"gate_up_swiglu_triton takes at most {BLOCK_ROWS} rows, got {rows}")
+    if gate_weight.stride(1) != 1 or up_weight.stride(1) != 1:
+        raise ValueError("gate_up_swiglu_triton reads weights whose rows are contiguous (as nn.Linear holds them)")
+    x = x.contiguous()
+    out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
+    block_n = block_n or BLOCK_N
+    dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    _gate_up_swiglu_kernel[(triton.cdiv(n, block_n),)](
+        x, gate_weight, up_weight, out, rows, n, k,
+        x.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0),
+        BLOCK_M=BLOCK_ROWS, BLOCK_N=block_n, BLOCK_K=block_k or BLOCK_K, DOT_FP32=dot_fp32,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+    )
+    return out
+
+
+@gate_up_swiglu_triton.register_fake
+def _(x, gate_weight, up_weight, block_n=0, block_k=0, num_warps=0, num_stages=0):
+    return x.new_empty(x.shape[0], gate_weight.shape[0])
