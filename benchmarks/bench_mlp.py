@@ -2,7 +2,7 @@
 SwiGLU (what the model runs) against the fused Triton kernel (`hymba.ops.mlp.triton`) over its tile sizes.
 
     python benchmarks/bench_mlp.py                    # needs CUDA and Triton
-    python benchmarks/bench_mlp.py --rows 1,2,4,8
+    python benchmarks/bench_mlp.py --rows 1,2,4,8,16,32,64,128
 
 Times are of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), as the decode step runs them, so launch
 overhead is not counted. GB/s counts the two weights read (2 x 5504 x 1600 bf16, 35.2 MB). Each fused row is checked
@@ -26,7 +26,7 @@ CONFIGS = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 3), (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="1,4,8", help="comma-separated row counts (default 1,4,8)")
+    parser.add_argument("--rows", default="1,8,32,128", help="comma-separated row counts (default 1,8,32,128)")
     args = parser.parse_args()
     torch.manual_seed(0)
     gate, up = (torch.randn(INTERMEDIATE, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2))

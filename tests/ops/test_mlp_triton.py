@@ -19,7 +19,9 @@ def weights(n, k, dtype, seed=0):
 
 
 # (rows, intermediate, hidden, block_n, block_k): outputs and the hidden dimension not multiples of their blocks.
-@pytest.mark.parametrize("rows,n,k,block_n,block_k", [(1, 40, 70, 16, 32), (3, 100, 33, 32, 16), (16, 17, 64, 16, 64)])
+# 150 rows: two programs of 128 rows each over the outputs.
+@pytest.mark.parametrize("rows,n,k,block_n,block_k", [(1, 40, 70, 16, 32), (3, 100, 33, 32, 16), (16, 17, 64, 16, 64),
+                                                      (40, 24, 20, 16, 16), (150, 20, 24, 16, 16)])
 def test_fused_gate_up_swiglu_matches_reference_fp32(rows, n, k, block_n, block_k):
     gate, up = weights(n, k, torch.float32)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -38,14 +40,12 @@ def test_fused_gate_up_swiglu_bf16_rounds_as_the_linear_layers_do():
 
 def test_fused_gate_up_swiglu_refuses_what_it_cannot_read():
     gate, up = weights(8, 16, torch.float32)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        gate_up_swiglu_triton(torch.zeros(17, 16, device=DEVICE), gate, up)
     with pytest.raises(ValueError, match="contiguous"):
         gate_up_swiglu_triton(torch.zeros(2, 8, device=DEVICE), gate.t(), up.t())
 
 
 @gpu_only
-@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("rows", [1, 4, 8, 64, 128])
 def test_fused_gate_up_swiglu_realistic_size_gpu(rows):
     gate, up = weights(5504, 1600, torch.bfloat16)  # Hymba-1.5B's MLP
     x = torch.randn(rows, 1600, device="cuda", dtype=torch.bfloat16)

@@ -2,9 +2,9 @@
 
 A decode step's MLP at a few rows is two weight-bound GEMVs and an elementwise kernel: on an H200 at batch 1 the
 1.5B shape's gate and up GEMVs took 9.1 and 9.5 us each (1.9 TB/s of weights) and SwiGLU 1.2 us (docs/bench.md).
-`hymba.ops.mlp.triton` reads both weights in one kernel and applies SwiGLU to its tile before storing it. It runs for
-up to `FUSED_MAX_ROWS` rows without gradients; 0 (the default) keeps the plain path until it is measured faster on
-a GPU (`benchmarks/bench_mlp.py`).
+`hymba.ops.mlp.triton` reads both weights in one kernel, once for up to 128 rows, and applies SwiGLU to its tile
+before storing it. It runs for up to `FUSED_MAX_ROWS` rows without gradients; 0 (the default) keeps the plain path
+until it is measured faster on a GPU (`benchmarks/bench_mlp.py`).
 """
 
 from __future__ import annotations

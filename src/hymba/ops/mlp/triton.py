@@ -1,9 +1,9 @@
-"""swiglu(x @ gate.T, x @ up.T) for a few rows in one kernel (see `hymba.ops.mlp`).
+"""swiglu(x @ gate.T, x @ up.T) for decode batches in one kernel (see `hymba.ops.mlp`).
 
-One program per BLOCK_N outputs: it streams the same BLOCK_N rows of both weights over the hidden dimension in
-BLOCK_K slices (the rows padded to tl.dot's 16), accumulates both products in float32, rounds each to the model's
-dtype as the two linear layers would, and stores silu(gate) * up. Weight-bound: the kernel's time is how fast it
-reads 2 x intermediate x hidden weights.
+One program per (BLOCK_M rows, BLOCK_N outputs): it streams the same BLOCK_N rows of both weights over the hidden
+dimension in BLOCK_K slices, accumulates both products in float32, rounds each to the model's dtype as the two linear
+layers would, and stores silu(gate) * up. BLOCK_M covers the whole batch up to 128 rows (padded to tl.dot's 16), so
+each weight is read once: weight-bound, the kernel's time is how fast it reads 2 x intermediate x hidden weights.
 
 Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the kernel also
 takes CPU tensors, which is how the tests exercise it without a GPU.
@@ -19,7 +19,7 @@ import triton.language as tl
 
 __all__ = ["gate_up_swiglu_triton"]
 
-BLOCK_ROWS = 16  # the smallest M of tl.dot; rows beyond the input are masked
+MAX_BLOCK_M = 128  # rows per program, at most; more rows take more programs (each reading the weights again)
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 32, 128, 4, 4  # untuned: benchmarks/bench_mlp.py sweeps them
 
 
@@ -30,8 +30,8 @@ def _gate_up_swiglu_kernel(
     stride_x, stride_gate, stride_up, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < rows, offs_n < n
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -62,22 +62,21 @@ def _gate_up_swiglu_kernel(
 @torch.library.custom_op("hymba::gate_up_swiglu", mutates_args=())
 def gate_up_swiglu_triton(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, block_n: int = 0,
                           block_k: int = 0, num_warps: int = 0, num_stages: int = 0) -> torch.Tensor:
-    """x (rows, hidden) with rows <= 16; weights (intermediate, hidden), rows contiguous. Zero tuning arguments
-    take the module's defaults."""
+    """x (rows, hidden); weights (intermediate, hidden), rows contiguous. Zero tuning arguments take the module's
+    defaults."""
     rows, k = x.shape
     n = gate_weight.shape[0]
-    if rows > BLOCK_ROWS:
-        raise ValueError(f"gate_up_swiglu_triton takes at most {BLOCK_ROWS} rows, got {rows}")
     if gate_weight.stride(1) != 1 or up_weight.stride(1) != 1:
         raise ValueError("gate_up_swiglu_triton reads weights whose rows are contiguous (as nn.Linear holds them)")
     x = x.contiguous()
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     block_n = block_n or BLOCK_N
     dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    _gate_up_swiglu_kernel[(triton.cdiv(n, block_n),)](
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))  # 16: the smallest M of tl.dot
+    _gate_up_swiglu_kernel[(triton.cdiv(rows, block_m), triton.cdiv(n, block_n))](
         x, gate_weight, up_weight, out, rows, n, k,
         x.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0),
-        BLOCK_M=BLOCK_ROWS, BLOCK_N=block_n, BLOCK_K=block_k or BLOCK_K, DOT_FP32=dot_fp32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or BLOCK_K, DOT_FP32=dot_fp32,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
     )
     return out
