@@ -100,14 +100,14 @@ def main() -> None:
         try:
             all_at_once = functools.partial(drive_engine, engine, prompts, load, [0.0] * load.requests,
                                             "all at once", None)
-            if text == args.settings[0]:
+            first = text == args.settings[0]
+            if first:
                 # The whole load once, untimed: its prefill groups meet every shape the timed runs will (a shape
                 # new to the compiled helpers or the Triton kernels costs seconds the first time).
                 all_at_once()
             else:
                 drive_engine(engine, prompts[:warm.requests], warm, [0.0] * warm.requests, "warm-up", None)
-            profile = args.profile and text == args.settings[0]
-            result = profiled(all_at_once, *args.profile_window) if profile else all_at_once()
+            result = profiled(all_at_once, *args.profile_window) if args.profile and first else all_at_once()
             report(text, "all at once", result)
             if not args.no_poisson:
                 rate = rate or 0.7 * load.requests / result.seconds

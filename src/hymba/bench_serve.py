@@ -331,7 +331,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                   compile=not args.no_compile and gpu,
                   cuda_graph=not args.no_cuda_graph and gpu, max_batch_tokens=args.max_batch_tokens,
                   prefill_chunk=args.prefill_chunk, prefill_wait_s=args.prefill_wait,
-                  prefill_graphs=not args.no_prefill_graphs and gpu and not args.no_cuda_graph,
+                  prefill_graphs=engines[0].prefill_graphs is not None,
                   results=[asdict(r) for r in results], static=asdict(baseline), static_step_ms=step_ms)
     print(format_report(report))
     if args.json:

@@ -17,7 +17,7 @@ import torch
 
 from hymba.cache import HymbaCache
 from hymba.errors import HymbaError
-from hymba.ops import device_tensor
+from hymba.ops import device_tensor, to_device
 
 # Steps between checks of whether every row has finished (each check waits for the GPU).
 SYNC_EVERY = 16
@@ -211,9 +211,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
     for i, row in enumerate(rows):
         ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
-    if torch.device(device or "cpu").type == "cuda":  # pinned: the copies queue on the stream (see `device_tensor`)
-        ids, mask = ids.pin_memory(), mask.pin_memory()
-    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    return to_device(ids, device), to_device(mask, device)
 
 
 def prefill(model, cache: HymbaCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

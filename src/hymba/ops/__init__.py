@@ -24,15 +24,20 @@ def gpu_kernels_usable(x: torch.Tensor, module: str = "triton") -> bool:
     return x.is_cuda and _IMPORTABLE[module]
 
 
-def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
-    """`torch.tensor(values, dtype=dtype, device=device)` without waiting for the device. A plain copy from pageable
-    host memory synchronizes the CUDA stream, draining whatever work is queued (the serving engine keeps the next decode
-    step queued while it handles the last one); on CUDA the values go through pinned memory in a copy queued on the
-    stream instead. PyTorch's caching host allocator does not reuse the pinned buffer before that copy has run."""
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """`host.to(device)` without waiting for the device. A plain copy from pageable host memory synchronizes the CUDA
+    stream, draining whatever work is queued (the serving engine keeps the next decode step queued while it handles
+    the last one); on CUDA the tensor goes through pinned memory in a copy queued on the stream instead. PyTorch's
+    caching host allocator does not reuse the pinned buffer before that copy has run."""
     device = torch.device("cpu" if device is None else device)
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """`torch.tensor(values, dtype=dtype, device=device)` without waiting for the device (`to_device`)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def capturing_cuda_graph(x: torch.Tensor) -> bool:
