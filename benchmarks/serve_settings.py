@@ -88,6 +88,7 @@ def main() -> None:
     def report(setting: str, arrivals: str, result) -> None:
         row = dict(setting=setting or "defaults", arrivals=arrivals, output_tok_s=round(result.output_tok_s),
                    vs_static=round(result.output_tok_s / static, 3), ttft_s=result.ttft_s, tpot_ms=result.tpot_ms,
+                   itl_ms=result.itl_ms,
                    decode_rows=result.mean_decode_rows, engine_seconds=result.engine_seconds)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -118,19 +119,24 @@ def main() -> None:
             engine.stop()
     batch = round(next((r["decode_rows"] for r in rows if r["arrivals"] != "all at once"), load.slots) or 1)
     step_ms = static_step_ms(model, batch, load.prompt_len, device)
+    # The all-at-once runs' steady step (their inter-token p50) compares with this one.
+    full_step_ms = static_step_ms(model, load.slots, load.prompt_len + load.output_len // 2, device)
 
     print(f"{load.requests} x ({prompt_lengths(vars(load))} prompt + {load.output_len} new), {load.slots} slots, "
           f"{config_label(gpu)}; static generate {static:,.0f} output tok/s; static step at {batch} rows "
-          f"{step_ms:.2f} ms\n")
-    print("| setting | arrivals | output tok/s | vs static | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 (ms) |")
-    print("|---|---|---:|---:|---|---|")
+          f"{step_ms:.2f} ms, at {load.slots} rows {full_step_ms:.2f} ms\n")
+    print("| setting | arrivals | output tok/s | vs static | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 (ms) "
+          "| ITL p50 / p90 (ms) |")
+    print("|---|---|---:|---:|---|---|---|")
     for r in rows:
-        ttft, tpot = r["ttft_s"], r["tpot_ms"]
+        ttft, tpot, itl = r["ttft_s"], r["tpot_ms"], r["itl_ms"]
         print(f"| {r['setting']} | {r['arrivals']} | {r['output_tok_s']:,} | {r['vs_static']:.2f} | "
-              f"{ttft['p50']:.3f} / {ttft['p90']:.3f} / {ttft['p99']:.3f} | {tpot['p50']:.2f} / {tpot['p90']:.2f} |")
+              f"{ttft['p50']:.3f} / {ttft['p90']:.3f} / {ttft['p99']:.3f} | {tpot['p50']:.2f} / {tpot['p90']:.2f} | "
+              f"{itl['p50']:.2f} / {itl['p90']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(load=vars(load), static_tok_s=static, static_step_ms=step_ms, rows=rows), f, indent=1)
+            json.dump(dict(load=vars(load), static_tok_s=static, static_step_ms=step_ms,
+                           static_full_step_ms=full_step_ms, rows=rows), f, indent=1)
 
 
 def profiled(run, start_s: float, seconds: float):

@@ -42,13 +42,13 @@ def test_serve_bench_runs_and_reports(tmp_path, capsys):
                  "--arrivals", "poisson", "--rate", "50", "--http", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| engine, poisson 50.0 req/s |" in printed and "| engine over HTTP |" in printed
-    assert "static decode step at the Poisson run's batch" in printed
+    assert "static decode step at the Poisson run's batch" in printed and "| ITL p50 / p90 (ms) |" in printed
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["results"]] == ["engine, poisson 50.0 req/s", "engine over HTTP"]
     for result in report["results"]:
         assert result["requests"] == 4 and result["output_tok_s"] > 0
-        assert set(result["ttft_s"]) == {"p50", "p90", "p99", "mean"} and set(result["tpot_ms"]) == {"p50", "p90",
-                                                                                                    "mean"}
+        assert set(result["ttft_s"]) == {"p50", "p90", "p99", "mean"}
+        assert set(result["tpot_ms"]) == set(result["itl_ms"]) == {"p50", "p90", "mean"}
     assert report["static"]["output_tok_s"] > 0 and report["static_step_ms"] is not None
 
 

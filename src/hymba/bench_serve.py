@@ -9,7 +9,8 @@ the all-at-once run measured (that run then goes first). The engine runs its sch
 with `--http` the same load goes through the OpenAI-compatible server on loopback with the `openai` client.
 
 Reported per run: output tok/s, total tok/s (prompt + output), time to first token p50/p90/p99, time per output
-token p50/p90 (per request: (last token - first token) / (tokens - 1), as vLLM's benchmark counts it), and the
+token p50/p90 (per request: (last token - first token) / (tokens - 1), as vLLM's benchmark counts it), the
+inter-token latency p50/p90 (every gap between a request's successive tokens: the p50 is the steady step), and the
 mean number of rows decoding per step. The baseline is the same requests as static `model.generate` batches of
 `--slots` rows (what a user without the engine would run), timed in the same process, with the ratio, and the
 static decode step time at the batch the Poisson run kept (for its time-per-token target).
@@ -52,6 +53,7 @@ class ServeResult:
     total_tok_s: float
     ttft_s: dict[str, float] = field(default_factory=dict)  # p50, p90, p99, mean
     tpot_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, mean
+    itl_ms: dict[str, float] = field(default_factory=dict)  # gaps between a request's successive tokens: p50, p90, mean
     mean_decode_rows: float | None = None
     rate: float | None = None
     engine_seconds: dict[str, float] = field(default_factory=dict)  # the scheduler thread's time, by part
@@ -114,9 +116,10 @@ class _Timeline:
         seconds = end - start
         ttft = [t[0] - s for t, s in zip(self.times, self.submitted)]
         tpot = [(t[-1] - t[0]) / (len(t) - 1) * 1e3 for t in self.times if len(t) > 1]
+        gaps = [(b - a) * 1e3 for t in self.times for a, b in zip(t, t[1:])]
         return ServeResult(name, load.requests, seconds, produced / seconds,
                            (produced + prompt_tokens) / seconds, percentiles(ttft),
-                           percentiles(tpot, (50, 90)), rate=rate)
+                           percentiles(tpot, (50, 90)), percentiles(gaps, (50, 90)), rate=rate)
 
 
 def drive_engine(engine, prompts: list[list[int]], load: ServeLoad, offsets: list[float], name: str,
@@ -359,26 +362,27 @@ def format_report(report: dict[str, Any]) -> str:
              f"{load['output_len']} new), {load['slots']} slots, compiled step: {'yes' if report['compile'] else 'no'}",
              "",
              "| run | output tok/s | total tok/s | vs static | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 (ms) "
-             "| rows/step |",
-             "|---|---:|---:|---:|---|---|---:|"]
+             "| ITL p50 / p90 (ms) | rows/step |",
+             "|---|---:|---:|---:|---|---|---|---:|"]
     static = report["static"]
 
     def cells(r: dict[str, Any]) -> str:
         ttft, tpot = r["ttft_s"], r["tpot_ms"]
         ttft_cell = " / ".join(f"{ttft[p]:.3f}" for p in ("p50", "p90", "p99")) if ttft else "-"
-        tpot_cell = " / ".join(f"{tpot[p]:.2f}" for p in ("p50", "p90")) if tpot else "-"
+        tpot_cell, itl_cell = (" / ".join(f"{ms[p]:.2f}" for p in ("p50", "p90")) if ms else "-"
+                               for ms in (tpot, r.get("itl_ms")))
         rows = f"{r['mean_decode_rows']:.1f}" if r.get("mean_decode_rows") else "-"
         return (f"| {r['name']} | {r['output_tok_s']:,.0f} | {r['total_tok_s']:,.0f} | "
-                f"{r['output_tok_s'] / static['output_tok_s']:.2f} | {ttft_cell} | {tpot_cell} | {rows} |")
+                f"{r['output_tok_s'] / static['output_tok_s']:.2f} | {ttft_cell} | {tpot_cell} | {itl_cell} | {rows} |")
 
     lines += [cells(r) for r in report["results"]]
     if len(report["devices"]) > 1:
         lines.append(f"| (the engine rows: {len(report['devices'])} replicas, one per device; static generate: one "
-                     "device) | | | | | | |")
+                     "device) | | | | | | | |")
     splits = [f"{r['name']}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["engine_seconds"].items())
               for r in report["results"] if r.get("engine_seconds")]
     lines.append(f"| static generate, batches of {load['slots']} | {static['output_tok_s']:,.0f} | "
-                 f"{static['total_tok_s']:,.0f} | 1.00 | - | - | - |")
+                 f"{static['total_tok_s']:,.0f} | 1.00 | - | - | - | - |")
     if splits:
         lines += ["", "engine host time by part: " + "; ".join(splits)]
     if report.get("static_step_ms"):
