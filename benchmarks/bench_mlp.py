@@ -57,6 +57,7 @@ def kernels(rows_list: list[int]) -> None:
                   + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""), flush=True)
 
 
+@torch.inference_mode()  # as generate and the engine decode: the fused kernel never runs where gradients are wanted
 def steps(rows_list: list[int], context: int, compile: bool) -> None:
     config = HymbaConfig.preset("hymba-1.5b")
     model = build_engine_model(config, torch.device("cuda"), torch.bfloat16)

@@ -56,15 +56,23 @@ def test_fused_mlp_decode_gives_the_plain_paths_tokens(monkeypatch):
     model = HymbaForCausalLM(HymbaConfig.preset("tiny", vocab_size=257, sliding_window=16)).cuda().eval()
     model.init_weights()
     model.to(torch.bfloat16)
+    from hymba.ops.mlp import triton as fused
+
+    calls = []
+    kernel = fused.gate_up_swiglu_triton
+    monkeypatch.setattr(fused, "gate_up_swiglu_triton", lambda *args: calls.append(1) or kernel(*args))
     for batch in (1, 7):
         prompts = [list(range(1 + row, 12 + 3 * row)) for row in range(batch)]
         monkeypatch.setattr(mlp, "FUSED_MAX_ROWS", 0)
         plain = generate(model, prompts, max_new_tokens=80, cuda_graph=False)
+        assert not calls
         monkeypatch.setattr(mlp, "FUSED_MAX_ROWS", 8)
         for cuda_graph in (False, True):
             # (compiled with the kernel inside: tests/ops/test_mlp_triton.py)
             assert torch.equal(generate(model, prompts, max_new_tokens=80, cuda_graph=cuda_graph, compile=False),
                                plain)
+            assert calls, "the fused kernel did not run"
+            calls.clear()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])

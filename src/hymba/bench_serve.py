@@ -267,7 +267,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HymbaError(f"--device {args.device} asked for, but PyTorch sees no CUDA device; use --device cpu")
     gpu = device.type == "cuda"
-    for flag in ("requests", "prompt_len", "prompt_len_min", "output_len", "slots"):
+    for flag in ("requests", "prompt_len", "prompt_len_min", "output_len", "slots", "max_prefill_rows"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise HymbaError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.rate is not None and args.rate <= 0:
@@ -294,7 +294,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     note(f"starting {len(models)} engine(s): {load.slots} slots of {max_len} tokens each")
     engines = [Engine(m, tokenizer, max_batch=load.slots, max_len=max_len, eos_token_id=[],
                       compile=not args.no_compile, cuda_graph=not args.no_cuda_graph,
-                      max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
+                      max_batch_tokens=args.max_batch_tokens, max_prefill_rows=args.max_prefill_rows,
+                      prefill_chunk=args.prefill_chunk,
                       prefill_wait_s=args.prefill_wait, prefill_graphs=not args.no_prefill_graphs, progress=note)
                for m in models]
     engine = engines[0] if len(engines) == 1 else Replicas(engines)
@@ -415,8 +416,9 @@ def add_parser(subparsers) -> None:
                                           "`hymba serve --devices` runs them (static generate runs on the first)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--max-batch-tokens", type=int, default=32768,
-                        help="prompt tokens one prefill forward may take (default 32768)")
+    parser.add_argument("--max-batch-tokens", type=int, default=65536,
+                        help="prompt tokens one prefill forward may take (default 65536)")
+    parser.add_argument("--max-prefill-rows", type=int, help="prompts one prefill forward may take (default: --slots)")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill piece (default 2048)")
     parser.add_argument("--prefill-wait", type=float, default=0.0,
                         help="seconds a group that is not full may wait for more arrivals while others decode")

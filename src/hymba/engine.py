@@ -240,7 +240,8 @@ class Engine:
 
     `max_len` defaults to the model's context (max_position_embeddings minus meta tokens). `max_queue` bounds
     the waiting requests (`submit` raises `QueueFullError` beyond it). Prefill: up to `max_prefill_rows` prompts
-    together, `prefill_chunk` tokens per piece, `max_batch_tokens` tokens per forward, waiting up to
+    together (default `max_batch`: they prefill in a scratch cache of that many rows of `max_len` tokens),
+    `prefill_chunk` tokens per piece, `max_batch_tokens` tokens per forward, waiting up to
     `prefill_wait_s` to fill a group while others decode (see `Scheduler`). On CUDA the decode step is compiled
     (`compile`) and captured as CUDA graphs (`cuda_graph`) for each batch bucket at start-up, reporting each to
     `progress`; with `prefill_graphs` (the default where decode steps are captured) so is a small group's first
@@ -252,7 +253,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer: HymbaTokenizer, max_batch: int = 8, max_len: int | None = None,
-                 max_queue: int | None = None, prefill_chunk: int = 2048, max_batch_tokens: int = 32768,
+                 max_queue: int | None = None, prefill_chunk: int = 2048, max_batch_tokens: int = 65536,
                  max_prefill_rows: int | None = None, prefill_wait_s: float = 0.0, cuda_graph: bool | None = None,
                  compile: bool | None = None, prefill_graphs: bool | None = None, prefill_graph_segments: int = 1,
                  decode_during_prefill: bool | None = None,
@@ -273,7 +274,11 @@ class Engine:
         self.device = model.device
         self.eos = frozenset(_eos_ids(model, eos_token_id))
         self.pad_id = pad_token_id(config)
-        max_prefill_rows = min(max_prefill_rows or 32, max_batch)
+        # A wave of arrivals as large as the free slots prefills as one group and then decodes in step, as static
+        # generate's batches do: the 1.5B shape on an H200, 512-token prompts through 64 slots all at once, 0.90 of
+        # static generate with groups of up to 64 rows and 65,536 tokens against 0.85 with 32 and 32,768 (two groups
+        # a wave, whose rows then finish steps apart; `benchmarks/serve_settings.py`, session 18).
+        max_prefill_rows = min(max_prefill_rows or max_batch, max_batch)
         # On a GPU a short prefill forward costs its launches whatever its size, so prompts of different lengths go
         # in one padded forward (each row computing the meta tokens again); on a CPU the arithmetic is the cost, so
         # groups hold one prompt length and continue from the meta tokens' state, several groups a step.

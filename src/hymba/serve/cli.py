@@ -12,7 +12,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted (Ctrl-C or SIGTERM); unfinished requests are cancelled on the way out."""
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
                         ("--max-context", 1 if args.max_context is None else args.max_context),
-                        ("--max-batch-tokens", args.max_batch_tokens), ("--prefill-chunk", args.prefill_chunk)):
+                        ("--max-batch-tokens", args.max_batch_tokens), ("--prefill-chunk", args.prefill_chunk),
+                        ("--max-prefill-rows", 1 if args.max_prefill_rows is None else args.max_prefill_rows)):
         if value < 1:
             raise HymbaError(f"{flag} must be positive, got {value}")
     if not 0 <= args.prefill_wait < 60:
@@ -42,6 +43,7 @@ def run_serve(args: argparse.Namespace) -> int:
                       "--no-compile skips compiling)" if args.compile else ""), file=sys.stderr)
         engines.append(Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_context,
                               max_queue=args.max_queue, max_batch_tokens=args.max_batch_tokens,
+                              max_prefill_rows=args.max_prefill_rows,
                               prefill_chunk=args.prefill_chunk, prefill_wait_s=args.prefill_wait,
                               compile=args.compile, prefill_graphs=args.prefill_graphs, progress=_progress))
     engine = engines[0] if len(engines) == 1 else Replicas(engines)
@@ -92,9 +94,12 @@ def add_parser(subparsers) -> None:
                        help="tokens per slot, prompt + completion (default: the model's context)")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests that may wait for a slot; beyond it the server answers 429")
-    serve.add_argument("--max-batch-tokens", type=int, default=32768,
+    serve.add_argument("--max-batch-tokens", type=int, default=65536,
                        help="prompt tokens (meta tokens and padding included) one prefill forward may take; prompts "
-                            "waiting together prefill in one forward up to this (default 32768)")
+                            "waiting together prefill in one forward up to this (default 65536)")
+    serve.add_argument("--max-prefill-rows", type=int,
+                       help="prompts one prefill forward may take (default: --max-batch); they prefill in a scratch "
+                            "cache of this many rows of --max-context tokens, so lowering it saves memory")
     serve.add_argument("--prefill-chunk", type=int, default=2048,
                        help="tokens per prefill piece: a long prompt prefills over several steps while the running "
                             "requests keep decoding (default 2048)")
