@@ -8,7 +8,9 @@ backward) over blocks of positions, by channels per program.
 The walk: one program per `block_d` channels steps through every position with block_d / 32 warps, so time per
 position is the latency of one step of the recurrence. The parallel kernels (`block_l` positions per block) scan
 each block at once and carry only the state from block to block. Each row is checked against the walk (its output,
-or with --backward the gradient of its input u).
+or with --backward the gradient of its input u). With --backward the walk cases also run with the walk backward's
+warps per program and with its inputs loaded a step ahead (`WALK_BACKWARD_SETTINGS`; "4 ahead" is 4 warps, loading
+ahead).
 """
 
 import argparse
@@ -16,6 +18,7 @@ import argparse
 import torch
 from triton.testing import do_bench
 
+from hymba.ops.scan import triton as scan_triton
 from hymba.ops.scan.triton import selective_scan_triton
 
 D_INNER, D_STATE = 3200, 16
@@ -26,6 +29,9 @@ CASES = [(16, None, None, 64), (32, None, None, 64), (64, None, None, 64), (8, 1
          (32, 16, 16, 16), (16, 32, 32, 32), (16, 64, 64, 64), (32, 8, 8, 8)]
 BACKWARD_CASES = [(32, None, None, 32), (32, None, None, 16), (16, None, None, 32), (16, None, None, 16),
                   (8, 16, 16, 16), (16, 16, 16, 16), (32, None, 16, 16), (16, None, 16, 16), (8, None, 16, 16)]
+# The walk backward's (warps per program, inputs loaded a step ahead), for the walk cases of BACKWARD_CASES;
+# (4, False) is the default (`hymba.ops.scan.triton.BACKWARD_WALK_WARPS` / `BACKWARD_PREFETCH`).
+WALK_BACKWARD_SETTINGS = [(4, False), (4, True), (1, False), (1, True), (2, True), (8, True)]
 
 
 def bench_batch(batch: int, length: int, backward: bool) -> None:
@@ -50,15 +56,23 @@ def bench_batch(batch: int, length: int, backward: bool) -> None:
 
     want = scan(32)
     baseline = do_bench(lambda: scan(32), warmup=3, rep=10, grad_to_none=leaves)
-    for case in BACKWARD_CASES if backward else CASES:
+    defaults = scan_triton.BACKWARD_WALK_WARPS, scan_triton.BACKWARD_PREFETCH
+    runs = [(case, defaults) for case in (BACKWARD_CASES if backward else CASES)]
+    if backward:  # the walk backward's own knobs, on its walk cases
+        runs += [(case, setting) for case in BACKWARD_CASES if case[2] is None
+                 for setting in WALK_BACKWARD_SETTINGS if setting != defaults]
+    for case, (warps, prefetch) in runs:
+        scan_triton.BACKWARD_WALK_WARPS, scan_triton.BACKWARD_PREFETCH = warps, prefetch
         got = scan(*case)
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         ms = do_bench(lambda c=case: scan(*c), warmup=3, rep=10, grad_to_none=leaves)
         block_d, block_l, backward_block_l, chunk = case
         programs = batch * -(-D_INNER // block_d)
-        print(f"{batch:5d} {block_d:7d} {str(block_l):>7} {str(backward_block_l):>8} {chunk:5d} {programs:8d} "
-              f"{ms:8.2f} {ms * 1e6 / length:11.0f} {baseline / ms:10.2f}"
+        walk = f"{warps}{' ahead' if prefetch else ''}" if backward and backward_block_l is None else "-"
+        print(f"{batch:5d} {block_d:7d} {str(block_l):>7} {str(backward_block_l):>8} {chunk:5d} {walk:>10} "
+              f"{programs:8d} {ms:8.2f} {ms * 1e6 / length:11.0f} {baseline / ms:10.2f}"
               + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""), flush=True)
+    scan_triton.BACKWARD_WALK_WARPS, scan_triton.BACKWARD_PREFETCH = defaults
 
 
 def main() -> None:
@@ -68,8 +82,8 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     args = parser.parse_args()
     torch.manual_seed(0)
-    header = [("batch", 5), ("block_d", 7), ("block_l", 7), ("bwd bl", 8), ("chunk", 5), ("programs", 8), ("ms", 8),
-              ("ns/position", 11), ("vs walk 32", 10)]
+    header = [("batch", 5), ("block_d", 7), ("block_l", 7), ("bwd bl", 8), ("chunk", 5), ("bwd warps", 10),
+              ("programs", 8), ("ms", 8), ("ns/position", 11), ("vs walk 32", 10)]
     print(" ".join(f"{name:>{width}}" for name, width in header))
     for batch in (int(b) for b in args.batches.split(",")):
         bench_batch(batch, args.length, args.backward)

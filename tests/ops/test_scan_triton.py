@@ -124,6 +124,18 @@ def test_scan_walk_forward_with_parallel_backward():
     check(results, fwd_tol=1e-5, bwd_tol=1e-5)
 
 
+@pytest.mark.parametrize("z,use_y,length", [(True, True, 37), (False, True, 9), (True, False, 16)])
+def test_scan_walk_backward_loading_ahead_matches_reference(monkeypatch, z, use_y, length):
+    """The walk backward with each step's inputs loaded a step ahead (`BACKWARD_PREFETCH`): chunks cut short, no gate,
+    no output gradient (only the final state's)."""
+    from hymba.ops.scan import triton as scan_triton
+
+    monkeypatch.setattr(scan_triton, "BACKWARD_PREFETCH", True)
+    monkeypatch.setattr(scan_triton, "BACKWARD_WALK_WARPS", 1)
+    results = run_both(make_inputs(2, 37, 5, length, z=z), use_y=use_y, chunk=8, block_d=32, block_l=None)
+    check(results, fwd_tol=1e-5, bwd_tol=1e-5)
+
+
 def test_scan_bf16_matches_reference():
     results = run_both(make_inputs(2, 37, 16, 24, dtype=torch.bfloat16), chunk=8, block_d=64)
     check(results, fwd_tol=2e-2, bwd_tol=2e-2)

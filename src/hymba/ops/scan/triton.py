@@ -34,6 +34,11 @@ __all__ = ["selective_scan_triton", "selective_state_update_triton"]
 
 # Positions between saved states in the forward: the backward's scratch holds this many states per program.
 DEFAULT_CHUNK = 64
+# The walk backward's warps per program, and whether it loads each step's inputs a step ahead: tuning knobs read at each
+# backward, swept by benchmarks/bench_scan.py --backward (4 warps without prefetching is what was measured: 12.3 ms per
+# layer at 8 x 2,176 on an H200, session 18).
+BACKWARD_WALK_WARPS = 4
+BACKWARD_PREFETCH = False
 # softplus(x) == x above this (torch.nn.functional.softplus's default threshold), and its gradient is 1.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
@@ -225,6 +230,39 @@ def _load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 @triton.jit
+def _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, bias, mask_d, mask_n, i, chunk_len, HAS_BIAS: tl.constexpr,
+                         SOFTPLUS: tl.constexpr):
+    """Step `i` of a chunk's recompute: (dt, u, B) in float32, zeros past the chunk's end."""
+    in_range = tl.full((1,), i, tl.int32) < chunk_len
+    md = mask_d & in_range
+    dt = tl.load(delta_ptrs, mask=md, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    u = tl.load(u_ptrs, mask=md, other=0.0).to(tl.float32)
+    Bt = tl.load(B_ptrs, mask=mask_n & in_range, other=0.0).to(tl.float32)
+    return dt, u, Bt
+
+
+@triton.jit
+def _load_reverse_step(scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, i_rev,
+                       chunk_len, HAS_DOUT: tl.constexpr, HAS_Z: tl.constexpr):
+    """Step `i_rev` from a chunk's end in the reverse walk: (h_{t-1} from the scratch, raw delta, u, B, C, the output
+    gradient, z) in float32; zeros once past the chunk's start, and for an absent output gradient or gate."""
+    in_range = tl.full((1,), i_rev, tl.int32) < chunk_len
+    md, mn = mask_d & in_range, mask_n & in_range
+    h_prev = tl.load(scratch_ptrs, mask=md[:, None] & mn[None, :], other=0.0)  # padded lanes' states are 0 anyway
+    x = tl.load(delta_ptrs, mask=md, other=0.0).to(tl.float32)
+    u = tl.load(u_ptrs, mask=md, other=0.0).to(tl.float32)
+    Bt = tl.load(B_ptrs, mask=mn, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptrs, mask=mn, other=0.0).to(tl.float32)
+    gy = tl.load(dout_ptrs, mask=md, other=0.0).to(tl.float32) if HAS_DOUT else tl.zeros_like(u)
+    z = tl.load(z_ptrs, mask=md, other=0.0).to(tl.float32) if HAS_Z else tl.zeros_like(u)
+    return h_prev, x, u, Bt, Ct, gy, z
+
+
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dhlast_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
@@ -241,7 +279,7 @@ def _scan_bwd_kernel(
     stride_out_b, stride_out_d, stride_out_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOUT: tl.constexpr,
     HAS_DHLAST: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARALLEL: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARALLEL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Reverse walk for one (batch, channel block), chunk by chunk from the end.
 
@@ -366,21 +404,28 @@ def _scan_bwd_kernel(
             dA_acc += tl.sum(g_decay * dt[:, :, None], axis=0)
             dbias_acc += tl.sum(tl.where(m_here, ddelta, 0.0), axis=0)
     else:
-        # Position-0 pointers for this program; each chunk offsets them to where it starts.
+        # Position-0 pointers for this program; each chunk offsets them to where it starts. Without a gate or an output
+        # gradient their pointers stand in for u's (never read).
         u_ptrs0 = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
         delta_ptrs0 = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
         B_ptrs0 = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
         C_ptrs0 = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n
+        z_ptrs0 = u_ptrs0
         if HAS_Z:
             z_ptrs0 = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
+        dout_ptrs0 = u_ptrs0
         if HAS_DOUT:
             dout_ptrs0 = dout_ptr + pid_b * stride_dout_b + offs_d * stride_dout_d
         out_offs0 = pid_b * stride_out_b + offs_d * stride_out_d  # du, ddelta, dz
         dBC_offs0 = (pid_b * n_dblocks + pid_d) * length * d_state + offs_n
         ckpt_ptrs0 = ckpt_ptr + pid_b * stride_ckpt_b + offs_d[:, None] * stride_ckpt_d + offs_n[None, :]
         # Scratch slot i of the current chunk holds the state *before* position start+i.
-        scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * BLOCK_D * BLOCK_N)
+        tile = BLOCK_D * BLOCK_N
+        scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * tile)
                          + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
+        # With PREFETCH each step's inputs are loaded one step ahead, as the forward walk loads them, so the chain of
+        # dependent steps does not also wait on memory each step.
+        ahead = 1 if PREFETCH else 0
 
         for c_rev in range(0, n_chunks):
             c = n_chunks - 1 - c_rev
@@ -393,21 +438,24 @@ def _scan_bwd_kernel(
             delta_ptrs = delta_ptrs0 + start * stride_delta_l
             B_ptrs = B_ptrs0 + start * stride_B_l
             scratch_ptrs = scratch_ptrs0
+            dt, u, Bt = _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, bias, mask_d, mask_n, 0, chunk_len,
+                                             HAS_BIAS, SOFTPLUS)
             for i in range(0, CHUNK):
                 if i < chunk_len:
                     tl.store(scratch_ptrs, h)
-                    dt = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                    if HAS_BIAS:
-                        dt += bias
-                    if SOFTPLUS:
-                        dt = _softplus(dt)
-                    u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                    Bt = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+                    dt1, u1, B1 = _load_recompute_step(delta_ptrs + ahead * stride_delta_l,
+                                                       u_ptrs + ahead * stride_u_l, B_ptrs + ahead * stride_B_l,
+                                                       bias, mask_d, mask_n, i + ahead, chunk_len, HAS_BIAS,
+                                                       SOFTPLUS)
+                    if not PREFETCH:
+                        dt, u, Bt = dt1, u1, B1
                     h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                    if PREFETCH:
+                        dt, u, Bt = dt1, u1, B1
                     u_ptrs += stride_u_l
                     delta_ptrs += stride_delta_l
                     B_ptrs += stride_B_l
-                    scratch_ptrs += BLOCK_D * BLOCK_N
+                    scratch_ptrs += tile
             # The reverse walk reads slots that other threads of this program wrote.
             tl.debug_barrier()
 
@@ -417,32 +465,30 @@ def _scan_bwd_kernel(
             delta_ptrs = delta_ptrs0 + t * stride_delta_l
             B_ptrs = B_ptrs0 + t * stride_B_l
             C_ptrs = C_ptrs0 + t * stride_C_l
-            if HAS_Z:
-                z_ptrs = z_ptrs0 + t * stride_z_l
-            if HAS_DOUT:
-                dout_ptrs = dout_ptrs0 + t * stride_dout_l
+            z_ptrs = z_ptrs0 + t * stride_z_l
+            dout_ptrs = dout_ptrs0 + t * stride_dout_l
             out_offs = out_offs0 + t * stride_out_l
             dBC_offs = dBC_offs0 + t * d_state
-            scratch_ptrs = scratch_ptrs0 + (chunk_len - 1) * (BLOCK_D * BLOCK_N)
+            scratch_ptrs = scratch_ptrs0 + (chunk_len - 1) * tile
+            h_prev, x, u, Bt, Ct, gy, z = _load_reverse_step(
+                scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, 0, chunk_len,
+                HAS_DOUT, HAS_Z)
             for i_rev in range(0, CHUNK):
                 if i_rev < chunk_len:
-                    h_prev = tl.load(scratch_ptrs)
-                    x = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+                    h_prev1, x1, u1, B1, C1, gy1, z1 = _load_reverse_step(
+                        scratch_ptrs - ahead * tile, delta_ptrs - ahead * stride_delta_l, u_ptrs - ahead * stride_u_l,
+                        B_ptrs - ahead * stride_B_l, C_ptrs - ahead * stride_C_l,
+                        dout_ptrs - ahead * stride_dout_l, z_ptrs - ahead * stride_z_l, mask_d, mask_n,
+                        i_rev + ahead, chunk_len, HAS_DOUT, HAS_Z)
+                    if not PREFETCH:
+                        h_prev, x, u, Bt, Ct, gy, z = h_prev1, x1, u1, B1, C1, gy1, z1
                     if HAS_BIAS:
                         x += bias
                     if SOFTPLUS:
                         dt = _softplus(x)
                     else:
                         dt = x
-                    u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                    Bt = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
-                    Ct = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
-                    if HAS_DOUT:
-                        gy = tl.load(dout_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-                    else:
-                        gy = tl.zeros((BLOCK_D,), tl.float32)
                     if HAS_Z:
-                        z = tl.load(z_ptrs, mask=mask_d, other=0.0).to(tl.float32)
                         sig_z = 1.0 / (1.0 + tl.exp(-z))
                         y_pre = tl.sum(h * Ct[None, :], axis=1)
                         if HAS_D:
@@ -469,18 +515,18 @@ def _scan_bwd_kernel(
                     dbias_acc += ddelta
                     carry = g * a
                     h = h_prev
+                    if PREFETCH:
+                        h_prev, x, u, Bt, Ct, gy, z = h_prev1, x1, u1, B1, C1, gy1, z1
 
                     u_ptrs -= stride_u_l
                     delta_ptrs -= stride_delta_l
                     B_ptrs -= stride_B_l
                     C_ptrs -= stride_C_l
-                    if HAS_Z:
-                        z_ptrs -= stride_z_l
-                    if HAS_DOUT:
-                        dout_ptrs -= stride_dout_l
+                    z_ptrs -= stride_z_l
+                    dout_ptrs -= stride_dout_l
                     out_offs -= stride_out_l
                     dBC_offs -= d_state
-                    scratch_ptrs -= BLOCK_D * BLOCK_N
+                    scratch_ptrs -= tile
             # The next chunk's recompute overwrites slots this walk may still be reading in other threads.
             tl.debug_barrier()
 
@@ -582,9 +628,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         if ctx.parallel:  # no scratch: the chunk lives in its tiles
             scratch, warps = None, _tile_warps(chunk, block_n, block_d)
         else:
-            scratch, warps = torch.empty(batch, n_dblocks, chunk, block_d, block_n, **f32), 4
+            scratch, warps = torch.empty(batch, n_dblocks, chunk, block_d, block_n, **f32), BACKWARD_WALK_WARPS
         _scan_bwd_kernel[(batch, n_dblocks)](*inputs, scratch, *outputs, *shapes, **flags, PARALLEL=ctx.parallel,
-                                             num_warps=warps)
+                                             PREFETCH=BACKWARD_PREFETCH and not ctx.parallel, num_warps=warps)
 
         def cast(grad, like):
             return None if like is None else grad.to(like.dtype)
