@@ -451,3 +451,19 @@ def test_a_group_failing_as_it_moves_into_its_slots_gives_them_back(model, token
     engine.cache.copy_rows_from = working
     results = run(engine, [(p, GenerationParams(max_tokens=4)) for p in PROMPTS[2:4]])
     assert [tokens(o) for o in results] == [offline(model, p, 4) for p in PROMPTS[2:4]]
+
+
+def test_a_burst_as_large_as_the_slots_prefills_as_one_group(model, tokenizer):
+    """By default a group may take every free slot (not a fixed 32 rows), so a wave of arrivals is one prefill forward
+    and decodes in step: all 40 requests finish on the same step."""
+    engine = Engine(model, tokenizer, max_batch=40, max_len=32)
+    groups = []
+    prefill_piece = engine._prefill_piece
+    engine._prefill_piece = lambda: groups.append(len(engine._group.requests)) or prefill_piece()
+    finished_at = []
+    for i in range(40):
+        engine.submit(list(range(200 + i, 208 + i)), GenerationParams(max_tokens=3),
+                      lambda out: out.finish_reason and finished_at.append(engine.decode_steps_total))
+    while len(finished_at) < 40:
+        engine.step()
+    assert groups == [40] and len(set(finished_at)) == 1
