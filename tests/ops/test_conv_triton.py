@@ -11,6 +11,7 @@ import torch
 from conftest import rel_err
 from triton_setup import DEVICE, gpu_only  # sets TRITON_INTERPRET without CUDA; skips without Triton
 
+from hymba.ops.conv import triton as conv_triton
 from hymba.ops.conv.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from hymba.ops.conv.triton import causal_conv1d_triton, causal_conv1d_update_triton
 
@@ -41,15 +42,24 @@ def reference_fp32(x, weight, bias, initial_state, activation):
     return out.to(x.dtype), final.to(x.dtype)
 
 
-def run_both(inputs, activation):
+@pytest.fixture(params=[False, True], ids=["autograd backward", "triton backward"])
+def backward_kernel(request, monkeypatch):
+    """Runs a test with the conv's backward through the reference's autograd and through `_conv_bwd_kernel`."""
+    monkeypatch.setattr(conv_triton, "TRITON_BACKWARD", request.param)
+
+
+def run_both(inputs, activation, use_out=True, use_final=True):
     """Kernel and reference on leaf copies; backprop a random projection of (out, final_state)."""
     results = []
     for fn in (causal_conv1d_triton, reference_fp32):
         leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
         out, final = fn(leaves["x"], leaves["weight"], leaves["bias"], leaves["initial_state"], activation)
         gen = torch.Generator().manual_seed(1)
-        loss = (out.float() * torch.randn(out.shape, generator=gen).to(out.device)).sum()
-        loss = loss + (final.float() * torch.randn(final.shape, generator=gen).to(final.device)).sum()
+        loss = 0
+        if use_out:
+            loss = loss + (out.float() * torch.randn(out.shape, generator=gen).to(out.device)).sum()
+        if use_final:
+            loss = loss + (final.float() * torch.randn(final.shape, generator=gen).to(final.device)).sum()
         loss.backward()
         results.append((out.detach(), final.detach(), {k: v.grad for k, v in leaves.items() if v is not None}))
     return results
@@ -71,7 +81,7 @@ CASES = [(2, 37, 1, 4), (2, 37, 2, 4), (2, 37, 7, 4), (2, 100, 63, 4), (1, 37, 3
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,dim,length,width", CASES)
-def test_conv_matches_reference(batch, dim, length, width, dtype):
+def test_conv_matches_reference(batch, dim, length, width, dtype, backward_kernel):
     inputs = make_inputs(batch, dim, length, width, dtype)
     (out, final, grads), (out_ref, final_ref, grads_ref) = run_both(inputs, "silu")
     assert out.dtype == dtype and final.dtype == dtype
@@ -82,15 +92,20 @@ def test_conv_matches_reference(batch, dim, length, width, dtype):
         assert rel_err(grads[name], ref) < TOL[dtype], name
 
 
-@pytest.mark.parametrize("bias,init,strided,activation", [
-    (False, False, False, None),
-    (True, False, True, "swish"),
+@pytest.mark.parametrize("bias,init,strided,activation,use_out,use_final", [
+    (False, False, False, None, True, True),
+    (True, False, True, "swish", True, True),
+    (True, True, False, "silu", True, False),  # the final state unused: its gradient arrives as None
+    (True, True, True, "silu", False, True),  # only the final state used
 ])
-def test_conv_variants(bias, init, strided, activation):
+def test_conv_variants(bias, init, strided, activation, use_out, use_final, backward_kernel):
     inputs = make_inputs(2, 37, 9, 4, torch.float32, bias=bias, init=init, strided=strided)
-    (out, final, grads), (out_ref, final_ref, grads_ref) = run_both(inputs, activation)
+    (out, final, grads), (out_ref, final_ref, grads_ref) = run_both(inputs, activation, use_out, use_final)
     assert rel_err(out, out_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
     for name, ref in grads_ref.items():
+        if ref is None:  # the reference's graph does not reach it (the weights when only the final state is used)
+            assert grads[name] is None or not grads[name].any(), name
+            continue
         assert rel_err(grads[name], ref) < 1e-5, name
 
 
@@ -136,8 +151,9 @@ def test_update_matches_reference_and_continues_the_sequence(dim, width, bias, a
 @gpu_only
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_realistic_size_gpu(dtype):
-    (out, final, grads), (out_ref, final_ref, grads_ref) = run_both(make_inputs(4, 3200, 2048, 4, dtype), "silu")
+def test_conv_realistic_size_gpu(dtype, backward_kernel):
+    inputs = make_inputs(4, 3200, 2048, 4, dtype, strided=True)  # x as the model has it: position-major
+    (out, final, grads), (out_ref, final_ref, grads_ref) = run_both(inputs, "silu")
     assert rel_err(out, out_ref) < TOL[dtype] and rel_err(final, final_ref) < TOL[dtype]
     for name, ref in grads_ref.items():
         assert rel_err(grads[name], ref) < TOL[dtype], name
