@@ -57,21 +57,26 @@ def kernels(rows_list: list[int]) -> None:
                   + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""), flush=True)
 
 
-@torch.inference_mode()  # as generate and the engine decode: the fused kernel never runs where gradients are wanted
-def steps(rows_list: list[int], context: int, compile: bool) -> None:
+@torch.inference_mode()  # as generate and the engine decode: the fused kernels never run where gradients are wanted
+def steps(rows_list: list[int], context: int, compile: bool, module=mlp, limit_name: str = "FUSED_MAX_ROWS") -> None:
+    """The whole decode step at each row count with `module.<limit_name>` (the rows a fused kernel runs for) at 0 and
+    at the largest row count, in one process."""
     config = HymbaConfig.preset("hymba-1.5b")
     model = build_engine_model(config, torch.device("cuda"), torch.bfloat16)
     fused_rows = max(rows_list)
-    print(f"\ndecode step, hymba-1.5b, {context}-token cache, {'compiled, ' if compile else ''}captured")
+    print(f"\ndecode step, hymba-1.5b, {context}-token cache, {'compiled, ' if compile else ''}captured, "
+          f"{module.__name__}.{limit_name} 0 / {fused_rows}")
     print(f"{'rows':>4} {'plain ms':>9} {'fused ms':>9} {'speed-up':>8}")
+    default = getattr(module, limit_name)
     for rows in rows_list:
         ms = {}
         for limit in (0, fused_rows):
-            mlp.FUSED_MAX_ROWS = limit  # read when the step is captured (or compiled)
+            setattr(module, limit_name, limit)  # read when the step is captured (or compiled)
             run = engine_decode(model, context, rows, steps=64, warmup=8, fill="synthetic", device=model.device,
                                 compile=compile)
             ms[limit] = run["seconds"] / 64 * 1e3
         print(f"{rows:4d} {ms[0]:9.3f} {ms[fused_rows]:9.3f} {ms[0] / ms[fused_rows]:8.2f}", flush=True)
+    setattr(module, limit_name, default)
 
 
 def main() -> None:

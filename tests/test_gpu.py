@@ -47,31 +47,36 @@ def test_cuda_graph_decode_equals_eager():
     assert torch.equal(generate(model, prompts, max_new_tokens=30, cuda_graph=True), eager)
 
 
-def test_fused_mlp_decode_gives_the_plain_paths_tokens(monkeypatch):
-    """bf16 decode with the fused gate/up SwiGLU kernel (`hymba.ops.mlp.FUSED_MAX_ROWS`) against the plain MLP: the
-    same greedy tokens at batch 1 and 7 for 64 steps past the sliding window, eager and captured."""
-    from hymba.ops import mlp
+@pytest.mark.parametrize("switch, kernel_module, kernel_name", [
+    ("hymba.ops.mlp.FUSED_MAX_ROWS", "hymba.ops.mlp.triton", "gate_up_swiglu_triton"),
+    ("hymba.ops.linear.SMALL_ROWS_MAX", "hymba.ops.linear.triton", "small_rows_linear"),
+])
+def test_fused_decode_kernels_give_the_plain_paths_tokens(monkeypatch, switch, kernel_module, kernel_name):
+    """bf16 decode with a decode-rows kernel switched on (the fused gate/up SwiGLU, the small-rows projections) against
+    the plain path: the same greedy tokens at batch 1 and 7 for 64 steps past the sliding window, eager and captured,
+    and the kernel ran."""
+    import importlib
 
+    module_name, _, limit = switch.rpartition(".")
+    switched, kernels = importlib.import_module(module_name), importlib.import_module(kernel_module)
     torch.manual_seed(0)
     model = HymbaForCausalLM(HymbaConfig.preset("tiny", vocab_size=257, sliding_window=16)).cuda().eval()
     model.init_weights()
     model.to(torch.bfloat16)
-    from hymba.ops.mlp import triton as fused
-
     calls = []
-    kernel = fused.gate_up_swiglu_triton
-    monkeypatch.setattr(fused, "gate_up_swiglu_triton", lambda *args: calls.append(1) or kernel(*args))
+    kernel = getattr(kernels, kernel_name)
+    monkeypatch.setattr(kernels, kernel_name, lambda *args: calls.append(1) or kernel(*args))
     for batch in (1, 7):
         prompts = [list(range(1 + row, 12 + 3 * row)) for row in range(batch)]
-        monkeypatch.setattr(mlp, "FUSED_MAX_ROWS", 0)
+        monkeypatch.setattr(switched, limit, 0)
         plain = generate(model, prompts, max_new_tokens=80, cuda_graph=False)
         assert not calls
-        monkeypatch.setattr(mlp, "FUSED_MAX_ROWS", 8)
+        monkeypatch.setattr(switched, limit, 8)
         for cuda_graph in (False, True):
-            # (compiled with the kernel inside: tests/ops/test_mlp_triton.py)
+            # (compiled with the kernel inside: tests/ops/test_mlp_triton.py, tests/ops/test_linear_triton.py)
             assert torch.equal(generate(model, prompts, max_new_tokens=80, cuda_graph=cuda_graph, compile=False),
                                plain)
-            assert calls, "the fused kernel did not run"
+            assert calls, "the kernel did not run"
             calls.clear()
 
 

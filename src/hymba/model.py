@@ -25,6 +25,7 @@ from hymba.ops import capturing_cuda_graph, compiled_on_gpu
 from hymba.ops.attention import attention, plan_attention
 from hymba.ops.conv import causal_conv1d
 from hymba.ops.cross_entropy import linear_cross_entropy
+from hymba.ops.linear import project
 from hymba.ops.mlp import gate_up_swiglu, swiglu
 from hymba.ops.norm import rms_norm
 from hymba.ops.scan import selective_scan, selective_state_update, ssm_projections, ssm_step_inputs
@@ -151,7 +152,7 @@ class HymbaMixer(nn.Module):
         """h (b, T, hidden) -> (output (b, T, hidden), the K,V this layer shares with its group's reusers or None).
 
         A reusing layer attends over `shared_kv`, its producer's."""
-        parts = list(torch.split(self.in_proj(h), self.split_sizes, dim=-1))
+        parts = list(torch.split(project(self.in_proj, h), self.split_sizes, dim=-1))
         attn = ssm = keys = None
         if self.use_attention:
             q = parts.pop(0)
@@ -165,7 +166,7 @@ class HymbaMixer(nn.Module):
         else:
             norm_a, norm_s = self.pre_avg_layernorm1, self.pre_avg_layernorm2
             fused = average_of_norms(attn, norm_a.weight, ssm, norm_s.weight, norm_a.eps)
-        return self.out_proj(fused), keys if self.shares_kv else None
+        return project(self.out_proj, fused), keys if self.shares_kv else None
 
     # ------------------------------------------------------------------ attention heads
     def keys_values(self, k, v, ctx: ForwardContext) -> KeysValues:
@@ -246,8 +247,8 @@ class HymbaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:  # no adapter wraps them
-            return self.down_proj(gate_up_swiglu(x, self.gate_proj.weight, self.up_proj.weight))
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+            return project(self.down_proj, gate_up_swiglu(x, self.gate_proj.weight, self.up_proj.weight))
+        return project(self.down_proj, swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class SingleExpert(nn.Module):
@@ -432,7 +433,7 @@ class HymbaForCausalLM(nn.Module):
             loss = lm_head_loss(self.lm_head, hidden.flatten(0, 1), shift_labels.flatten(), loss_reduction)
         logits = None
         if return_logits:
-            logits = self.lm_head(hidden if logits_to_keep is None else hidden[:, -logits_to_keep:])
+            logits = project(self.lm_head, hidden if logits_to_keep is None else hidden[:, -logits_to_keep:])
         return CausalLMOutput(logits=logits, loss=loss)
 
     @property
