@@ -14,7 +14,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from bench_mlp import steps
+from bench_mlp import add_step_arguments, steps
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench_cudagraph
 
@@ -58,11 +58,7 @@ def kernels(rows_list: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,8,32,128", help="comma-separated row counts (default 1,8,32,128)")
-    parser.add_argument("--step", action="store_true", help="also time the whole decode step, kernel off and on")
-    parser.add_argument("--step-rows", default="1,8,32", help="row counts for --step (the kernel runs up to the "
-                        "largest)")
-    parser.add_argument("--context", type=int, default=8192)
-    parser.add_argument("--compile", action="store_true", help="--step: compile the step before capturing it")
+    add_step_arguments(parser)
     args = parser.parse_args()
     kernels([int(r) for r in args.rows.split(",")])
     if args.step:

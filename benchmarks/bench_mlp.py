@@ -79,14 +79,19 @@ def steps(rows_list: list[int], context: int, compile: bool, module=mlp, limit_n
     setattr(module, limit_name, default)
 
 
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `steps`, shared by the kernel benchmarks that time the decode step with their kernel on."""
+    parser.add_argument("--step", action="store_true", help="also time the whole decode step, the kernel off and on")
+    parser.add_argument("--step-rows", default="1,8,32", help="row counts for --step (the kernel runs up to the "
+                        "largest)")
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--compile", action="store_true", help="--step: compile the step before capturing it")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,8,32,128", help="comma-separated row counts (default 1,8,32,128)")
-    parser.add_argument("--step", action="store_true", help="also time the whole decode step, fused kernel off and on")
-    parser.add_argument("--step-rows", default="1,8,32", help="row counts for --step (the fused kernel runs up to "
-                        "the largest)")
-    parser.add_argument("--context", type=int, default=8192)
-    parser.add_argument("--compile", action="store_true", help="--step: compile the step before capturing it")
+    add_step_arguments(parser)
     args = parser.parse_args()
     kernels([int(r) for r in args.rows.split(",")])
     if args.step:
