@@ -235,31 +235,28 @@ def _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, bias, mask_d, mask_n, i, ch
     """Step `i` of a chunk's recompute: (dt, u, B) in float32, zeros past the chunk's end."""
     in_range = tl.full((1,), i, tl.int32) < chunk_len
     md = mask_d & in_range
-    dt = tl.load(delta_ptrs, mask=md, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt += bias
-    if SOFTPLUS:
-        dt = _softplus(dt)
+    _, dt = _load_dt(delta_ptrs, bias, 0, md, HAS_BIAS, SOFTPLUS)
     u = tl.load(u_ptrs, mask=md, other=0.0).to(tl.float32)
     Bt = tl.load(B_ptrs, mask=mask_n & in_range, other=0.0).to(tl.float32)
     return dt, u, Bt
 
 
 @triton.jit
-def _load_reverse_step(scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, i_rev,
-                       chunk_len, HAS_DOUT: tl.constexpr, HAS_Z: tl.constexpr):
-    """Step `i_rev` from a chunk's end in the reverse walk: (h_{t-1} from the scratch, raw delta, u, B, C, the output
-    gradient, z) in float32; zeros once past the chunk's start, and for an absent output gradient or gate."""
+def _load_reverse_step(scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, bias, mask_d, mask_n,
+                       i_rev, chunk_len, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOUT: tl.constexpr,
+                       HAS_Z: tl.constexpr):
+    """Step `i_rev` from a chunk's end in the reverse walk: (h_{t-1} from the scratch, delta + bias, dt, u, B, C, the
+    output gradient, z) in float32; zeros once past the chunk's start, and for an absent output gradient or gate."""
     in_range = tl.full((1,), i_rev, tl.int32) < chunk_len
     md, mn = mask_d & in_range, mask_n & in_range
     h_prev = tl.load(scratch_ptrs, mask=md[:, None] & mn[None, :], other=0.0)  # padded lanes' states are 0 anyway
-    x = tl.load(delta_ptrs, mask=md, other=0.0).to(tl.float32)
+    x, dt = _load_dt(delta_ptrs, bias, 0, md, HAS_BIAS, SOFTPLUS)
     u = tl.load(u_ptrs, mask=md, other=0.0).to(tl.float32)
     Bt = tl.load(B_ptrs, mask=mn, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptrs, mask=mn, other=0.0).to(tl.float32)
     gy = tl.load(dout_ptrs, mask=md, other=0.0).to(tl.float32) if HAS_DOUT else tl.zeros_like(u)
     z = tl.load(z_ptrs, mask=md, other=0.0).to(tl.float32) if HAS_Z else tl.zeros_like(u)
-    return h_prev, x, u, Bt, Ct, gy, z
+    return h_prev, x, dt, u, Bt, Ct, gy, z
 
 
 @triton.jit
@@ -424,7 +421,8 @@ def _scan_bwd_kernel(
         scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * tile)
                          + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
         # With PREFETCH each step's inputs are loaded one step ahead, as the forward walk loads them, so the chain of
-        # dependent steps does not also wait on memory each step.
+        # dependent steps does not also wait on memory each step. Without it each step loads its own, and the loads
+        # before each loop are masked off (`first` out of range).
         ahead = 1 if PREFETCH else 0
 
         for c_rev in range(0, n_chunks):
@@ -438,7 +436,8 @@ def _scan_bwd_kernel(
             delta_ptrs = delta_ptrs0 + start * stride_delta_l
             B_ptrs = B_ptrs0 + start * stride_B_l
             scratch_ptrs = scratch_ptrs0
-            dt, u, Bt = _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, bias, mask_d, mask_n, 0, chunk_len,
+            first = 0 if PREFETCH else CHUNK
+            dt, u, Bt = _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, bias, mask_d, mask_n, first, chunk_len,
                                              HAS_BIAS, SOFTPLUS)
             for i in range(0, CHUNK):
                 if i < chunk_len:
@@ -470,24 +469,18 @@ def _scan_bwd_kernel(
             out_offs = out_offs0 + t * stride_out_l
             dBC_offs = dBC_offs0 + t * d_state
             scratch_ptrs = scratch_ptrs0 + (chunk_len - 1) * tile
-            h_prev, x, u, Bt, Ct, gy, z = _load_reverse_step(
-                scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, 0, chunk_len,
-                HAS_DOUT, HAS_Z)
+            h_prev, x, dt, u, Bt, Ct, gy, z = _load_reverse_step(
+                scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, bias, mask_d, mask_n, first,
+                chunk_len, HAS_BIAS, SOFTPLUS, HAS_DOUT, HAS_Z)
             for i_rev in range(0, CHUNK):
                 if i_rev < chunk_len:
-                    h_prev1, x1, u1, B1, C1, gy1, z1 = _load_reverse_step(
+                    h_prev1, x1, dt1, u1, B1, C1, gy1, z1 = _load_reverse_step(
                         scratch_ptrs - ahead * tile, delta_ptrs - ahead * stride_delta_l, u_ptrs - ahead * stride_u_l,
                         B_ptrs - ahead * stride_B_l, C_ptrs - ahead * stride_C_l,
-                        dout_ptrs - ahead * stride_dout_l, z_ptrs - ahead * stride_z_l, mask_d, mask_n,
-                        i_rev + ahead, chunk_len, HAS_DOUT, HAS_Z)
+                        dout_ptrs - ahead * stride_dout_l, z_ptrs - ahead * stride_z_l, bias, mask_d, mask_n,
+                        i_rev + ahead, chunk_len, HAS_BIAS, SOFTPLUS, HAS_DOUT, HAS_Z)
                     if not PREFETCH:
-                        h_prev, x, u, Bt, Ct, gy, z = h_prev1, x1, u1, B1, C1, gy1, z1
-                    if HAS_BIAS:
-                        x += bias
-                    if SOFTPLUS:
-                        dt = _softplus(x)
-                    else:
-                        dt = x
+                        h_prev, x, dt, u, Bt, Ct, gy, z = h_prev1, x1, dt1, u1, B1, C1, gy1, z1
                     if HAS_Z:
                         sig_z = 1.0 / (1.0 + tl.exp(-z))
                         y_pre = tl.sum(h * Ct[None, :], axis=1)
@@ -516,7 +509,7 @@ def _scan_bwd_kernel(
                     carry = g * a
                     h = h_prev
                     if PREFETCH:
-                        h_prev, x, u, Bt, Ct, gy, z = h_prev1, x1, u1, B1, C1, gy1, z1
+                        h_prev, x, dt, u, Bt, Ct, gy, z = h_prev1, x1, dt1, u1, B1, C1, gy1, z1
 
                     u_ptrs -= stride_u_l
                     delta_ptrs -= stride_delta_l
