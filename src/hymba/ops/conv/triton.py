@@ -60,6 +60,23 @@ def _load_padded(x_ptrs, init_ptrs, pos, mask_d, length, stride_x_l, stride_init
 
 
 @triton.jit
+def _pre_activation(x_ptrs, init_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos, length, stride_x_l, stride_init_k,
+                    stride_w_d, stride_w_k, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, WIDTH: tl.constexpr):
+    """bias + sum_k weight[:, k] * x_{pos-width+1+k} in float32 (BLOCK_D, P), weight and bias rounded to x's dtype:
+    each tap k reads the input tile shifted by k - (width-1)."""
+    x_dtype = x_ptrs.dtype.element_ty
+    acc = tl.zeros((mask_d.shape[0], pos.shape[0]), tl.float32)
+    for k in tl.static_range(WIDTH):
+        w = tl.load(w_ptr + offs_d * stride_w_d + k * stride_w_k, mask=mask_d, other=0.0)
+        w = w.to(x_dtype).to(tl.float32)
+        acc += w[:, None] * _load_padded(x_ptrs, init_ptrs, pos + (k - (WIDTH - 1)), mask_d, length, stride_x_l,
+                                         stride_init_k, HAS_INIT, WIDTH)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(x_dtype).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, out_ptr, final_ptr,
     dim, length,
@@ -80,22 +97,14 @@ def _conv_fwd_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < dim
-    x_dtype = x_ptr.dtype.element_ty
 
     x_ptrs = x_ptr + pid_b * stride_x_b + offs_d * stride_x_d
     init_ptrs = x_ptrs  # never read without an initial state
     if HAS_INIT:
         init_ptrs = init_ptr + pid_b * stride_init_b + offs_d * stride_init_d
 
-    acc = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
-    for k in tl.static_range(WIDTH):
-        w = tl.load(w_ptr + offs_d * stride_w_d + k * stride_w_k, mask=mask_d, other=0.0)
-        w = w.to(x_dtype).to(tl.float32)
-        vals = _load_padded(x_ptrs, init_ptrs, offs_l + (k - (WIDTH - 1)), mask_d, length, stride_x_l,
-                            stride_init_k, HAS_INIT, WIDTH)
-        acc += w[:, None] * vals
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(x_dtype).to(tl.float32)[:, None]
+    acc = _pre_activation(x_ptrs, init_ptrs, w_ptr, bias_ptr, offs_d, mask_d, offs_l, length, stride_x_l,
+                          stride_init_k, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, WIDTH)
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
     out_ptrs = out_ptr + pid_b * stride_out_b + offs_d[:, None] * stride_out_d + offs_l[None, :] * stride_out_l
@@ -115,18 +124,12 @@ def _grad_pre(x_ptrs, init_ptrs, dout_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos
               stride_dout_l, stride_w_d, stride_w_k, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
               SILU: tl.constexpr, WIDTH: tl.constexpr):
     """d loss / d (the pre-activation) at positions `pos` as float32 (BLOCK_D, P); zero outside [0, length)."""
-    x_dtype = x_ptrs.dtype.element_ty
     in_range = (pos >= 0) & (pos < length)
     gpre = tl.load(dout_ptrs[:, None] + pos[None, :] * stride_dout_l, mask=mask_d[:, None] & in_range[None, :],
                    other=0.0).to(tl.float32)
     if SILU:
-        pre = tl.zeros_like(gpre)
-        for k in tl.static_range(WIDTH):
-            w = tl.load(w_ptr + offs_d * stride_w_d + k * stride_w_k, mask=mask_d, other=0.0).to(x_dtype)
-            pre += w.to(tl.float32)[:, None] * _load_padded(x_ptrs, init_ptrs, pos + (k - (WIDTH - 1)), mask_d,
-                                                            length, stride_x_l, stride_init_k, HAS_INIT, WIDTH)
-        if HAS_BIAS:
-            pre += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(x_dtype).to(tl.float32)[:, None]
+        pre = _pre_activation(x_ptrs, init_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos, length, stride_x_l,
+                              stride_init_k, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, WIDTH)
         sig = 1.0 / (1.0 + tl.exp(-pre))
         gpre = gpre * sig * (1.0 + pre * (1.0 - sig))
     return gpre
