@@ -3,11 +3,12 @@ small-rows Triton kernel (`hymba.ops.linear.triton`) over its tiles and input sl
 
     python benchmarks/bench_linear.py                       # needs CUDA and Triton
     python benchmarks/bench_linear.py --rows 1,8,32 --step  # and the whole decode step with the kernel off and on
+    python benchmarks/bench_linear.py --projections lm_head --rows 64,128
 
 Times are of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), as the decode step runs them; GB/s counts
-the weight read. Each kernel row is checked against F.linear. If the kernel beats cuBLAS for every projection at
-every row count up to some n, `hymba.ops.linear.SMALL_ROWS_MAX = n` (and its tile as the module's defaults) makes the
-model use it; `--step` measures exactly that.
+the weight read. Each kernel row is checked against F.linear. The model runs the kernel for the LM head alone (cuBLAS
+won the layers' projections), up to `hymba.ops.linear.SMALL_ROWS_MAX` rows with the module's default tile; `--step`
+measures the step with that limit at 0 and at the largest row count.
 """
 
 import argparse
@@ -29,10 +30,10 @@ CONFIGS = [(64, 128, 4, 4, 0), (64, 128, 4, 3, 0), (32, 128, 4, 4, 0), (64, 64, 
            (64, 128, 4, 4, 1), (64, 128, 8, 4, 0)]
 
 
-def kernels(rows_list: list[int]) -> None:
+def kernels(rows_list: list[int], projections: list[str]) -> None:
     torch.manual_seed(0)
     print(f"{'proj':>9} {'rows':>4} {'path':>30} {'us':>7} {'GB/s':>7} {'vs cuBLAS':>9}")
-    for name, n, k in SHAPES:
+    for name, n, k in [shape for shape in SHAPES if shape[0] in projections]:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         nbytes = weight.numel() * weight.element_size()
         for rows in rows_list:
@@ -58,9 +59,11 @@ def kernels(rows_list: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,8,32,128", help="comma-separated row counts (default 1,8,32,128)")
+    parser.add_argument("--projections", default=",".join(shape[0] for shape in SHAPES),
+                        help="comma-separated, from: " + ", ".join(shape[0] for shape in SHAPES))
     add_step_arguments(parser)
     args = parser.parse_args()
-    kernels([int(r) for r in args.rows.split(",")])
+    kernels([int(r) for r in args.rows.split(",")], args.projections.split(","))
     if args.step:
         steps([int(r) for r in args.step_rows.split(",")], args.context, args.compile, linear, "SMALL_ROWS_MAX")
 

@@ -12,6 +12,7 @@ Train: one `hymba train` optimizer step (bf16 autocast, float32 master weights, 
 """
 
 import argparse
+import csv
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -33,6 +34,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--scan-block-l", type=int,
                         help="the selective scan's Triton kernels in blocks of N positions (1 walks; default by batch)")
+    parser.add_argument("--sequence", metavar="CSV",
+                        help="also write every kernel in launch order (name, start and duration in us) to CSV, to read "
+                             "one layer's kernels one by one")
     args = parser.parse_args()
     scan.TRITON_BLOCK_L = args.scan_block_l
 
@@ -43,7 +47,7 @@ def main() -> None:
         options = TrainBenchOptions([args.model], [args.context], args.batch * args.context, [False], 0, 1, 2,
                                     torch.device("cuda"))
         step = training_step(row, options, args.batch)[3]
-        report(step, warmup=2, rows=args.rows)
+        report(step, warmup=2, rows=args.rows, sequence=args.sequence)
         return
     model = build_engine_model(HymbaConfig.preset(args.model), torch.device("cuda"), torch.bfloat16)
     new_cache = lambda: HymbaCache(model.config, args.batch, args.context, device="cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -57,11 +61,12 @@ def main() -> None:
         tokens = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
         run = lambda: step(model, cache, tokens)  # noqa: E731
     with torch.inference_mode():
-        report(run, warmup=1 if args.phase == "prefill" else 3, rows=args.rows)
+        report(run, warmup=1 if args.phase == "prefill" else 3, rows=args.rows, sequence=args.sequence)
 
 
-def report(run, warmup: int, rows: int) -> None:
-    """Profile one call of `run` after `warmup` untimed ones and print the kernels by total time."""
+def report(run, warmup: int, rows: int, sequence: str | None = None) -> None:
+    """Profile one call of `run` after `warmup` untimed ones and print the kernels by total time (and write them in
+    launch order to `sequence`)."""
     for _ in range(warmup):
         run()
     torch.cuda.synchronize()
@@ -72,6 +77,12 @@ def report(run, warmup: int, rows: int) -> None:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_ms = sum(e.device_time for e in kernels) / 1e3
     print(f"{len(kernels)} kernels, {total_ms:.2f} ms of kernel time (profiled; a CUDA graph replay adds no launches)")
+    if sequence:
+        with open(sequence, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["kernel", "start_us", "duration_us"])
+            for e in sorted(kernels, key=lambda e: e.time_range.start):
+                out.writerow([e.name, f"{e.time_range.start:.1f}", f"{e.device_time:.2f}"])
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class HymbaMixer(nn.Module):
         """h (b, T, hidden) -> (output (b, T, hidden), the K,V this layer shares with its group's reusers or None).
 
         A reusing layer attends over `shared_kv`, its producer's."""
-        parts = list(torch.split(project(self.in_proj, h), self.split_sizes, dim=-1))
+        parts = list(torch.split(self.in_proj(h), self.split_sizes, dim=-1))
         attn = ssm = keys = None
         if self.use_attention:
             q = parts.pop(0)
@@ -166,7 +166,7 @@ class HymbaMixer(nn.Module):
         else:
             norm_a, norm_s = self.pre_avg_layernorm1, self.pre_avg_layernorm2
             fused = average_of_norms(attn, norm_a.weight, ssm, norm_s.weight, norm_a.eps)
-        return project(self.out_proj, fused), keys if self.shares_kv else None
+        return self.out_proj(fused), keys if self.shares_kv else None
 
     # ------------------------------------------------------------------ attention heads
     def keys_values(self, k, v, ctx: ForwardContext) -> KeysValues:
@@ -247,8 +247,8 @@ class HymbaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:  # no adapter wraps them
-            return project(self.down_proj, gate_up_swiglu(x, self.gate_proj.weight, self.up_proj.weight))
-        return project(self.down_proj, swiglu(self.gate_proj(x), self.up_proj(x)))
+            return self.down_proj(gate_up_swiglu(x, self.gate_proj.weight, self.up_proj.weight))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class SingleExpert(nn.Module):

@@ -1,12 +1,11 @@
-"""A linear layer's product for decode rows: `project(module, x)` is `module(x)`, through `hymba.ops.linear.triton`'s
+"""The LM head's product for decode rows: `project(module, x)` is `module(x)`, through `hymba.ops.linear.triton`'s
 kernel where that applies (a plain `nn.Linear`, at most `SMALL_ROWS_MAX` rows, a CUDA tensor, no gradients wanted).
 
-At a few rows a projection is a weight-bound GEMV. cuBLAS read the 1.5B shape's decode weights at 1.9-2.6 TB/s on
-an H200 (in_proj 11.3 us, out_proj 6.2 + 1.8 us of split-K reduction, down_proj 8.7 + 1.7; docs/bench.md) where the
-fused gate/up kernel, the same tiling over two weights, reached 4.1 TB/s. The kernel reads each weight once for up to
-128 rows and splits the reduction over the inputs where the outputs alone give too few programs (down_proj's 1,600
-outputs in blocks of 64 are 25). 0 (the default) keeps `module(x)` until `benchmarks/bench_linear.py` measures it
-faster on a GPU.
+At a few rows a projection is a weight-bound GEMV. For the LM head's 32,001 x 1,600 weight cuBLAS falls off its fast
+path: on an H200 (`benchmarks/bench_linear.py`, session 19) it took 39.9 us at 1 row, 99 at 8 and 136 at 32 (0.8-2.6
+TB/s), where the kernel, one program per 64 vocabulary rows streaming the weight once for all rows, took 25.6-28.4 us
+(3.6-4.0 TB/s). For the layers' own projections (in_proj, out_proj, down_proj) cuBLAS won at 1-32 rows (the kernel
+0.55-0.9x, split-K included), so they stay `nn.Linear` calls.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from hymba.ops import gpu_kernels_usable
 
 __all__ = ["SMALL_ROWS_MAX", "project"]
 
-SMALL_ROWS_MAX = 0
+SMALL_ROWS_MAX = 32  # rows; measured to 32 (bench_linear.py)
 
 
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import triton.language as tl
 __all__ = ["small_rows_linear", "split_k"]
 
 MAX_BLOCK_M = 128  # rows per program, at most; more rows take more programs (each reading the weight again)
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 128, 4, 4  # the fused gate/up kernel's fastest tile on an H200
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 64, 4, 4  # the LM head's fastest tile at 1-32 rows on an H200
 TARGET_PROGRAMS = 264  # two per SM of an H200
 
 

@@ -35,10 +35,11 @@ __all__ = ["selective_scan_triton", "selective_state_update_triton"]
 # Positions between saved states in the forward: the backward's scratch holds this many states per program.
 DEFAULT_CHUNK = 64
 # The walk backward's warps per program, and whether it loads each step's inputs a step ahead: tuning knobs read at each
-# backward, swept by benchmarks/bench_scan.py --backward (4 warps without prefetching is what was measured: 12.3 ms per
-# layer at 8 x 2,176 on an H200, session 18).
-BACKWARD_WALK_WARPS = 4
-BACKWARD_PREFETCH = False
+# backward, swept by benchmarks/bench_scan.py --backward. One warp (its channel sums stay inside the warp) loading a
+# step ahead was the fastest on an H200 (session 19, forward + backward per layer at 8 x 2,176, chunks of 32): 6.6 ms,
+# against 13.0 with 4 warps and no prefetching, 7.2 with one warp and none, 14.0 with 2 warps and 37.1 with 8.
+BACKWARD_WALK_WARPS = 1
+BACKWARD_PREFETCH = True
 # softplus(x) == x above this (torch.nn.functional.softplus's default threshold), and its gradient is 1.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
