@@ -49,6 +49,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -101,7 +102,8 @@ class StudyPreset:
     # What differs from the LM arm, and why (measured in docs/study/README.md): the embedding of the integer
     # vocabulary starts larger (None: the released 0.02), the first steps are MQAR only, the lengths join short to
     # long, and training stops once the held-out accuracy reaches this at every length (None: never).
-    recall_embedding_std: float | None = 0.3
+    recall_embedding_std: float | None = 1.0
+    recall_tie_embeddings: bool = False  # the release ties them (and the LM arm keeps that)
     recall_mqar_only_steps: int = 0
     recall_curriculum_steps: int = 0
     recall_stop_accuracy: float | None = 0.99
@@ -169,8 +171,8 @@ PRESETS: dict[str, StudyPreset] = {
                          intermediate_size=640, global_attn_idx=(0, 4, 7), sliding_window=128, num_memory_tokens=32),
         # Recall: the smallest vocabulary that holds 1024 tokens' 64 distinct keys and values (a larger one delays
         # learning), lengths joining every 150 steps and MQAR alone for the first 600 (both learn MQAR sooner).
-        warmup_steps=20, recall_vocab_size=160, recall_lengths=(64, 128, 256, 512, 1024), recall_steps=1500,
-        recall_curriculum_steps=150, recall_mqar_only_steps=600, recall_log_interval=50,
+        warmup_steps=20, recall_vocab_size=160, recall_lengths=(64, 128, 256, 512, 1024), recall_steps=3000,
+        recall_curriculum_steps=300, recall_mqar_only_steps=1500, recall_log_interval=50,
         notes="One GPU: 3.3M corpus tokens and up to 12.3M recall tokens per run (recall time estimated)."),
     # ~49M non-embedding parameters, 2 corpus epochs: one H100 for 1-1.5 hours (unmeasured).
     "medium": StudyPreset(
@@ -198,6 +200,7 @@ def recall_config(name: str, preset: StudyPreset) -> HymbaConfig:
 
     config = variant_config(name, preset.shape, preset.recall_vocab_size, preset.max_positions)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = PAD, None, NEWLINE
+    config.tie_word_embeddings = preset.recall_tie_embeddings
     return config
 
 
@@ -255,12 +258,13 @@ def recall_length(preset: StudyPreset, step: int) -> int:
 
 
 def init_recall_model(config: HymbaConfig, preset: StudyPreset, seed: int, device: torch.device):
-    """A fresh recall model: the released init, then the input embedding (tied to the output layer) redrawn as
-    normal(0, `recall_embedding_std`) unless that is None.
+    """A fresh recall model: the released init, then the input embedding redrawn as normal(0, `recall_embedding_std`)
+    unless that is None. The output layer keeps the released normal(0, 0.02) unless it is tied to the embedding.
 
-    With the released std 0.02 the attention model sits on MQAR's 1/pairs plateau for thousands of steps; with 0.3
-    it leaves in hundreds (measured at widths 64-256, docs/study/README.md). Only the synthetic-vocabulary recall
-    models get this; the LM arm keeps the released init."""
+    Measured on an H200 (docs/study/README.md): at the small preset's width (8 layers, d=256) the attention model
+    with the embedding std 0.3 tied to the output (initial loss ~24 nats: logits of std ~0.3 x sqrt(256)) stayed on
+    MQAR's 1/pairs plateau or diverged; std 1.0 with an untied output layer (initial loss ln(vocab)) solved every
+    length. Only the synthetic-vocabulary recall models get this; the LM arm keeps the released init."""
     import torch
 
     from hymba.model import HymbaForCausalLM
@@ -334,6 +338,9 @@ def train_recall(config: HymbaConfig, preset: StudyPreset, seed: int,
             records.append({"step": step + 1, "loss": window_loss.item() / window_targets, "lr": lr})
             window_loss.zero_()
             window_targets = 0
+            if not math.isfinite(records[-1]["loss"]):  # diverged: nothing after this would be a measurement
+                records[-1]["diverged"] = True
+                break
             if checks:
                 model.eval()
                 accuracy = records[-1]["accuracy"] = {}
@@ -651,6 +658,7 @@ def summarize(results: list[dict[str, Any]], preset: StudyPreset) -> dict[str, A
             "description": VARIANTS[name].description, "design": first["design"], "seeds": [r["seed"] for r in runs],
             "params": first["params"], "body_params": first["body_params"], "cache_bytes": first["cache_bytes"],
             "recall_cache_bytes": first["recall_cache_bytes"],
+            "recall_diverged": [r["seed"] for r in runs if r["recall"]["curve"][-1].get("diverged")],
             "metrics": {k: {**mean_spread([m[k] for m in per_run]), "values": [m[k] for m in per_run]}
                         for k in per_run[0]},
             "val_loss_curve": curve, "attention_sink": sinks,
@@ -702,6 +710,10 @@ def format_markdown(summary: dict[str, Any], preset: StudyPreset, plots: list[st
               "belongs to, scores 1/pairs on MQAR (" + ", ".join(f"1/{p} at {n}" for p, n in zip(pairs, lengths))
               + "); copying a random number of the book scores 1/entries on the phonebook ("
               + ", ".join(f"1/{e}" for e in entries) + ")."]
+    diverged = [f"{name} seed {seed}" for name, s in summary.items() for seed in s.get("recall_diverged", [])]
+    if diverged:
+        lines += ["", "**Recall training diverged (a non-finite loss; it stopped there, and the run's recall cells "
+                  f"are of the diverged model): {', '.join(diverged)}.**"]
     if all(s["metrics"][f"mqar@{n}"]["mean"] < 2 / p for s in summary.values() for n, p in zip(lengths, pairs)):
         # MQAR is learnt abruptly after a plateau at 1/pairs; a budget that ends on the plateau compares nothing.
         lines += ["", f"**No variant rose above twice the 1/pairs reference on MQAR: recall training ended on its "

@@ -2,10 +2,10 @@
 kernel where that applies (a plain `nn.Linear`, at most `SMALL_ROWS_MAX` rows, a CUDA tensor, no gradients wanted).
 
 At a few rows a projection is a weight-bound GEMV. For the LM head's 32,001 x 1,600 weight cuBLAS falls off its fast
-path: on an H200 (`benchmarks/bench_linear.py`, session 19) it took 39.9 us at 1 row, 99 at 8 and 136 at 32 (0.8-2.6
-TB/s), where the kernel, one program per 64 vocabulary rows streaming the weight once for all rows, took 25.6-28.4 us
-(3.6-4.0 TB/s). For the layers' own projections (in_proj, out_proj, down_proj) cuBLAS won at 1-32 rows (the kernel
-0.55-0.9x, split-K included), so they stay `nn.Linear` calls.
+path: on an H200 (`benchmarks/bench_linear.py`, session 19) it took 39.9 us at 1 row, 99 at 8, 136 at 32 and 135 at
+128 (0.7-2.6 TB/s), where the kernel, one program per 64 vocabulary rows streaming the weight once for all rows, took
+25.6 / 26.4 / 28.4 / 39.7 us (2.6-4.0 TB/s). For the layers' own projections (in_proj, out_proj, down_proj) cuBLAS
+won at 1-32 rows (the kernel 0.55-0.9x, split-K included), so they stay `nn.Linear` calls.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hymba.ops import gpu_kernels_usable
 
 __all__ = ["SMALL_ROWS_MAX", "project"]
 
-SMALL_ROWS_MAX = 32  # rows; measured to 32 (bench_linear.py)
+SMALL_ROWS_MAX = 128  # rows: one program holds them all (MAX_BLOCK_M); measured to 128
 
 
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
