@@ -15,6 +15,11 @@ _IMPORTABLE = {module: importlib.util.find_spec(module) is not None
                for module in ("triton", "torch.nn.attention.flex_attention")}
 
 
+# The decode-rows GEMV kernels (hymba.ops.mlp.triton, hymba.ops.linear.triton) size their tiles for 2-byte weights:
+# float32 tiles of that size overflow a GPU's shared memory, so a float32 model keeps cuBLAS there.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def gpu_kernels_usable(x: torch.Tensor, module: str = "triton") -> bool:
     """Whether a fast path built on `module` ("triton" or "torch.nn.attention.flex_attention") can run on `x`: a CUDA
     tensor, and the module importable.

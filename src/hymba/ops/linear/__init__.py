@@ -1,5 +1,6 @@
 """The LM head's product for decode rows: `project(module, x)` is `module(x)`, through `hymba.ops.linear.triton`'s
-kernel where that applies (a plain `nn.Linear`, at most `SMALL_ROWS_MAX` rows, a CUDA tensor, no gradients wanted).
+kernel where that applies (a plain `nn.Linear`, at most `SMALL_ROWS_MAX` rows, a bf16 or fp16 CUDA tensor, no
+gradients wanted).
 
 At a few rows a projection is a weight-bound GEMV. For the LM head's 32,001 x 1,600 weight cuBLAS falls off its fast
 path: on an H200 (`benchmarks/bench_linear.py`, session 19) it took 39.9 us at 1 row, 99 at 8, 136 at 32 and 135 at
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hymba.ops import gpu_kernels_usable
+from hymba.ops import HALF_DTYPES, gpu_kernels_usable
 
 __all__ = ["SMALL_ROWS_MAX", "project"]
 
@@ -23,7 +24,7 @@ SMALL_ROWS_MAX = 128  # rows: one program holds them all (MAX_BLOCK_M); measured
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x) for x (..., in_features). A wrapped layer (a LoRA adapter) always runs as itself."""
     rows = x.numel() // x.shape[-1]
-    if (type(module) is nn.Linear and rows <= SMALL_ROWS_MAX and gpu_kernels_usable(x)
+    if (type(module) is nn.Linear and rows <= SMALL_ROWS_MAX and x.dtype in HALF_DTYPES and gpu_kernels_usable(x)
             and not (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))):
         from hymba.ops.linear.triton import small_rows_linear
 

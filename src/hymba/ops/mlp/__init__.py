@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hymba.ops import compiled_on_gpu, gpu_kernels_usable
+from hymba.ops import HALF_DTYPES, compiled_on_gpu, gpu_kernels_usable
 
 __all__ = ["FUSED_MAX_ROWS", "gate_up_swiglu", "gate_up_swiglu_ref", "swiglu"]
 
@@ -34,7 +34,7 @@ def gate_up_swiglu_ref(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: to
 def gate_up_swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
     """x (..., hidden); weights (intermediate, hidden). Returns (..., intermediate) in x's dtype."""
     rows = x.numel() // x.shape[-1]
-    if (rows <= FUSED_MAX_ROWS and gpu_kernels_usable(x)
+    if (rows <= FUSED_MAX_ROWS and x.dtype in HALF_DTYPES and gpu_kernels_usable(x)
             and not (torch.is_grad_enabled() and (x.requires_grad or gate_weight.requires_grad))):
         from hymba.ops.mlp.triton import gate_up_swiglu_triton
 
