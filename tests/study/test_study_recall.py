@@ -67,3 +67,31 @@ def test_check_rows_hold_the_phonebook_only_when_training_reaches_it():
 
     assert not has_phonebook(EASIEST)
     assert has_phonebook(dataclasses.replace(EASIEST, recall_mqar_only_steps=100))
+
+
+def test_steps_with_non_finite_gradients_are_skipped_and_a_run_of_them_stops_training(monkeypatch):
+    """A NaN gradient leaves the weights as they were (the step is skipped and counted); a whole log window of them
+    ends training, marked diverged."""
+    from hymba.train import trainer
+
+    preset = dataclasses.replace(EASIEST, recall_steps=20, recall_log_interval=5, recall_stop_accuracy=None)
+    real = trainer.accumulate_gradients
+    calls = []
+
+    def poisoned(model, batches, n_targets, rt, bad=lambda call: call in (3, 5)):
+        loss = real(model, batches, n_targets, rt)
+        calls.append(1)
+        if bad(len(calls)):
+            next(model.parameters()).grad.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", poisoned)
+    model, records = train_recall(recall_config("llama", preset), preset, 0, torch.device("cpu"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [r["skipped_steps"] for r in records] == [2, 2, 2, 2] and not any(r.get("diverged") for r in records)
+
+    calls.clear()
+    monkeypatch.setattr(trainer, "accumulate_gradients",
+                        lambda *args: poisoned(*args, bad=lambda call: call > 5))
+    _, records = train_recall(recall_config("llama", preset), preset, 0, torch.device("cpu"))
+    assert records[-1]["step"] == 10 and records[-1]["diverged"] and records[-1]["skipped_steps"] == 5

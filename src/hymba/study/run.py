@@ -317,7 +317,7 @@ def train_recall(config: HymbaConfig, preset: StudyPreset, seed: int,
     optimizer = make_optimizer(model, preset.recall_lr, preset.weight_decay, BETAS, device_type=device.type)
     vocab = RecallVocab(preset.recall_vocab_size)
     checks = recall_check_batches(preset) if preset.recall_stop_accuracy is not None else {}
-    records, window_loss, window_targets = [], torch.zeros((), device=device), 0
+    records, window_loss, window_targets, skipped = [], torch.zeros((), device=device), 0, 0
     for step in range(preset.recall_steps):
         lr = lr_at(step, lr=preset.recall_lr, min_lr=preset.recall_lr / 10, warmup_steps=preset.warmup_steps,
                    max_steps=preset.recall_steps, schedule="wsd")
@@ -328,17 +328,24 @@ def train_recall(config: HymbaConfig, preset: StudyPreset, seed: int,
                             seq_len, preset.mqar_pairs_ratio, preset.mqar_alpha,
                             phonebook=step >= preset.recall_mqar_only_steps)
         n_targets = count_targets(y)
-        window_loss += accumulate_gradients(model, [(x.to(device), y.to(device))], n_targets, rt)
-        window_targets += n_targets
-        if preset.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), preset.grad_clip)
-        optimizer.step()
+        loss = accumulate_gradients(model, [(x.to(device), y.to(device))], n_targets, rt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), preset.grad_clip or float("inf"))
+        # A step with a non-finite gradient is skipped (as a loss scaler skips overflowed steps in mixed precision):
+        # bf16 recall runs on an H200 hit NaN mid-training, and one such step turns every weight to NaN.
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            window_loss += loss
+            window_targets += n_targets
+        else:
+            skipped += 1
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % preset.recall_log_interval == 0 or step + 1 == preset.recall_steps:
-            records.append({"step": step + 1, "loss": window_loss.item() / window_targets, "lr": lr})
+            trained = window_targets > 0
+            records.append({"step": step + 1, "loss": window_loss.item() / window_targets if trained else math.nan,
+                            "lr": lr, "skipped_steps": skipped})
             window_loss.zero_()
             window_targets = 0
-            if not math.isfinite(records[-1]["loss"]):  # diverged: nothing after this would be a measurement
+            if not trained:  # a whole window of skipped steps: nothing after this would train
                 records[-1]["diverged"] = True
                 break
             if checks:
