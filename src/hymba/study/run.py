@@ -160,20 +160,19 @@ PRESETS: dict[str, StudyPreset] = {
         recall_tokens_per_step=512, recall_steps=10, recall_lr=3e-3, recall_log_interval=5, recall_eval_examples=16,
         recall_eval_batch=16, decode_batch=2, decode_prompt=32, decode_tokens=8,
         notes="CI smoke test on CPU: exercises every code path, results are noise."),
-    # ~8.4M non-embedding parameters per variant. With 600 recall steps at lr 3e-3 (which left every design on the
-    # MQAR plateau) 8 variants x 2 seeds took 12 minutes on one H100 with --workers 6 (measured: a wave of 6 runs of
-    # 200 LM + 600 recall steps in ~165 s, so <= 0.2 s a step with 6 sharing the GPU). The recall budget is now up to
-    # 1,500 steps a run: 3 waves x 1,500 x 0.2 s ~ 15 minutes with --workers 6, ~10 with 8 on an H200 (an estimate,
-    # not measured; early stopping at 0.99 shortens the runs that solve every length).
+    # ~8.4M non-embedding parameters per variant. On an H200 (session 19) a recall step took 0.044 s alone and about
+    # 0.09 s with ten runs sharing the GPU, so 16 runs of up to 3,000 recall steps in 2 waves of 8 is ~9 minutes
+    # (estimated from those per-step times; early stopping at 0.99 shortens the runs that solve every length).
     "small": StudyPreset(
         name="small",
         shape=ModelShape(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                          intermediate_size=640, global_attn_idx=(0, 4, 7), sliding_window=128, num_memory_tokens=32),
         # Recall: the smallest vocabulary that holds 1024 tokens' 64 distinct keys and values (a larger one delays
-        # learning), lengths joining every 150 steps and MQAR alone for the first 600 (both learn MQAR sooner).
+        # learning), lengths joining every 300 steps and MQAR alone for the first 1,500 (the attention model solved
+        # MQAR at every length by step 1,250 this way on an H200).
         warmup_steps=20, recall_vocab_size=160, recall_lengths=(64, 128, 256, 512, 1024), recall_steps=3000,
         recall_curriculum_steps=300, recall_mqar_only_steps=1500, recall_log_interval=50,
-        notes="One GPU: 3.3M corpus tokens and up to 12.3M recall tokens per run (recall time estimated)."),
+        notes="One GPU: 3.3M corpus tokens and up to 24.6M recall tokens per run (recall time estimated per step)."),
     # ~49M non-embedding parameters, 2 corpus epochs: one H100 for 1-1.5 hours (unmeasured).
     "medium": StudyPreset(
         name="medium",
