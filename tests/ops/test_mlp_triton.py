@@ -9,7 +9,14 @@ from conftest import rel_err
 from triton_setup import DEVICE, gpu_only  # sets TRITON_INTERPRET without CUDA; skips without Triton
 
 from hymba.ops.mlp import gate_up_swiglu_ref
-from hymba.ops.mlp.triton import gate_up_swiglu_triton
+from hymba.ops.mlp.triton import (
+    BLOCK_K,
+    BLOCK_N,
+    NUM_STAGES,
+    SHARED_MEMORY_BYTES,
+    gate_up_swiglu_triton,
+    pipeline_stages,
+)
 
 
 def weights(n, k, dtype, seed=0):
@@ -42,6 +49,14 @@ def test_fused_gate_up_swiglu_refuses_what_it_cannot_read():
     gate, up = weights(8, 16, torch.float32)
     with pytest.raises(ValueError, match="contiguous"):
         gate_up_swiglu_triton(torch.zeros(2, 8, device=DEVICE), gate.t(), up.t())
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128])
+def test_pipeline_stages_fit_in_shared_memory(block_m):
+    # Four stages of 128-row bf16 tiles need 256 KiB and failed to launch on an H200 (227 KiB per program).
+    stages = pipeline_stages(block_m, BLOCK_N, BLOCK_K, 2)
+    assert stages * (block_m + 2 * BLOCK_N) * BLOCK_K * 2 <= SHARED_MEMORY_BYTES
+    assert stages == NUM_STAGES if block_m <= 64 else 1 <= stages < NUM_STAGES
 
 
 @gpu_only

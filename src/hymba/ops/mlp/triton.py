@@ -21,6 +21,15 @@ __all__ = ["gate_up_swiglu_triton"]
 
 MAX_BLOCK_M = 128  # rows per program, at most; more rows take more programs (each reading the weights again)
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 128, 4, 4  # the fastest at 1-32 rows on an H200 (bench_mlp.py)
+# Each pipeline stage holds one x tile and one tile of each weight; at 128 rows four stages of the default tiles need
+# 256 KiB, past the H200's 227 KiB per program, so the default stage count is capped to what fits.
+SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def pipeline_stages(block_m: int, block_n: int, block_k: int, element_size: int) -> int:
+    """NUM_STAGES, or fewer where that many stages of (x, gate, up) tiles would not fit in shared memory."""
+    per_stage = (block_m + 2 * block_n) * block_k * element_size
+    return max(1, min(NUM_STAGES, SHARED_MEMORY_BYTES // per_stage))
 
 
 @triton.jit
@@ -73,11 +82,13 @@ def gate_up_swiglu_triton(x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
     block_n = block_n or BLOCK_N
     dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))  # 16: the smallest M of tl.dot
+    block_k = block_k or BLOCK_K
+    num_stages = num_stages or pipeline_stages(block_m, block_n, block_k, x.element_size())
     _gate_up_swiglu_kernel[(triton.cdiv(rows, block_m), triton.cdiv(n, block_n))](
         x, gate_weight, up_weight, out, rows, n, k,
         x.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or BLOCK_K, DOT_FP32=dot_fp32,
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_FP32=dot_fp32,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages,
     )
     return out
 
