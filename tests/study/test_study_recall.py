@@ -95,3 +95,20 @@ def test_steps_with_non_finite_gradients_are_skipped_and_a_run_of_them_stops_tra
                         lambda *args: poisoned(*args, bad=lambda call: call > 5))
     _, records = train_recall(recall_config("llama", preset), preset, 0, torch.device("cpu"))
     assert records[-1]["step"] == 10 and records[-1]["diverged"] and records[-1]["skipped_steps"] == 5
+
+
+def test_ssm_timescales_follow_mambas_init_and_leave_attention_layers_alone():
+    import torch.nn.functional as F
+
+    preset = dataclasses.replace(EASIEST, recall_ssm_dt_range=(1e-3, 0.1))
+    model = init_recall_model(recall_config("hymba", preset), preset, 0, torch.device("cpu"))
+    released_preset = dataclasses.replace(preset, recall_ssm_dt_range=None)
+    released = init_recall_model(recall_config("hymba", released_preset), released_preset, 0, torch.device("cpu"))
+    for layer, before in zip(model.model.layers, released.model.layers):
+        proj = layer.mamba.dt_proj[0]
+        dt = F.softplus(proj.bias)
+        assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+        assert dt.log().std() > 0.5  # spread over the range's two decades, not one value
+        assert proj.weight.abs().max() <= proj.in_features ** -0.5
+        assert torch.equal(before.mamba.dt_proj[0].bias, torch.zeros_like(proj.bias))  # the release: dt = 0.69
+        assert torch.equal(layer.mamba.in_proj.weight, before.mamba.in_proj.weight)

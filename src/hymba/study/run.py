@@ -104,6 +104,11 @@ class StudyPreset:
     # long, and training stops once the held-out accuracy reaches this at every length (None: never).
     recall_embedding_std: float | None = 1.0
     recall_tie_embeddings: bool = False  # the release ties them (and the LM arm keeps that)
+    # The SSM heads' step sizes: Mamba's init draws dt log-uniform in this range (dt_proj's bias = softplus^-1(dt)),
+    # e.g. (0.001, 0.1). None keeps the release's init, which zeroes the bias: every channel starts at dt =
+    # softplus(0) = 0.69 and forgets within a few tokens; Mamba-only stayed at chance on MQAR at every length with it
+    # (H200, session 20). Not yet measured on, so off.
+    recall_ssm_dt_range: tuple[float, float] | None = None
     recall_mqar_only_steps: int = 0
     recall_curriculum_steps: int = 0
     recall_stop_accuracy: float | None = 0.99
@@ -273,10 +278,30 @@ def init_recall_model(config: HymbaConfig, preset: StudyPreset, seed: int, devic
         model = HymbaForCausalLM(config)
     generator = torch.Generator(device).manual_seed(seed)
     model.init_weights(generator)
-    if preset.recall_embedding_std is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if preset.recall_embedding_std is not None:
             model.model.embed_tokens.weight.normal_(0.0, preset.recall_embedding_std, generator=generator)
+        if preset.recall_ssm_dt_range is not None:
+            init_ssm_timescales(model, *preset.recall_ssm_dt_range, generator=generator)
     return model
+
+
+def init_ssm_timescales(model, dt_min: float, dt_max: float, generator: torch.Generator | None = None) -> None:
+    """Mamba's (Gu & Dao) dt init for every layer with SSM heads: dt_proj's bias set so that softplus(bias) is
+    log-uniform in [dt_min, dt_max] per channel (channels that remember for 1/dt_min down to 1/dt_max tokens), and its
+    weight uniform in +-dt_rank^-0.5 (unit variance through the dt RMSNorm)."""
+    import torch
+
+    from hymba.model import HymbaMixer
+
+    for module in model.modules():
+        if isinstance(module, HymbaMixer) and module.use_ssm:
+            proj = module.dt_proj[0]
+            bound = proj.in_features ** -0.5
+            proj.weight.uniform_(-bound, bound, generator=generator)
+            fraction = torch.rand(proj.out_features, generator=generator, device=proj.bias.device)
+            dt = torch.exp(fraction * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
 
 def recall_check_batches(preset: StudyPreset) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
