@@ -5,8 +5,9 @@
 
 Trains `train_recall` exactly as `hymba study` does (its optimizer, schedule, early stopping and skipped non-finite
 steps) on the preset's recall settings with the overrides, then prints one JSON line: the settings, seconds, steps
-trained, `eval_mqar` at every length and the held-out curve. These models are launch-bound, so several runs side by
-side on one GPU (one process each, `&`) finish nearly as fast as one.
+trained, `eval_mqar` at every length and the held-out curve. These models leave the GPU mostly idle (host-bound),
+so several runs side by side on one GPU (one process each, `&`) fill it; processes time-slice the GPU, so past about
+8 runs each one slows down (H200, session 20).
 """
 
 import argparse
