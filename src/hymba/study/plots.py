@@ -57,7 +57,7 @@ def plot_recall_vs_length(plt, summary: dict[str, Any], lengths: tuple[int, ...]
             ax.errorbar(lengths, [st["mean"] for st in stats], yerr=[st["spread"] for st in stats], capsize=2,
                         **_style(name))
         ax.axvline(window, color="grey", linewidth=0.8, linestyle=":")
-        ax.text(window, 1.02, " window", color="grey", fontsize=8, transform=ax.get_xaxis_transform())
+        ax.text(window, 0.02, " window", color="grey", fontsize=8, transform=ax.get_xaxis_transform())
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, ticks[task], minor=False)
         ax.set_xticks([], minor=True)
@@ -79,11 +79,13 @@ def plot_recall_vs_cache(plt, summary: dict[str, Any], length: int, path: Path) 
             ax.errorbar([x], [stat["mean"]], yerr=[stat["spread"]], marker=marker, capsize=2, color=f"C{index}",
                         label=name if task == "mqar" else None)
     ax.set_xscale("log")
-    plain = plt.FuncFormatter(lambda value, _: f"{value:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _: f"{value:g}"))
+    # Minor ticks labelled at 2, 3 and 5 x 10^k only: every one of them crowds the axis.
+    ax.xaxis.set_minor_formatter(plt.FuncFormatter(
+        lambda value, _: f"{value:g}" if f"{value:e}"[0] in "235" else ""))
     ax.set(xlabel=f"cache per sequence at {length} tokens (KiB)", ylabel="accuracy",
-           title=f"Recall at {length} tokens against cache size (o MQAR, s phonebook)", ylim=(-0.02, 1.02))
+           title=f"Recall at {length} tokens against cache size (circles MQAR, squares phonebook)",
+           ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -14,10 +14,10 @@ Protocol (the same for every variant; `hymba.study.variants.VARIANTS` lists them
    the trainer's validation-loss curve, and the final loss / perplexity over consecutive windows of the whole
    validation split.
 3. Recall. Separately, a fresh model of the same architecture (with the integer recall vocabulary instead of the
-   tokenizer's, and a larger embedding init: `init_recall_model`) is trained on synthetic recall data only - MQAR
-   rows for the first `recall_mqar_only_steps`, then half MQAR, half phonebook rows per batch, the context length
-   cycling through the preset's `recall_lengths` (joining shortest first, `recall_length`) at a fixed number of
-   tokens per step - with the same optimizer and schedule as step 2, until held-out accuracy reaches
+   tokenizer's, a larger embedding init and Mamba's dt init: `init_recall_model`) is trained on synthetic recall
+   data only - MQAR rows for the first `recall_mqar_only_steps`, then half MQAR, half phonebook rows per batch,
+   the context length cycling through the preset's `recall_lengths` (joining shortest first, `recall_length`) at
+   a fixed number of tokens per step - with the same optimizer and schedule as step 2, until held-out accuracy reaches
    `recall_stop_accuracy` at every length or `recall_steps` run out. Batches depend only on (seed, step), so again
    all variants see the same data. It is then evaluated on fresh examples (fixed evaluation seeds, disjoint from
    training) at every length: MQAR accuracy over the value positions (teacher-forced, as Zoology scores it) and
@@ -104,11 +104,10 @@ class StudyPreset:
     # long, and training stops once the held-out accuracy reaches this at every length (None: never).
     recall_embedding_std: float | None = 1.0
     recall_tie_embeddings: bool = False  # the release ties them (and the LM arm keeps that)
-    # The SSM heads' step sizes: Mamba's init draws dt log-uniform in this range (dt_proj's bias = softplus^-1(dt)),
-    # e.g. (0.001, 0.1). None keeps the release's init, which zeroes the bias: every channel starts at dt =
-    # softplus(0) = 0.69 and forgets within a few tokens; Mamba-only stayed at chance on MQAR at every length with it
-    # (H200, session 20). Not yet measured on, so off.
-    recall_ssm_dt_range: tuple[float, float] | None = None
+    # The SSM heads' step sizes: Mamba's init draws dt log-uniform in this range (dt_proj's bias = softplus^-1(dt)).
+    # None keeps the release's init, which zeroes the bias: every channel starts at dt = softplus(0) = 0.69, forgets
+    # within a few tokens, and Mamba-only stayed at chance on MQAR at every length with it (H200, session 20).
+    recall_ssm_dt_range: tuple[float, float] | None = (0.001, 0.1)
     recall_mqar_only_steps: int = 0
     recall_curriculum_steps: int = 0
     recall_stop_accuracy: float | None = 0.99
@@ -165,9 +164,9 @@ PRESETS: dict[str, StudyPreset] = {
         recall_tokens_per_step=512, recall_steps=10, recall_lr=3e-3, recall_log_interval=5, recall_eval_examples=16,
         recall_eval_batch=16, decode_batch=2, decode_prompt=32, decode_tokens=8,
         notes="CI smoke test on CPU: exercises every code path, results are noise."),
-    # ~8.4M non-embedding parameters per variant. On an H200 (session 19) a recall step took 0.044 s alone and about
-    # 0.09 s with ten runs sharing the GPU, so 16 runs of up to 3,000 recall steps in 2 waves of 8 is ~9 minutes
-    # (estimated from those per-step times; early stopping at 0.99 shortens the runs that solve every length).
+    # ~8.4M non-embedding parameters per variant. Measured on one H200 at --workers 8 (docs/study): the 16 recall
+    # parts took 887 s in 2 waves of 8 (early stopping at 0.99 shortens the runs that solve every length), the LM
+    # parts 42-127 s each, so the whole study is about 20 minutes.
     "small": StudyPreset(
         name="small",
         shape=ModelShape(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
@@ -263,12 +262,15 @@ def recall_length(preset: StudyPreset, step: int) -> int:
 
 def init_recall_model(config: HymbaConfig, preset: StudyPreset, seed: int, device: torch.device):
     """A fresh recall model: the released init, then the input embedding redrawn as normal(0, `recall_embedding_std`)
-    unless that is None. The output layer keeps the released normal(0, 0.02) unless it is tied to the embedding.
+    unless that is None, and the SSM heads' dt drawn as Mamba's (`init_ssm_timescales`) unless
+    `recall_ssm_dt_range` is None. The output layer keeps the released normal(0, 0.02) unless it is tied to the
+    embedding.
 
     Measured on an H200 (docs/study/README.md): at the small preset's width (8 layers, d=256) the attention model
     with the embedding std 0.3 tied to the output (initial loss ~24 nats: logits of std ~0.3 x sqrt(256)) stayed on
     MQAR's 1/pairs plateau or diverged; std 1.0 with an untied output layer (initial loss ln(vocab)) solved every
-    length. Only the synthetic-vocabulary recall models get this; the LM arm keeps the released init."""
+    length; Mamba-only stayed at chance at every length until dt was drawn as Mamba's. Only the synthetic-vocabulary
+    recall models get this; the LM arm keeps the released init."""
     import torch
 
     from hymba.model import HymbaForCausalLM
@@ -817,8 +819,8 @@ def add_parser(subparsers) -> None:
                     "phonebook recall, cache size and decode throughput. Resumable: finished runs in --out are "
                     "skipped. Writes results.md, results.json, results.csv and plots to --out (or --report-dir).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny: CPU smoke test (minutes); small: about 15-20 minutes on one H100 or H200 with "
-                        "--workers 6-8 (estimated); medium: 1-1.5 hours")
+                        help="tiny: CPU smoke test (minutes); small: about 20 minutes on one H200 with --workers 8 "
+                        "(measured; --workers 6 on an 80 GB GPU); medium: 1-1.5 hours (estimated)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     parser.add_argument("--out", required=True, help="study directory (resumed when it exists)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per variant (0..N-1)")
