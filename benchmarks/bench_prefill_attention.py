@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prefill_attention.py                    # needs CUDA
     python benchmarks/bench_prefill_attention.py --kernel-options   # FlexAttention launch parameters, index mask
+    python benchmarks/bench_prefill_attention.py --backward         # forward + backward at the training shape
 
 FlexAttention with the block mask `plan_attention` builds (per-row positions, as prefill uses it), against the
 same mask written from indices alone (valid when no row is padded), and cuDNN SDPA's causal kernel for the global
@@ -51,10 +52,52 @@ def sweep_kernel_options(q, k, v, flex) -> None:
             print(f"{'global' if window is None else 'window':>8} {str(options or 'default'):>60} {cell}")
 
 
+# Forward + backward at `hymba bench train`'s 1.5B shape (8 rows of 2,048 tokens + 128 meta tokens). "fwd_" and
+# "bwd_" prefixes give an option to one pass only; the backward's kernels take BLOCK_M1/N1 (dK, dV) and BLOCK_M2/N2
+# (dQ). The first set is what training runs now.
+TRAIN_B, TRAIN_L = 8, 2048 + 128
+INFERENCE_FORWARD = dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3)
+BACKWARD_OPTIONS = [None, INFERENCE_FORWARD,
+                    {**INFERENCE_FORWARD, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                     "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 3},
+                    {**INFERENCE_FORWARD, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                     "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3},
+                    {**INFERENCE_FORWARD, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                     "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}]
+
+
+def sweep_backward_options(flex) -> None:
+    q, k, v = (torch.randn(TRAIN_B, h, TRAIN_L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h, d in ((HQ, DQK), (HKV, DQK), (HKV, DV)))
+    grad = torch.randn(TRAIN_B, HQ, TRAIN_L, DV, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(TRAIN_L, device="cuda").expand(TRAIN_B, TRAIN_L)
+    print(f"{'layer':>8} {'kernel options':>100} {'fwd+bwd ms':>10} {'max dq err':>10}")
+    for window in (WINDOW, None):
+        mask = _flex_block_mask(pos, pos, None, window, META)
+        reference = None
+        for options in BACKWARD_OPTIONS:
+            def run(o=options, m=mask):
+                q.grad = k.grad = v.grad = None
+                flex(q, k, v, block_mask=m, enable_gqa=True, kernel_options=o).backward(grad)
+            try:
+                run()
+                reference = q.grad.clone() if reference is None else reference
+                err = (q.grad.float() - reference.float()).abs().max().item()
+                cell = f"{do_bench(run, warmup=3, rep=20):10.2f} {err:10.1e}"
+            except Exception as exc:  # noqa: BLE001 - a rejected option set is a result too
+                cell = str(exc).splitlines()[0][:80]
+            print(f"{'global' if window is None else 'window':>8} {str(options or 'default'):>100} {cell}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel-options", action="store_true", help="sweep FlexAttention's kernel options")
+    parser.add_argument("--backward", action="store_true",
+                        help="sweep forward + backward kernel options at the training shape")
     args = parser.parse_args()
+    if args.backward:
+        sweep_backward_options(_compiled_flex())
+        return
     q = torch.randn(B, HQ, L, DQK, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, HKV, L, DQK, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, HKV, L, DV, device="cuda", dtype=torch.bfloat16)
