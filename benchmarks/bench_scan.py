@@ -36,7 +36,7 @@ BACKWARD_CASES = [(32, None, None, 64), (32, None, None, 32), (32, None, None, 1
 WALK_BACKWARD_SETTINGS = [(1, True), (1, False), (4, False)]
 
 
-def bench_batch(batch: int, length: int, backward: bool) -> None:
+def bench_batch(batch: int, length: int, backward: bool, walk_only: bool) -> None:
     dev, bf16 = "cuda", torch.bfloat16
     # Position-major activations, as the model passes them: (batch, L, channels) memory viewed as (batch, d, L).
     leaves = [torch.randn(batch, length, n, device=dev, dtype=bf16, requires_grad=backward)
@@ -59,8 +59,8 @@ def bench_batch(batch: int, length: int, backward: bool) -> None:
     want = scan(32)
     baseline = do_bench(lambda: scan(32), warmup=3, rep=10, grad_to_none=leaves)
     defaults = scan_triton.BACKWARD_WALK_WARPS, scan_triton.BACKWARD_PREFETCH
-    runs = [(case, defaults) for case in (BACKWARD_CASES if backward else CASES)]
-    if backward:  # the walk backward's own knobs, on its walk cases
+    runs = [(case, defaults) for case in (BACKWARD_CASES if backward else CASES) if not (walk_only and case[1])]
+    if backward and not walk_only:  # the walk backward's own knobs, on its walk cases
         runs += [(case, setting) for case in BACKWARD_CASES if case[2] is None
                  for setting in WALK_BACKWARD_SETTINGS if setting != defaults]
     for case, (warps, prefetch) in runs:
@@ -82,13 +82,15 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--length", type=int, default=8192 + 128, help="positions, meta tokens included")
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
+    parser.add_argument("--walk-only", action="store_true",
+                        help="only the walk's cases (block_l None), with the default walk settings")
     args = parser.parse_args()
     torch.manual_seed(0)
     header = [("batch", 5), ("block_d", 7), ("block_l", 7), ("bwd bl", 8), ("chunk", 5), ("bwd warps", 10),
               ("programs", 8), ("ms", 8), ("ns/position", 11), ("vs walk 32", 10)]
     print(" ".join(f"{name:>{width}}" for name, width in header))
     for batch in (int(b) for b in args.batches.split(",")):
-        bench_batch(batch, args.length, args.backward)
+        bench_batch(batch, args.length, args.backward, args.walk_only)
 
 
 if __name__ == "__main__":
