@@ -12,6 +12,7 @@ takes CPU tensors, which is how the tests exercise it without a GPU.
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import torch
 import triton
@@ -22,14 +23,23 @@ __all__ = ["gate_up_swiglu_triton"]
 MAX_BLOCK_M = 128  # rows per program, at most; more rows take more programs (each reading the weights again)
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 128, 4, 4  # the fastest at 1-32 rows on an H200 (bench_mlp.py)
 # Each pipeline stage holds one x tile and one tile of each weight; at 128 rows four stages of the default tiles need
-# 256 KiB, past the H200's 227 KiB per program, so the default stage count is capped to what fits.
-SHARED_MEMORY_BYTES = 227 * 1024
+# 256 KiB, past the H200's 227 KiB per program, so the default stage count is capped to what fits the device.
+INTERPRETER_SHARED_MEMORY_BYTES = 227 * 1024  # under TRITON_INTERPRET on CPU tensors: as an H100 / H200
 
 
-def pipeline_stages(block_m: int, block_n: int, block_k: int, element_size: int) -> int:
-    """NUM_STAGES, or fewer where that many stages of (x, gate, up) tiles would not fit in shared memory."""
+@cache
+def shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on `device` (227 KiB on an H100 or H200, 163 KiB on an A100)."""
+    if device.type != "cuda":
+        return INTERPRETER_SHARED_MEMORY_BYTES
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def pipeline_stages(block_m: int, block_n: int, block_k: int, element_size: int, shared_bytes: int) -> int:
+    """NUM_STAGES, or fewer where that many stages of (x, gate, up) tiles would not fit in `shared_bytes`."""
     per_stage = (block_m + 2 * block_n) * block_k * element_size
-    return max(1, min(NUM_STAGES, SHARED_MEMORY_BYTES // per_stage))
+    return max(1, min(NUM_STAGES, shared_bytes // per_stage))
 
 
 @triton.jit
@@ -83,7 +93,8 @@ def gate_up_swiglu_triton(x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
     dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))  # 16: the smallest M of tl.dot
     block_k = block_k or BLOCK_K
-    num_stages = num_stages or pipeline_stages(block_m, block_n, block_k, x.element_size())
+    num_stages = num_stages or pipeline_stages(block_m, block_n, block_k, x.element_size(),
+                                               shared_memory_bytes(x.device))
     _gate_up_swiglu_kernel[(triton.cdiv(rows, block_m), triton.cdiv(n, block_n))](
         x, gate_weight, up_weight, out, rows, n, k,
         x.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0),
