@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--scan-block-l", type=int,
                         help="the selective scan's Triton kernels in blocks of N positions (1 walks; default by batch)")
+    parser.add_argument("--ops", action="store_true",
+                        help="also the PyTorch ops (with input shapes) that launched the most kernel time, to find "
+                             "which copies and casts a kernel row stands for")
     parser.add_argument("--sequence", metavar="CSV",
                         help="also write every kernel in launch order (name, start and duration in us) to CSV, to read "
                              "one layer's kernels one by one")
@@ -47,7 +50,7 @@ def main() -> None:
         options = TrainBenchOptions([args.model], [args.context], args.batch * args.context, [False], 0, 1, 2,
                                     torch.device("cuda"))
         step = training_step(row, options, args.batch)[3]
-        report(step, warmup=2, rows=args.rows, sequence=args.sequence)
+        report(step, warmup=2, rows=args.rows, sequence=args.sequence, ops=args.ops)
         return
     model = build_engine_model(HymbaConfig.preset(args.model), torch.device("cuda"), torch.bfloat16)
     new_cache = lambda: HymbaCache(model.config, args.batch, args.context, device="cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -61,18 +64,22 @@ def main() -> None:
         tokens = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
         run = lambda: step(model, cache, tokens)  # noqa: E731
     with torch.inference_mode():
-        report(run, warmup=1 if args.phase == "prefill" else 3, rows=args.rows, sequence=args.sequence)
+        report(run, warmup=1 if args.phase == "prefill" else 3, rows=args.rows, sequence=args.sequence, ops=args.ops)
 
 
-def report(run, warmup: int, rows: int, sequence: str | None = None) -> None:
+def report(run, warmup: int, rows: int, sequence: str | None = None, ops: bool = False) -> None:
     """Profile one call of `run` after `warmup` untimed ones and print the kernels by total time (and write them in
-    launch order to `sequence`)."""
+    launch order to `sequence`; with `ops`, also the ops with their input shapes by the kernel time they launched)."""
     for _ in range(warmup):
         run()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if ops else [ProfilerActivity.CUDA]
+    with profile(activities=activities, record_shapes=ops) as prof:
         run()
         torch.cuda.synchronize()
+    if ops:
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=rows,
+                                                                  max_name_column_width=40, max_shapes_column_width=70))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90))
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_ms = sum(e.device_time for e in kernels) / 1e3
