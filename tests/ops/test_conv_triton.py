@@ -44,7 +44,7 @@ def reference_fp32(x, weight, bias, initial_state, activation):
 
 @pytest.fixture(params=[False, True], ids=["autograd backward", "triton backward"])
 def backward_kernel(request, monkeypatch):
-    """Runs a test with the conv's backward through the reference's autograd and through `_conv_bwd`'s kernels."""
+    """Runs a test with the conv's backward through the reference's autograd and through `_conv_bwd_kernel`."""
     monkeypatch.setattr(conv_triton, "TRITON_BACKWARD", request.param)
 
 

@@ -8,13 +8,15 @@ The forward returns (out in x's dtype, final_state (batch, dim, width-1) in x's 
 the padded sequence). As in the reference, weight, bias and initial_state are rounded to x's dtype; the kernel
 then accumulates and applies SiLU in float32 (the reference rounds once more, before the activation).
 
-Backward: with `TRITON_BACKWARD`, two kernels of the same tiling: the first recomputes the pre-activation, writes its
-gradient (float32) and per-tile partial sums of d weight and d bias (reduced in PyTorch: deterministic, no atomics),
-the second reads that gradient at the width's shifts for dx. Without
+Backward: with `TRITON_BACKWARD`, a kernel of the same tiling that recomputes the pre-activation around its tile and
+writes dx and per-tile partial sums of d weight and d bias (reduced in PyTorch: deterministic, no atomics). Without
 it, PyTorch autograd through the reference (`causal_conv1d_ref` recomputed in float32 from the saved inputs): on an
 H200 a 1.5B training step at 8 x 2,048 spent ~78 ms of its 1,064 in that (float32 copies, a cat, PyTorch's depthwise
 conv forward, backward and weight gradient; session 18's profile). The kernel is the default: at that shape the
 forward + backward took 1.58 ms per layer against 4.20 through autograd (`benchmarks/bench_conv.py`, session 19).
+The backward alone is 1.29 ms per layer in a training step's profile, five times the forward, yet not because it
+recomputes the pre-activation at every tap: two passes (the pre-activation's gradient once into a float32 buffer,
+then dx from it) measured the same, 1.01 + 0.28 ms (session 21), and were not kept.
 
 Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the
 kernels also take CPU tensors, which is how the tests exercise them without a GPU.
@@ -30,7 +32,7 @@ from hymba.ops.conv.reference import causal_conv1d_ref
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
 
-# The backward as the Triton kernels (`_conv_bwd`) rather than autograd through the reference; see above.
+# The backward as the Triton kernel (`_conv_bwd_kernel`) rather than autograd through the reference; see above.
 TRITON_BACKWARD = True
 
 
@@ -122,64 +124,35 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_pre_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, gpre_ptr, dw_ptr, dbias_ptr,
-    dim, length, n_lblocks,
-    stride_x_b, stride_x_d, stride_x_l,
-    stride_w_d, stride_w_k,
-    stride_init_b, stride_init_d, stride_init_k,
-    stride_dout_b, stride_dout_d, stride_dout_l,
-    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """The backward's first pass, tiled as the forward: the pre-activation's gradient (recomputed from x)
-
-        gpre_t = dout_t * silu'(pre_t)    dw_k = sum gpre_t x_{t+k-(width-1)}    dbias = sum gpre_t
-
-    gpre (batch, length, dim) float32, channel-contiguous; dw (batch, n_lblocks, dim, width) and dbias (batch,
-    n_lblocks, dim) float32 partial sums."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    pid_l = tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_d = offs_d < dim
-    mask = mask_d[:, None] & (offs_l < length)[None, :]
-
-    x_ptrs = x_ptr + pid_b * stride_x_b + offs_d * stride_x_d
-    init_ptrs = x_ptrs  # never read without an initial state
-    if HAS_INIT:
-        init_ptrs = init_ptr + pid_b * stride_init_b + offs_d * stride_init_d
-    dout_ptrs = dout_ptr + pid_b * stride_dout_b + offs_d[:, None] * stride_dout_d + offs_l[None, :] * stride_dout_l
-    gpre = tl.load(dout_ptrs, mask=mask, other=0.0).to(tl.float32)
+def _grad_pre(x_ptrs, init_ptrs, dout_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos, length, stride_x_l, stride_init_k,
+              stride_dout_l, stride_w_d, stride_w_k, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+              SILU: tl.constexpr, WIDTH: tl.constexpr):
+    """d loss / d (the pre-activation) at positions `pos` as float32 (BLOCK_D, P); zero outside [0, length)."""
+    in_range = (pos >= 0) & (pos < length)
+    gpre = tl.load(dout_ptrs[:, None] + pos[None, :] * stride_dout_l, mask=mask_d[:, None] & in_range[None, :],
+                   other=0.0).to(tl.float32)
     if SILU:
-        pre = _pre_activation(x_ptrs, init_ptrs, w_ptr, bias_ptr, offs_d, mask_d, offs_l, length, stride_x_l,
+        pre = _pre_activation(x_ptrs, init_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos, length, stride_x_l,
                               stride_init_k, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, WIDTH)
         sig = 1.0 / (1.0 + tl.exp(-pre))
         gpre = gpre * sig * (1.0 + pre * (1.0 - sig))
-    tl.store(gpre_ptr + (pid_b * length + offs_l[None, :]) * dim + offs_d[:, None], gpre, mask=mask)
-
-    partial = (pid_b * n_lblocks + pid_l) * dim + offs_d  # this program's row of the partial sums
-    for k in tl.static_range(WIDTH):
-        vals = _load_padded(x_ptrs, init_ptrs, offs_l + (k - (WIDTH - 1)), mask_d, length, stride_x_l, stride_init_k,
-                            HAS_INIT, WIDTH)
-        tl.store(dw_ptr + partial * WIDTH + k, tl.sum(gpre * vals, axis=1), mask=mask_d)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + partial, tl.sum(gpre, axis=1), mask=mask_d)
+    return gpre
 
 
 @triton.jit
-def _grad_padded(gpre_ptrs, dfinal_ptrs, w_ptr, offs_d, mask_d, pos, dim, length, stride_dfinal_k, stride_w_d,
-                 stride_w_k, X_DTYPE: tl.constexpr, HAS_DFINAL: tl.constexpr, WIDTH: tl.constexpr):
+def _grad_padded(x_ptrs, init_ptrs, dout_ptrs, dfinal_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos, length,
+                 stride_x_l, stride_init_k, stride_dout_l, stride_dfinal_k, stride_w_d, stride_w_k,
+                 HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, SILU: tl.constexpr,
+                 WIDTH: tl.constexpr):
     """d loss / d (the padded input) at x positions `pos` (negative ones are initial_state's), float32 (BLOCK_D, P):
     sum_k w_k gpre_{pos + width-1-k}, plus the final state's gradient where it reads that input."""
+    x_dtype = x_ptrs.dtype.element_ty
     grad = tl.zeros((mask_d.shape[0], pos.shape[0]), tl.float32)
     for k in tl.static_range(WIDTH):
-        w = tl.load(w_ptr + offs_d * stride_w_d + k * stride_w_k, mask=mask_d, other=0.0).to(X_DTYPE)
-        at = pos + (WIDTH - 1 - k)
-        g = tl.load(gpre_ptrs[:, None] + at[None, :] * dim, mask=mask_d[:, None] & ((at >= 0) & (at < length))[None, :],
-                    other=0.0)
-        grad += w.to(tl.float32)[:, None] * g
+        w = tl.load(w_ptr + offs_d * stride_w_d + k * stride_w_k, mask=mask_d, other=0.0).to(x_dtype)
+        grad += w.to(tl.float32)[:, None] * _grad_pre(
+            x_ptrs, init_ptrs, dout_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos + (WIDTH - 1 - k), length, stride_x_l,
+            stride_init_k, stride_dout_l, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, SILU, WIDTH)
     if HAS_DFINAL:
         # final[:, j] is the padded input at x position length - (width-1) + j.
         j = pos - (length - (WIDTH - 1))
@@ -190,17 +163,25 @@ def _grad_padded(gpre_ptrs, dfinal_ptrs, w_ptr, offs_d, mask_d, pos, dim, length
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(
-    gpre_ptr, w_ptr, dfinal_ptr, dx_ptr, dinit_ptr,
-    dim, length,
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, dfinal_ptr, dx_ptr, dinit_ptr, dw_ptr, dbias_ptr,
+    dim, length, n_lblocks,
+    stride_x_b, stride_x_d, stride_x_l,
     stride_w_d, stride_w_k,
+    stride_init_b, stride_init_d, stride_init_k,
+    stride_dout_b, stride_dout_d, stride_dout_l,
     stride_dfinal_b, stride_dfinal_d, stride_dfinal_k,
     stride_dx_b, stride_dx_d, stride_dx_l,
-    X_DTYPE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, SILU: tl.constexpr,
     WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """The backward's second pass: dx_s = sum_k w_k gpre_{s+width-1-k} (+ dfinal) from the first pass's gpre; the
-    program with pid_l == 0 also writes d initial_state (batch, dim, width-1) float32, contiguous."""
+    """One program: batch pid_b, BLOCK_D channels, BLOCK_L positions, as the forward. With gpre the gradient of the
+    pre-activation (recomputed from x around the tile):
+
+        dx_s = sum_k w_k gpre_{s+width-1-k} (+ dfinal)    dw_k = sum gpre_t x_{t+k-(width-1)}    dbias = sum gpre_t
+
+    dw (batch, n_lblocks, dim, width) and dbias (batch, n_lblocks, dim) float32 partials; the program with pid_l == 0
+    also writes d initial_state (batch, dim, width-1) float32, contiguous."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_l = tl.program_id(2)
@@ -208,58 +189,60 @@ def _conv_bwd_dx_kernel(
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < dim
 
-    gpre_ptrs = gpre_ptr + pid_b * length * dim + offs_d
-    dfinal_ptrs = gpre_ptrs  # never read without the final state's gradient
+    x_ptrs = x_ptr + pid_b * stride_x_b + offs_d * stride_x_d
+    dout_ptrs = dout_ptr + pid_b * stride_dout_b + offs_d * stride_dout_d
+    init_ptrs = x_ptrs  # never read without an initial state, nor dfinal without its gradient
+    if HAS_INIT:
+        init_ptrs = init_ptr + pid_b * stride_init_b + offs_d * stride_init_d
+    dfinal_ptrs = x_ptrs
     if HAS_DFINAL:
         dfinal_ptrs = dfinal_ptr + pid_b * stride_dfinal_b + offs_d * stride_dfinal_d
-    dx = _grad_padded(gpre_ptrs, dfinal_ptrs, w_ptr, offs_d, mask_d, offs_l, dim, length, stride_dfinal_k,
-                      stride_w_d, stride_w_k, X_DTYPE, HAS_DFINAL, WIDTH)
+
+    dx = _grad_padded(x_ptrs, init_ptrs, dout_ptrs, dfinal_ptrs, w_ptr, bias_ptr, offs_d, mask_d, offs_l, length,
+                      stride_x_l, stride_init_k, stride_dout_l, stride_dfinal_k, stride_w_d, stride_w_k, HAS_BIAS,
+                      HAS_INIT, HAS_DFINAL, SILU, WIDTH)
     tl.store(dx_ptr + pid_b * stride_dx_b + offs_d[:, None] * stride_dx_d + offs_l[None, :] * stride_dx_l, dx,
              mask=mask_d[:, None] & (offs_l < length)[None, :])
+
+    gpre = _grad_pre(x_ptrs, init_ptrs, dout_ptrs, w_ptr, bias_ptr, offs_d, mask_d, offs_l, length, stride_x_l,
+                     stride_init_k, stride_dout_l, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, SILU, WIDTH)
+    partial = (pid_b * n_lblocks + pid_l) * dim + offs_d  # this program's row of the partial sums
+    for k in tl.static_range(WIDTH):
+        vals = _load_padded(x_ptrs, init_ptrs, offs_l + (k - (WIDTH - 1)), mask_d, length, stride_x_l, stride_init_k,
+                            HAS_INIT, WIDTH)
+        tl.store(dw_ptr + partial * WIDTH + k, tl.sum(gpre * vals, axis=1), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + partial, tl.sum(gpre, axis=1), mask=mask_d)
 
     if HAS_INIT:
         if pid_l == 0:
             offs_w = tl.arange(0, BLOCK_W)
-            dinit = _grad_padded(gpre_ptrs, dfinal_ptrs, w_ptr, offs_d, mask_d, offs_w - (WIDTH - 1), dim, length,
-                                 stride_dfinal_k, stride_w_d, stride_w_k, X_DTYPE, HAS_DFINAL, WIDTH)
+            dinit = _grad_padded(x_ptrs, init_ptrs, dout_ptrs, dfinal_ptrs, w_ptr, bias_ptr, offs_d, mask_d,
+                                 offs_w - (WIDTH - 1), length, stride_x_l, stride_init_k, stride_dout_l,
+                                 stride_dfinal_k, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, HAS_DFINAL, SILU, WIDTH)
             tl.store(dinit_ptr + (pid_b * dim + offs_d[:, None]) * (WIDTH - 1) + offs_w[None, :], dinit,
                      mask=mask_d[:, None] & (offs_w < WIDTH - 1)[None, :])
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
 def _conv_bwd(x, weight, bias, initial_state, dout, dfinal, silu):
-    """(dx, d weight, d bias, d initial_state), each in its input's dtype (None when absent): the pre-activation's
-    gradient and the weight and bias partial sums in one pass (`_conv_bwd_pre_kernel`), then dx from that gradient
-    (`_conv_bwd_dx_kernel`). One pass recomputing the gradient at every tap took 1.29 ms per layer of a 1.5B training
-    step on an H200 (8 x 2,176 positions, 3,200 channels), five times the forward."""
+    """(dx, d weight, d bias, d initial_state) by `_conv_bwd_kernel`, each in its input's dtype (None when absent)."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     block_d = min(64, triton.next_power_of_2(dim))
     block_l = min(16, triton.next_power_of_2(max(length, 1)))
     n_lblocks = max(1, triton.cdiv(length, block_l))
-    grid = (batch, triton.cdiv(dim, block_d), n_lblocks)
+    dx = torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)  # position-major, as x
     f32 = dict(device=x.device, dtype=torch.float32)
-    gpre = torch.empty(batch, length, dim, **f32)
     dw = torch.empty(batch, n_lblocks, dim, width, **f32)
     dbias = torch.empty(batch, n_lblocks, dim, **f32) if bias is not None else None
-    init_strides = (0, 0, 0) if initial_state is None else initial_state.stride()
-    _conv_bwd_pre_kernel[grid](
-        x, weight, bias, initial_state, dout, gpre, dw, dbias,
-        dim, length, n_lblocks,
-        *x.stride(), *weight.stride(), *init_strides, *dout.stride(),
-        HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, SILU=silu,
-        WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l,
-    )
-    dx = torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)  # position-major, as x
     dinit = torch.empty(batch, dim, width - 1, **f32) if initial_state is not None else None
+    init_strides = (0, 0, 0) if initial_state is None else initial_state.stride()
     dfinal_strides = (0, 0, 0) if dfinal is None else dfinal.stride()
-    _conv_bwd_dx_kernel[grid](
-        gpre, weight, dfinal, dx, dinit,
-        dim, length,
-        *weight.stride(), *dfinal_strides, *dx.stride(),
-        X_DTYPE=_TL_DTYPES[x.dtype], HAS_INIT=initial_state is not None, HAS_DFINAL=dfinal is not None,
+    _conv_bwd_kernel[(batch, triton.cdiv(dim, block_d), n_lblocks)](
+        x, weight, bias, initial_state, dout, dfinal, dx, dinit, dw, dbias,
+        dim, length, n_lblocks,
+        *x.stride(), *weight.stride(), *init_strides, *dout.stride(), *dfinal_strides, *dx.stride(),
+        HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_DFINAL=dfinal is not None, SILU=silu,
         WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
     )
     return (dx, dw.sum((0, 1)).to(weight.dtype), None if bias is None else dbias.sum((0, 1)).to(bias.dtype),
