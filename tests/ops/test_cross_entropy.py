@@ -18,11 +18,11 @@ from hymba.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_r
 N, D, V, CHUNK = 61, 24, 97, 8
 
 
-def inputs(ignored: str = "some", seed: int = 0):
+def inputs(ignored: str = "some", seed: int = 0, vocab: int = V):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, D, generator=g).requires_grad_()
-    weight = (0.3 * torch.randn(V, D, generator=g)).requires_grad_()
-    targets = torch.randint(0, V, (N,), generator=g)
+    weight = (0.3 * torch.randn(vocab, D, generator=g)).requires_grad_()
+    targets = torch.randint(0, vocab, (N,), generator=g)
     if ignored == "some":
         targets[::5] = -100  # scattered ignored tokens
         targets[16:32] = -100  # and whole chunks of them, as an all-ignored row of a batch gives
@@ -47,6 +47,16 @@ def test_equals_reference_in_value_and_gradients(reduction, chunk):
     for a, b in zip(ours, ref):
         assert rel_err(a, b) < 1e-6
     assert (ours[1][targets == -100] == 0).all()  # ignored tokens get no gradient
+
+
+@pytest.mark.parametrize("vocab", [64, 65, 1])  # aligned (no padding), one past it (63 padded rows), a single row
+def test_padding_the_vocabulary_changes_nothing(vocab):
+    hidden, weight, targets = inputs(vocab=vocab)
+    ours = value_and_grads(linear_cross_entropy, hidden, weight, targets, chunk_size=CHUNK)
+    ref = value_and_grads(linear_cross_entropy_ref, hidden, weight, targets)
+    assert ours[2].shape == weight.shape
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 1e-6
 
 
 def test_all_ignored():

@@ -67,14 +67,15 @@ def _chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets:
     d loss_i / d logits_i = softmax(logits_i) - onehot(target_i), zero for ignored tokens; the hidden states'
     gradient is that times the weight, the weight's is its transpose times the hidden states (summed in float32)."""
     vocab = weight.shape[0]
-    weight = F.pad(weight, (0, 0, 0, -vocab % VOCAB_ALIGN))  # zero rows: (V', d), V' aligned
+    if vocab % VOCAB_ALIGN:
+        weight = F.pad(weight, (0, 0, 0, -vocab % VOCAB_ALIGN))  # zero rows: (V', d), V' aligned
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     d_hidden = torch.empty_like(hidden) if grad_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         logits = F.linear(h, weight).float()  # (n, V')
-        logits[:, vocab:] = float("-inf")  # the padding: no probability, zero gradient
+        logits[:, vocab:] = float("-inf")  # the padding (if any): no probability, zero gradient
         keep = t != ignore_index  # (n,)
         safe = torch.where(keep, t, 0)[:, None]  # (n, 1): any valid index where ignored; masked out below
         lse = torch.logsumexp(logits, dim=-1)  # (n,)
