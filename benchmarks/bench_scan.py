@@ -28,8 +28,10 @@ D_INNER, D_STATE = 3200, 16
 CASES = [(16, None, None, 64), (32, None, None, 64), (64, None, None, 64), (8, 16, 16, 16), (16, 16, 16, 16),
          (32, 16, 16, 16), (16, 32, 32, 32), (16, 64, 64, 64), (32, 8, 8, 8)]
 # (The parallel backwards, (8, 16, 16, 16) to (8, None, 16, 16) here in session 18, ran at 0.44-0.61x the walk.)
+# 16 and 64 channels per one-warp walk: fewer cross-lane sums per channel for dB and dC, against fewer lanes' worth of
+# work per program (16) or twice the registers per lane (64).
 BACKWARD_CASES = [(32, None, None, 64), (32, None, None, 32), (32, None, None, 16), (16, None, None, 16),
-                  (8, 16, 16, 16), (32, None, 16, 16)]
+                  (16, None, None, 64), (64, None, None, 64), (8, 16, 16, 16), (32, None, 16, 16)]
 # The walk backward's (warps per program, inputs loaded a step ahead), for the walk cases of BACKWARD_CASES;
 # (1, True) is the default (`hymba.ops.scan.triton.BACKWARD_WALK_WARPS` / `BACKWARD_PREFETCH`). Session 19 on an H200
 # also ran (4, True): 0.79x, (2, True): 0.96x and (8, True): 0.36x of the (4, False) walk that (1, True) beat 2.0x.
