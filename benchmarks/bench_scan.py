@@ -61,7 +61,8 @@ def bench_batch(batch: int, length: int, backward: bool, walk_only: bool) -> Non
     want = scan(32)
     baseline = do_bench(lambda: scan(32), warmup=3, rep=10, grad_to_none=leaves)
     defaults = scan_triton.BACKWARD_WALK_WARPS, scan_triton.BACKWARD_PREFETCH
-    runs = [(case, defaults) for case in (BACKWARD_CASES if backward else CASES) if not (walk_only and case[1])]
+    cases = BACKWARD_CASES if backward else CASES
+    runs = [(case, defaults) for case in cases if not (walk_only and (case[1] or case[2]))]  # block_l, backward's
     if backward and not walk_only:  # the walk backward's own knobs, on its walk cases
         runs += [(case, setting) for case in BACKWARD_CASES if case[2] is None
                  for setting in WALK_BACKWARD_SETTINGS if setting != defaults]
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192 + 128, help="positions, meta tokens included")
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--walk-only", action="store_true",
-                        help="only the walk's cases (block_l None), with the default walk settings")
+                        help="only the walk's cases (no parallel forward or backward), with the default walk settings")
     args = parser.parse_args()
     torch.manual_seed(0)
     header = [("batch", 5), ("block_d", 7), ("block_l", 7), ("bwd bl", 8), ("chunk", 5), ("bwd warps", 10),
