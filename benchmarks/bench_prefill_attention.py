@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask
 from triton.testing import do_bench
 
-from hymba.ops.attention import FLEX_INFERENCE_OPTIONS, _compiled_flex, _flex_block_mask
+from hymba.ops.attention import FLEX_INFERENCE_OPTIONS, FLEX_TRAINING_OPTIONS, _compiled_flex, _flex_block_mask
 
 B, L, HQ, HKV, DQK, DV, META, WINDOW = 4, 8192 + 128, 25, 5, 64, 128, 128, 1024
 
@@ -54,16 +54,18 @@ def sweep_kernel_options(q, k, v, flex) -> None:
 
 # Forward + backward at `hymba bench train`'s 1.5B shape (8 rows of 2,048 tokens + 128 meta tokens). "fwd_" and
 # "bwd_" prefixes give an option to one pass only; the backward's kernels take BLOCK_M1/N1 (dK, dV) and BLOCK_M2/N2
-# (dQ). The first set is what training runs now.
+# (dQ). The second set is what training runs now (`FLEX_TRAINING_OPTIONS`).
 TRAIN_B, TRAIN_L = 8, 2048 + 128
 INFERENCE_FORWARD = {f"fwd_{k}": v for k, v in FLEX_INFERENCE_OPTIONS[(9, 0)].items()}  # inference's, forward only
-BACKWARD_OPTIONS = [None, INFERENCE_FORWARD,
+BACKWARD_OPTIONS = [None, FLEX_TRAINING_OPTIONS[(9, 0)], INFERENCE_FORWARD,
                     {**INFERENCE_FORWARD, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
                      "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 3},
                     {**INFERENCE_FORWARD, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
                      "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3},
-                    {**INFERENCE_FORWARD, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
-                     "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}]
+                    {**INFERENCE_FORWARD, "bwd_BLOCK_M1": 128, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                     "bwd_BLOCK_N2": 128, "bwd_num_warps": 8, "bwd_num_stages": 2},
+                    {**FLEX_TRAINING_OPTIONS[(9, 0)], "bwd_num_stages": 2},
+                    {**FLEX_TRAINING_OPTIONS[(9, 0)], "bwd_num_warps": 8}]
 
 
 def sweep_backward_options(flex) -> None:

@@ -188,3 +188,24 @@ def test_flex_unpadded_forward_needs_no_position_check():
     expected = attention(q, k, v, plan_attention(pos, pos, None, window, num_meta, backend="sdpa"))
     plan = plan_attention(pos, pos, None, window, num_meta, backend="flex", positions_are_indices=True)
     torch.testing.assert_close(attention(q, k, v, plan), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: FlexAttention's training kernel options")
+def test_flex_training_gradients_equal_sdpa():
+    """With gradients FlexAttention runs `FLEX_TRAINING_OPTIONS`' tiles: its output and the gradients of q, k and v
+    equal float32 SDPA's over the dense mask, at the 1.5B's heads, a window and meta tokens (bf16 tolerance)."""
+    batch, length, window, num_meta = 2, FLEX_MIN_QUERIES + 128, 1024, 128
+    pos = torch.arange(length, device="cuda").expand(batch, -1)
+    leaves = [torch.randn(batch, h, length, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+              for h, d in ((25, 128), (5, 128), (5, 128))]
+    grad = torch.randn(batch, 25, length, 128, device="cuda", dtype=torch.bfloat16)
+
+    def run(backend, dtype):
+        plan = plan_attention(pos, pos, None, window, num_meta, backend=backend, positions_are_indices=True)
+        inputs = [leaf.detach().to(dtype).requires_grad_() for leaf in leaves]
+        out = attention(*inputs, plan)
+        out.backward(grad.to(dtype))
+        return [out.detach().float()] + [t.grad.float() for t in inputs]
+
+    for got, want in zip(run("flex", torch.bfloat16), run("sdpa", torch.float32)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2

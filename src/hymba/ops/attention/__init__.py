@@ -34,9 +34,15 @@ __all__ = ["AttentionPlan", "attention", "key_index_offsets", "plan_attention", 
 FLEX_MIN_QUERIES = 2048
 # FlexAttention forward launch parameters by compute capability, where measured better than its defaults: on an H100
 # at the 1.5B's 8K prefill shapes 1.58x faster on sliding-window and global layers alike (0.96 against 1.52 ms, 2.85
-# against 4.50 ms; `benchmarks/bench_prefill_attention.py --kernel-options`). Forward only: training keeps the
-# defaults, which also size the backward's kernels.
+# against 4.50 ms; `benchmarks/bench_prefill_attention.py --kernel-options`).
 FLEX_INFERENCE_OPTIONS = {(9, 0): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)}
+# With gradients: the same forward ("fwd_" options apply to one pass only) and 64 x 64 backward tiles. On an H200 at
+# `hymba bench train`'s 1.5B shape (8 x 2,176 positions) forward + backward took 2.08 ms per windowed layer and 2.19
+# per global one, against 2.25 and 2.31 with the default backward and 3.84-3.99 with 32 x 128 tiles
+# (`benchmarks/bench_prefill_attention.py --backward`).
+FLEX_TRAINING_OPTIONS = {(9, 0): {**{f"fwd_{k}": v for k, v in FLEX_INFERENCE_OPTIONS[(9, 0)].items()},
+                                  **dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
+                                         bwd_num_warps=4, bwd_num_stages=3)}}
 
 
 @dataclass
@@ -83,8 +89,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attention
         return decode_attention(q, k, v, plan.mask)
     if plan.backend == "flex":
         options = None
-        if q.is_cuda and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            options = FLEX_INFERENCE_OPTIONS.get(torch.cuda.get_device_capability(q.device))
+        if q.is_cuda:
+            training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            options = (FLEX_TRAINING_OPTIONS if training else FLEX_INFERENCE_OPTIONS).get(
+                torch.cuda.get_device_capability(q.device))
         return _compiled_flex()(q, k, v, block_mask=plan.block_mask, enable_gqa=q.shape[1] != k.shape[1],
                                 kernel_options=options)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=q.shape[1] != k.shape[1])

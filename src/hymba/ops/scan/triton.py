@@ -42,6 +42,11 @@ BACKWARD_WALK_WARPS = 1
 BACKWARD_PREFETCH = True
 # softplus(x) == x above this (torch.nn.functional.softplus's default threshold), and its gradient is 1.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
+# exp(x) is written exp2(x * log2 e), and the kernels hold A * log2 e: on sm_90 tl.exp is five instructions (the scaling
+# and a guard against denormal results) where tl.exp2 is one MUFU.EX2 that flushes denormals to zero. The decays
+# exp(dt*A) are the walks' busiest arithmetic: 16 per lane per step.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _block_d(d_inner: int, block_d: int | None) -> int:
@@ -54,7 +59,7 @@ def _block_d(d_inner: int, block_d: int | None) -> int:
 @triton.jit
 def _softplus(x):
     # log(1 + exp(x)) overflows for large x; torch switches to the identity above the same threshold.
-    return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD))))
+    return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp2(tl.minimum(x, SOFTPLUS_THRESHOLD) * LOG2E)))
 
 
 @triton.jit
@@ -74,8 +79,8 @@ def _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, pos, 
 def _fwd_program_start(A_ptr, D_ptr, bias_ptr, h0_ptr, pid_b, d_inner, d_state, stride_A_d, stride_A_n,
                        stride_h0_b, stride_h0_d, stride_h0_n, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A forward program's channels and states, and what it loads once: A and the state h as (d_state, channels)
-    tiles, the bias and D per channel (zeros when absent), h from h0 or zero."""
+    """A forward program's channels and states, and what it loads once: A (as A * log2 e) and the state h as
+    (d_state, channels) tiles, the bias and D per channel (zeros when absent), h from h0 or zero."""
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < d_inner
@@ -93,7 +98,7 @@ def _fwd_program_start(A_ptr, D_ptr, bias_ptr, h0_ptr, pid_b, d_inner, d_state, 
     if HAS_H0:
         h += tl.load(h0_ptr + pid_b * stride_h0_b + offs_n[:, None] * stride_h0_n + offs_d[None, :] * stride_h0_d,
                      mask=mask_nd, other=0.0).to(tl.float32)
-    return offs_d, offs_n, mask_d, mask_n, A.to(tl.float32), bias, D, h
+    return offs_d, offs_n, mask_d, mask_n, A.to(tl.float32) * LOG2E, bias, D, h
 
 
 @triton.jit
@@ -165,7 +170,7 @@ def _scan_fwd_kernel(
             if SOFTPLUS:
                 dt = _softplus(dt)
             dt = tl.where(mask_ld, dt, 0.0)  # the identity step past the end (softplus(0) is not 0)
-            decay = tl.exp(dt[:, None, :] * A[None, :, :])  # (BLOCK_L, BLOCK_N, BLOCK_D)
+            decay = tl.exp2(dt[:, None, :] * A[None, :, :])  # (BLOCK_L, BLOCK_N, BLOCK_D)
             inputs = Bt[:, :, None] * (dt * u)[:, None, :]
             decay, inputs = tl.associative_scan((decay, inputs), 0, _linear_recurrence)
             states = decay * h[None, :, :] + inputs  # every position's state, the carry folded in
@@ -176,7 +181,7 @@ def _scan_fwd_kernel(
             if HAS_Z:
                 z = tl.load(z_ptr + pid_b * stride_z_b + pos[:, None] * stride_z_l + offs_d[None, :] * stride_z_d,
                             mask=mask_ld, other=0.0).to(tl.float32)
-                y = y * z / (1.0 + tl.exp(-z))
+                y = y * z / (1.0 + tl.exp2(-z * LOG2E))
             tl.store(y_ptr + pid_b * stride_y_b + pos[:, None] * stride_y_l + offs_d[None, :] * stride_y_d, y,
                      mask=mask_ld)
     else:
@@ -207,12 +212,12 @@ def _scan_fwd_kernel(
                 dt += bias
             if SOFTPLUS:
                 dt = _softplus(dt)
-            h = tl.exp(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
+            h = tl.exp2(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
             y = tl.sum(h * Ct[:, None], axis=0)
             if HAS_D:
                 y += D * u
             if HAS_Z:
-                y = y * z / (1.0 + tl.exp(-z))
+                y = y * z / (1.0 + tl.exp2(-z * LOG2E))
             tl.store(y_ptrs, y, mask=mask_d)
             y_ptrs += stride_y_l
             dt, u, Bt, Ct, z = dt1, u1, B1, C1, z1
@@ -307,7 +312,7 @@ def _scan_bwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
 
     A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
-    A = A.to(tl.float32)
+    A = A.to(tl.float32) * LOG2E  # now A * log2 e, so exp(dt*A) is exp2(dt*A): see LOG2E
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -356,10 +361,10 @@ def _scan_bwd_kernel(
             # States from the chunk's checkpoint: h_t, and h_{t-1} from the same scan over the inputs shifted by one.
             h_start = tl.load(ckpt_ptr + pid_b * stride_ckpt_b + c * stride_ckpt_c + offs_d[:, None] * stride_ckpt_d
                               + offs_n[None, :], mask=mask_dn, other=0.0)[None, :, :]
-            a = tl.exp(dt[:, :, None] * A3)  # (CHUNK, BLOCK_D, BLOCK_N)
+            a = tl.exp2(dt[:, :, None] * A3)  # (CHUNK, BLOCK_D, BLOCK_N)
             decay, inputs = tl.associative_scan((a, (dt * u)[:, :, None] * Bt[:, None, :]), 0, _linear_recurrence)
             h = decay * h_start + inputs
-            decay, inputs = tl.associative_scan((tl.exp(dt_before[:, :, None] * A3),
+            decay, inputs = tl.associative_scan((tl.exp2(dt_before[:, :, None] * A3),
                                                  (dt_before * u_before)[:, :, None] * B_before[:, None, :]), 0,
                                                 _linear_recurrence)
             h_prev = decay * h_start + inputs
@@ -372,7 +377,7 @@ def _scan_bwd_kernel(
             if HAS_Z:
                 z = tl.load(z_ptr + pid_b * stride_z_b + pos[:, None] * stride_z_l + offs_d[None, :] * stride_z_d,
                             mask=m_here, other=0.0).to(tl.float32)
-                sig_z = 1.0 / (1.0 + tl.exp(-z))
+                sig_z = 1.0 / (1.0 + tl.exp2(-z * LOG2E))
                 y_pre = tl.sum(h * Ct[:, None, :], axis=2)
                 if HAS_D:
                     y_pre += D[None, :] * u
@@ -380,7 +385,7 @@ def _scan_bwd_kernel(
                 gy = gy * z * sig_z  # now d loss / d (C.h + D u)
 
             # The adjoint, from the chunk's end (where the carry from the next chunk enters) to its start.
-            decay, g = tl.associative_scan((tl.exp(dt_after[:, :, None] * A3), gy[:, :, None] * Ct[:, None, :]), 0,
+            decay, g = tl.associative_scan((tl.exp2(dt_after[:, :, None] * A3), gy[:, :, None] * Ct[:, None, :]), 0,
                                            _linear_recurrence, reverse=True)
             g = decay * carry[None, :, :] + g
             carry = tl.sum(tl.where(first, g * a, 0.0), axis=0)
@@ -390,9 +395,9 @@ def _scan_bwd_kernel(
             tl.store(dB_ptr + dBC_offs, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mask_ln)
             gB = tl.sum(g * Bt[:, None, :], axis=2)
             g_decay = g * h_prev * a  # d loss / d (dt*A), elementwise
-            ddelta = u * gB + tl.sum(g_decay * A3, axis=2)
+            ddelta = u * gB + tl.sum(g_decay * A3, axis=2) * LN2
             if SOFTPLUS:
-                ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp(-x)))
+                ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp2(-x * LOG2E)))
             du = dt * gB
             if HAS_D:
                 du += gy * D[None, :]
@@ -449,7 +454,7 @@ def _scan_bwd_kernel(
                                                        SOFTPLUS)
                     if not PREFETCH:
                         dt, u, Bt = dt1, u1, B1
-                    h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                    h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
                     if PREFETCH:
                         dt, u, Bt = dt1, u1, B1
                     u_ptrs += stride_u_l
@@ -483,22 +488,23 @@ def _scan_bwd_kernel(
                     if not PREFETCH:
                         h_prev, x, dt, u, Bt, Ct, gy, z = h_prev1, x1, dt1, u1, B1, C1, gy1, z1
                     if HAS_Z:
-                        sig_z = 1.0 / (1.0 + tl.exp(-z))
+                        sig_z = 1.0 / (1.0 + tl.exp2(-z * LOG2E))
                         y_pre = tl.sum(h * Ct[None, :], axis=1)
                         if HAS_D:
                             y_pre += D * u
                         tl.store(dz_ptr + out_offs, gy * y_pre * sig_z * (1.0 + z * (1.0 - sig_z)), mask=mask_d)
                         gy = gy * z * sig_z  # now d loss / d (C.h + D u)
-                    a = tl.exp(dt[:, None] * A)
+                    a = tl.exp2(dt[:, None] * A)
                     g = gy[:, None] * Ct[None, :] + carry
                     tl.store(dC_ptr + dBC_offs, tl.sum(gy[:, None] * h, axis=0), mask=mask_n)
                     tl.store(dB_ptr + dBC_offs, tl.sum(g * (dt * u)[:, None], axis=0), mask=mask_n)
                     gB = tl.sum(g * Bt[None, :], axis=1)
-                    g_decay = g * h_prev * a  # d loss / d (dt*A), elementwise
-                    ddelta = u * gB + tl.sum(g_decay * A, axis=1)
+                    carry = g * a
+                    g_decay = carry * h_prev  # d loss / d (dt*A), elementwise: g a h_{t-1}
+                    ddelta = u * gB + tl.sum(g_decay * A, axis=1) * LN2
                     if SOFTPLUS:
                         # softplus' = sigmoid, exactly 1 where softplus is the identity.
-                        ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp(-x)))
+                        ddelta = tl.where(x > SOFTPLUS_THRESHOLD, ddelta, ddelta / (1.0 + tl.exp2(-x * LOG2E)))
                     du = dt * gB
                     if HAS_D:
                         du += gy * D
@@ -507,7 +513,6 @@ def _scan_bwd_kernel(
                     tl.store(ddelta_ptr + out_offs, ddelta, mask=mask_d)
                     dA_acc += g_decay * dt[:, None]
                     dbias_acc += ddelta
-                    carry = g * a
                     h = h_prev
                     if PREFETCH:
                         h_prev, x, dt, u, Bt, Ct, gy, z = h_prev1, x1, dt1, u1, B1, C1, gy1, z1
@@ -683,6 +688,7 @@ def _state_update_kernel(
     A = A.to(tl.float32)
     if A_IS_LOG:
         A = -tl.exp(A)
+    A *= LOG2E  # now A * log2 e, so exp(dt*A) is exp2(dt*A): see LOG2E
     x = tl.load(delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -694,7 +700,7 @@ def _state_update_kernel(
     Bt = tl.load(B_ptr + pid_b * stride_B_b + offs_n * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + pid_b * stride_C_b + offs_n * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
 
-    h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+    h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
     # Round the state to its storage dtype before reading it out, as the in-place reference does.
     h = h.to(state_ptr.dtype.element_ty).to(tl.float32)
     y = tl.sum(h * Ct[None, :], axis=1)
