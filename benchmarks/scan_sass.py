@@ -1,0 +1,127 @@
+"""The selective scan's walk kernels compiled offline for sm_90, without a GPU: registers per thread, and SASS
+instructions per step of each loop, for the 1.5B training shape (batch 8, 2,176 positions, 3,200 channels).
+
+    python benchmarks/scan_sass.py                      # the forward walk and the backward walk
+    python benchmarks/scan_sass.py --chunk 16 --ops     # chunks of 16, with each loop's most frequent instructions
+
+Triton compiles the kernels for an H100/H200 target with the arguments specialised as its JIT specialises them (an
+integer equal to 1 becomes a constant, multiples of 16 are marked divisible), and the cuobjdump bundled in Triton's
+wheel disassembles them. A loop is the code between a backward branch and its target; at one warp per program its
+instruction count is what each position costs one program. Session 22 used this to find that `tl.exp` is five
+instructions on sm_90 where `tl.exp2` is one. Timing still needs the GPU (`bench_scan.py`). Uses Triton internals
+(`ASTSource`, `native_specialize_impl`) as Triton 3.9 has them.
+"""
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource, make_backend
+
+from hymba.ops.scan import triton as scan_triton
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = Path(triton.backends.nvidia.__path__[0]) / "bin" / "cuobjdump"
+BATCH, D_INNER, D_STATE, LENGTH = 8, 3200, 16, 2176
+# Triton 3.9 warns that its default (fused multiply-adds on, as the GPU machine's Triton compiles) will change.
+warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9.]*)(.*?);")
+
+
+def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int) -> bytes:
+    """The cubin `kernel[grid](*args, **constexprs, num_warps=num_warps)` would launch on an sm_90 GPU."""
+    runtime_names = [name for name in kernel.arg_names if name not in constexprs]
+    backend = make_backend(TARGET)
+    signature, constants, attrs = {}, {}, {}
+    for name, value in [*zip(runtime_names, args), *constexprs.items()]:
+        index = (kernel.arg_names.index(name),)
+        if name in constexprs or value is None:
+            signature[name], constants[index] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constants[index] = key
+        elif key:
+            attrs[index] = backend.parse_attr(key)
+    source = ASTSource(fn=kernel, signature={name: signature[name] for name in kernel.arg_names},
+                       constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps)).asm["cubin"]
+
+
+def report(title: str, cubin: bytes, show_ops: bool) -> None:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    registers = re.search(r"REG:(\d+)", usage).group(1)
+    code = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in SASS_LINE.finditer(sass)]
+    print(f"{title}: {registers} registers a thread, {len(code)} SASS instructions")
+    loops = []  # (first, last address): a backward branch closes a loop
+    for address, op, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if op == "BRA" and target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    for first, last in loops:
+        if any(first <= a and b <= last and (a, b) != (first, last) for a, b in loops):
+            print(f"  loop {first:#06x}-{last:#06x}: the outer loop around the ones above")
+            continue
+        body = [op for address, op, _ in code if first <= address <= last]
+        line = f"  loop {first:#06x}-{last:#06x}: {len(body)} instructions a step"
+        if show_ops:
+            line += ": " + ", ".join(f"{op} {n}" for op, n in collections.Counter(body).most_common(8))
+        print(line)
+
+
+def position_major(*shape):
+    """An activation as the model passes it: (batch, L, channels) memory viewed as (batch, channels, L)."""
+    return torch.empty(shape[0], shape[2], shape[1], dtype=torch.bfloat16).transpose(1, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunk", type=int, default=scan_triton.DEFAULT_CHUNK, help="positions between saved states")
+    parser.add_argument("--block-d", type=int, default=32, help="channels per program")
+    parser.add_argument("--ops", action="store_true", help="each loop's most frequent instructions")
+    args = parser.parse_args()
+    chunk, block_d = args.chunk, args.block_d
+    u, delta, z, y, dy, du, ddelta, dz = (position_major(BATCH, D_INNER, LENGTH) for _ in range(8))
+    B, C = (position_major(BATCH, D_STATE, LENGTH) for _ in range(2))
+    A, D, bias = torch.empty(D_INNER, D_STATE), torch.empty(D_INNER), torch.empty(D_INNER)
+    n_dblocks = -(-D_INNER // block_d)
+    ckpt = torch.empty(BATCH, D_INNER, -(-LENGTH // chunk), D_STATE)
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=D_STATE)
+
+    def strides(*tensors):
+        return [s for t in tensors for s in t.stride()]
+
+    forward_args = [u, delta, A, B, C, D, z, bias, None, y, torch.empty(BATCH, D_INNER, D_STATE), ckpt,
+                    D_INNER, D_STATE, LENGTH, *strides(u, delta, A, B, C, z), 0, 0, 0, *strides(y),
+                    *ckpt.stride()[:3]]
+    cubin = compile_sm90(scan_triton._scan_fwd_kernel, forward_args,
+                         dict(flags, HAS_H0=False, SAVE_CKPT=True, BLOCK_L=1), num_warps=max(1, block_d // 32))
+    report("forward walk (saving states)", cubin, args.ops)
+
+    f32 = torch.empty
+    backward_args = [u, delta, A, B, C, D, z, bias, ckpt, dy, None, f32(BATCH, n_dblocks, chunk, block_d, D_STATE),
+                     du, ddelta, dz, f32(BATCH, D_INNER, D_STATE), f32(BATCH, n_dblocks, LENGTH, D_STATE),
+                     f32(BATCH, n_dblocks, LENGTH, D_STATE), f32(BATCH, D_INNER), f32(BATCH, D_INNER),
+                     f32(BATCH, D_INNER, D_STATE), D_INNER, D_STATE, LENGTH, *strides(u, delta, A, B, C, z),
+                     *ckpt.stride()[:3], *strides(dy), 0, 0, 0, *strides(du)]
+    cubin = compile_sm90(scan_triton._scan_bwd_kernel, backward_args,
+                         dict(flags, HAS_DOUT=True, HAS_DHLAST=False, PARALLEL=False,
+                              PREFETCH=scan_triton.BACKWARD_PREFETCH), num_warps=scan_triton.BACKWARD_WALK_WARPS)
+    report("backward walk (recompute loop, then the reverse loop)", cubin, args.ops)
+
+
+if __name__ == "__main__":
+    main()
