@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask
 from triton.testing import do_bench
 
-from hymba.ops.attention import FLEX_INFERENCE_OPTIONS, FLEX_TRAINING_OPTIONS, _compiled_flex, _flex_block_mask
+from hymba.ops.attention import FLEX_TRAINING_OPTIONS, _compiled_flex, _flex_block_mask
 
 B, L, HQ, HKV, DQK, DV, META, WINDOW = 4, 8192 + 128, 25, 5, 64, 128, 128, 1024
 
@@ -56,7 +56,7 @@ def sweep_kernel_options(q, k, v, flex) -> None:
 # "bwd_" prefixes give an option to one pass only; the backward's kernels take BLOCK_M1/N1 (dK, dV) and BLOCK_M2/N2
 # (dQ). The second set is what training runs now (`FLEX_TRAINING_OPTIONS`).
 TRAIN_B, TRAIN_L = 8, 2048 + 128
-INFERENCE_FORWARD = {f"fwd_{k}": v for k, v in FLEX_INFERENCE_OPTIONS[(9, 0)].items()}  # inference's, forward only
+INFERENCE_FORWARD = {k: v for k, v in FLEX_TRAINING_OPTIONS[(9, 0)].items() if k.startswith("fwd_")}  # inference's
 BACKWARD_OPTIONS = [None, FLEX_TRAINING_OPTIONS[(9, 0)], INFERENCE_FORWARD,
                     {**INFERENCE_FORWARD, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
                      "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 3},

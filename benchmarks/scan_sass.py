@@ -82,9 +82,9 @@ def report(title: str, cubin: bytes, show_ops: bool) -> None:
         print(line)
 
 
-def position_major(*shape):
+def position_major(batch: int, channels: int, length: int) -> torch.Tensor:
     """An activation as the model passes it: (batch, L, channels) memory viewed as (batch, channels, L)."""
-    return torch.empty(shape[0], shape[2], shape[1], dtype=torch.bfloat16).transpose(1, 2)
+    return torch.empty(batch, length, channels, dtype=torch.bfloat16).transpose(1, 2)
 
 
 def main() -> None:

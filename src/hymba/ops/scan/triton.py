@@ -312,7 +312,7 @@ def _scan_bwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
 
     A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
-    A = A.to(tl.float32) * LOG2E  # now A * log2 e, so exp(dt*A) is exp2(dt*A): see LOG2E
+    A = A.to(tl.float32) * LOG2E  # A * log2 e from here on: exp(dt*A) = exp2(dt * this), see LOG2E
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -688,7 +688,7 @@ def _state_update_kernel(
     A = A.to(tl.float32)
     if A_IS_LOG:
         A = -tl.exp(A)
-    A *= LOG2E  # now A * log2 e, so exp(dt*A) is exp2(dt*A): see LOG2E
+    A *= LOG2E  # A * log2 e from here on: exp(dt*A) = exp2(dt * this), see LOG2E
     x = tl.load(delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
