@@ -64,15 +64,36 @@ def _softplus(x):
 
 @triton.jit
 def _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, pos, length, HAS_Z: tl.constexpr):
-    """Position `pos`'s (dt, u, B, C, z) in float32; zeros past the end, and z = 0 without a gate."""
+    """Position `pos`'s (delta, u, B, C, z) as stored; zeros past the end, and z = 0 without a gate.
+
+    The walks load a step ahead and convert in the step that uses them (`_to_f32`): a conversion next to its load
+    would wait on the load at once, exposing its latency every step."""
     in_range = tl.full((1,), pos, tl.int32) < length  # a tensor, not a Python bool, so it can join the masks
     md, mn = mask_d & in_range, mask_n & in_range
-    dt = tl.load(delta_ptrs, mask=md, other=0.0).to(tl.float32)
-    u = tl.load(u_ptrs, mask=md, other=0.0).to(tl.float32)
-    Bt = tl.load(B_ptrs, mask=mn, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptrs, mask=mn, other=0.0).to(tl.float32)
-    z = tl.load(z_ptrs, mask=md, other=0.0).to(tl.float32) if HAS_Z else tl.zeros_like(u)
-    return dt, u, Bt, Ct, z
+    delta = tl.load(delta_ptrs, mask=md, other=0.0)
+    u = tl.load(u_ptrs, mask=md, other=0.0)
+    Bt = tl.load(B_ptrs, mask=mn, other=0.0)
+    Ct = tl.load(C_ptrs, mask=mn, other=0.0)
+    z = tl.load(z_ptrs, mask=md, other=0.0) if HAS_Z else tl.zeros_like(u)
+    return delta, u, Bt, Ct, z
+
+
+@triton.jit
+def _to_f32(delta, u, Bt, Ct, z, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """A step's inputs as `_load_step` loaded them, in float32, with delta also as x = delta + bias and as
+    dt = softplus(x) (or x): returns (x, dt, u, B, C, z)."""
+    x, dt = _delta_to_dt(delta, bias, HAS_BIAS, SOFTPLUS)
+    return x, dt, u.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32), z.to(tl.float32)
+
+
+@triton.jit
+def _delta_to_dt(delta, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta as stored -> (x = delta + bias, dt = softplus(x), or x without softplus) in float32."""
+    x = delta.to(tl.float32)
+    if HAS_BIAS:
+        x += bias
+    dt = _softplus(x) if SOFTPLUS else x
+    return x, dt
 
 
 @triton.jit
@@ -157,18 +178,15 @@ def _scan_fwd_kernel(
             pos = start + offs_l
             mask_ld = (pos < length)[:, None] & mask_d[None, :]  # (BLOCK_L, BLOCK_D)
             mask_ln = (pos < length)[:, None] & mask_n[None, :]  # (BLOCK_L, BLOCK_N)
-            dt = tl.load(delta_ptr + pid_b * stride_delta_b + pos[:, None] * stride_delta_l
-                         + offs_d[None, :] * stride_delta_d, mask=mask_ld, other=0.0).to(tl.float32)
+            delta = tl.load(delta_ptr + pid_b * stride_delta_b + pos[:, None] * stride_delta_l
+                            + offs_d[None, :] * stride_delta_d, mask=mask_ld, other=0.0)
             u = tl.load(u_ptr + pid_b * stride_u_b + pos[:, None] * stride_u_l + offs_d[None, :] * stride_u_d,
                         mask=mask_ld, other=0.0).to(tl.float32)
             Bt = tl.load(B_ptr + pid_b * stride_B_b + pos[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
                          mask=mask_ln, other=0.0).to(tl.float32)
             Ct = tl.load(C_ptr + pid_b * stride_C_b + pos[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
                          mask=mask_ln, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt += bias[None, :]
-            if SOFTPLUS:
-                dt = _softplus(dt)
+            _, dt = _delta_to_dt(delta, bias[None, :], HAS_BIAS, SOFTPLUS)
             dt = tl.where(mask_ld, dt, 0.0)  # the identity step past the end (softplus(0) is not 0)
             decay = tl.exp2(dt[:, None, :] * A[None, :, :])  # (BLOCK_L, BLOCK_N, BLOCK_D)
             inputs = Bt[:, :, None] * (dt * u)[:, None, :]
@@ -198,20 +216,18 @@ def _scan_fwd_kernel(
         # Each step's inputs are loaded one step ahead, so the walk's chain of dependent steps does not also wait on
         # memory: 22% less scan time on an H100, measured before the state tile was transposed (a second step ahead,
         # measured after, gained nothing).
-        dt, u, Bt, Ct, z = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, 0, length, HAS_Z)
+        delta_raw, u_raw, B_raw, C_raw, z_raw = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, 0,
+                                                           length, HAS_Z)
         for t in range(0, length):
             if SAVE_CKPT:
                 if t % CHUNK == 0:
                     tl.store(ckpt_ptrs, h, mask=mask_nd)
                     ckpt_ptrs += stride_ckpt_c
+            _, dt, u, Bt, Ct, z = _to_f32(delta_raw, u_raw, B_raw, C_raw, z_raw, bias, HAS_BIAS, SOFTPLUS)
             ahead = t + 1
-            dt1, u1, B1, C1, z1 = _load_step(delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l,
-                                             B_ptrs + ahead * stride_B_l, C_ptrs + ahead * stride_C_l,
-                                             z_ptrs + ahead * stride_z_l, mask_d, mask_n, ahead, length, HAS_Z)
-            if HAS_BIAS:
-                dt += bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
+            delta_raw, u_raw, B_raw, C_raw, z_raw = _load_step(
+                delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l, B_ptrs + ahead * stride_B_l,
+                C_ptrs + ahead * stride_C_l, z_ptrs + ahead * stride_z_l, mask_d, mask_n, ahead, length, HAS_Z)
             h = tl.exp2(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
             y = tl.sum(h * Ct[:, None], axis=0)
             if HAS_D:
@@ -220,49 +236,41 @@ def _scan_fwd_kernel(
                 y = y * z / (1.0 + tl.exp2(-z * LOG2E))
             tl.store(y_ptrs, y, mask=mask_d)
             y_ptrs += stride_y_l
-            dt, u, Bt, Ct, z = dt1, u1, B1, C1, z1
 
     tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
 
 
 @triton.jit
 def _load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(raw delta + bias, dt) as float32 at `offs`, dt = 0 where `mask` is off (the identity step)."""
-    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        x += bias
-    dt = _softplus(x) if SOFTPLUS else x
+    """(delta + bias, dt) as float32 at `offs`, dt = 0 where `mask` is off (the identity step)."""
+    x, dt = _delta_to_dt(tl.load(delta_ptr + offs, mask=mask, other=0.0), bias, HAS_BIAS, SOFTPLUS)
     return x, tl.where(mask, dt, 0.0)
 
 
 @triton.jit
-def _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, bias, mask_d, mask_n, i, chunk_len, HAS_BIAS: tl.constexpr,
-                         SOFTPLUS: tl.constexpr):
-    """Step `i` of a chunk's recompute: (dt, u, B) in float32, zeros past the chunk's end."""
+def _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, mask_d, mask_n, i, chunk_len):
+    """Step `i` of a chunk's recompute: (delta, u, B) as stored (see `_load_step`), zeros past the chunk's end."""
     in_range = tl.full((1,), i, tl.int32) < chunk_len
     md = mask_d & in_range
-    _, dt = _load_dt(delta_ptrs, bias, 0, md, HAS_BIAS, SOFTPLUS)
-    u = tl.load(u_ptrs, mask=md, other=0.0).to(tl.float32)
-    Bt = tl.load(B_ptrs, mask=mask_n & in_range, other=0.0).to(tl.float32)
-    return dt, u, Bt
+    delta = tl.load(delta_ptrs, mask=md, other=0.0)
+    u = tl.load(u_ptrs, mask=md, other=0.0)
+    Bt = tl.load(B_ptrs, mask=mask_n & in_range, other=0.0)
+    return delta, u, Bt
 
 
 @triton.jit
-def _load_reverse_step(scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, bias, mask_d, mask_n,
-                       i_rev, chunk_len, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOUT: tl.constexpr,
-                       HAS_Z: tl.constexpr):
-    """Step `i_rev` from a chunk's end in the reverse walk: (h_{t-1} from the scratch, delta + bias, dt, u, B, C, the
-    output gradient, z) in float32; zeros once past the chunk's start, and for an absent output gradient or gate."""
+def _load_reverse_step(scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, i_rev,
+                       chunk_len, HAS_DOUT: tl.constexpr, HAS_Z: tl.constexpr):
+    """Step `i_rev` from a chunk's end in the reverse walk: h_{t-1} from the scratch (float32), and delta, u, B, C,
+    the output gradient and z as stored (see `_load_step`); zeros once past the chunk's start, and for an absent
+    output gradient or gate."""
     in_range = tl.full((1,), i_rev, tl.int32) < chunk_len
     md, mn = mask_d & in_range, mask_n & in_range
     h_prev = tl.load(scratch_ptrs, mask=md[:, None] & mn[None, :], other=0.0)  # padded lanes' states are 0 anyway
-    x, dt = _load_dt(delta_ptrs, bias, 0, md, HAS_BIAS, SOFTPLUS)
-    u = tl.load(u_ptrs, mask=md, other=0.0).to(tl.float32)
-    Bt = tl.load(B_ptrs, mask=mn, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptrs, mask=mn, other=0.0).to(tl.float32)
-    gy = tl.load(dout_ptrs, mask=md, other=0.0).to(tl.float32) if HAS_DOUT else tl.zeros_like(u)
-    z = tl.load(z_ptrs, mask=md, other=0.0).to(tl.float32) if HAS_Z else tl.zeros_like(u)
-    return h_prev, x, dt, u, Bt, Ct, gy, z
+    delta, u, Bt, Ct, z = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, i_rev, chunk_len,
+                                     HAS_Z)
+    gy = tl.load(dout_ptrs, mask=md, other=0.0) if HAS_DOUT else tl.zeros_like(u)
+    return h_prev, delta, u, Bt, Ct, gy, z
 
 
 @triton.jit
@@ -426,8 +434,8 @@ def _scan_bwd_kernel(
         tile = BLOCK_D * BLOCK_N
         scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * tile)
                          + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
-        # With PREFETCH each step's inputs are loaded one step ahead, as the forward walk loads them, so the chain of
-        # dependent steps does not also wait on memory each step. Without it each step loads its own, and the loads
+        # With PREFETCH each step's inputs are loaded one step ahead and converted in the step that uses them, as the
+        # forward walk does, so the chain of dependent steps does not also wait on memory each step. Without it each step loads its own, and the loads
         # before each loop are masked off (`first` out of range).
         ahead = 1 if PREFETCH else 0
 
@@ -443,20 +451,21 @@ def _scan_bwd_kernel(
             B_ptrs = B_ptrs0 + start * stride_B_l
             scratch_ptrs = scratch_ptrs0
             first = 0 if PREFETCH else CHUNK
-            dt, u, Bt = _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, bias, mask_d, mask_n, first, chunk_len,
-                                             HAS_BIAS, SOFTPLUS)
+            delta_raw, u_raw, B_raw = _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, mask_d, mask_n, first,
+                                                           chunk_len)
             for i in range(0, CHUNK):
                 if i < chunk_len:
                     tl.store(scratch_ptrs, h)
-                    dt1, u1, B1 = _load_recompute_step(delta_ptrs + ahead * stride_delta_l,
-                                                       u_ptrs + ahead * stride_u_l, B_ptrs + ahead * stride_B_l,
-                                                       bias, mask_d, mask_n, i + ahead, chunk_len, HAS_BIAS,
-                                                       SOFTPLUS)
+                    delta1, u1, B1 = _load_recompute_step(delta_ptrs + ahead * stride_delta_l,
+                                                          u_ptrs + ahead * stride_u_l, B_ptrs + ahead * stride_B_l,
+                                                          mask_d, mask_n, i + ahead, chunk_len)
                     if not PREFETCH:
-                        dt, u, Bt = dt1, u1, B1
-                    h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                        delta_raw, u_raw, B_raw = delta1, u1, B1
+                    _, dt = _delta_to_dt(delta_raw, bias, HAS_BIAS, SOFTPLUS)
+                    Bt = B_raw.to(tl.float32)
+                    h = tl.exp2(dt[:, None] * A) * h + (dt * u_raw.to(tl.float32))[:, None] * Bt[None, :]
                     if PREFETCH:
-                        dt, u, Bt = dt1, u1, B1
+                        delta_raw, u_raw, B_raw = delta1, u1, B1
                     u_ptrs += stride_u_l
                     delta_ptrs += stride_delta_l
                     B_ptrs += stride_B_l
@@ -475,18 +484,20 @@ def _scan_bwd_kernel(
             out_offs = out_offs0 + t * stride_out_l
             dBC_offs = dBC_offs0 + t * d_state
             scratch_ptrs = scratch_ptrs0 + (chunk_len - 1) * tile
-            h_prev, x, dt, u, Bt, Ct, gy, z = _load_reverse_step(
-                scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, bias, mask_d, mask_n, first,
-                chunk_len, HAS_BIAS, SOFTPLUS, HAS_DOUT, HAS_Z)
+            h_prev, delta_raw, u_raw, B_raw, C_raw, gy_raw, z_raw = _load_reverse_step(
+                scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, first, chunk_len,
+                HAS_DOUT, HAS_Z)
             for i_rev in range(0, CHUNK):
                 if i_rev < chunk_len:
-                    h_prev1, x1, dt1, u1, B1, C1, gy1, z1 = _load_reverse_step(
+                    h_prev1, delta1, u1, B1, C1, gy1, z1 = _load_reverse_step(
                         scratch_ptrs - ahead * tile, delta_ptrs - ahead * stride_delta_l, u_ptrs - ahead * stride_u_l,
                         B_ptrs - ahead * stride_B_l, C_ptrs - ahead * stride_C_l,
-                        dout_ptrs - ahead * stride_dout_l, z_ptrs - ahead * stride_z_l, bias, mask_d, mask_n,
-                        i_rev + ahead, chunk_len, HAS_BIAS, SOFTPLUS, HAS_DOUT, HAS_Z)
+                        dout_ptrs - ahead * stride_dout_l, z_ptrs - ahead * stride_z_l, mask_d, mask_n,
+                        i_rev + ahead, chunk_len, HAS_DOUT, HAS_Z)
                     if not PREFETCH:
-                        h_prev, x, dt, u, Bt, Ct, gy, z = h_prev1, x1, dt1, u1, B1, C1, gy1, z1
+                        h_prev, delta_raw, u_raw, B_raw, C_raw, gy_raw, z_raw = h_prev1, delta1, u1, B1, C1, gy1, z1
+                    x, dt, u, Bt, Ct, z = _to_f32(delta_raw, u_raw, B_raw, C_raw, z_raw, bias, HAS_BIAS, SOFTPLUS)
+                    gy = gy_raw.to(tl.float32)
                     if HAS_Z:
                         sig_z = 1.0 / (1.0 + tl.exp2(-z * LOG2E))
                         y_pre = tl.sum(h * Ct[None, :], axis=1)
@@ -515,7 +526,7 @@ def _scan_bwd_kernel(
                     dbias_acc += ddelta
                     h = h_prev
                     if PREFETCH:
-                        h_prev, x, dt, u, Bt, Ct, gy, z = h_prev1, x1, dt1, u1, B1, C1, gy1, z1
+                        h_prev, delta_raw, u_raw, B_raw, C_raw, gy_raw, z_raw = h_prev1, delta1, u1, B1, C1, gy1, z1
 
                     u_ptrs -= stride_u_l
                     delta_ptrs -= stride_delta_l
