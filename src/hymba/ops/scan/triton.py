@@ -259,6 +259,15 @@ def _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, mask_d, mask_n, i, chunk_le
 
 
 @triton.jit
+def _recompute_step(h, delta, u, Bt, A, bias, in_range, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """The state after a position from the state before it and the position's inputs as stored; with `in_range` off
+    (past the chunk's end), the identity (dt = 0)."""
+    _, dt = _delta_to_dt(delta, bias, HAS_BIAS, SOFTPLUS)
+    dt = tl.where(in_range, dt, 0.0)
+    return tl.exp2(dt[:, None] * A) * h + (dt * u.to(tl.float32))[:, None] * Bt.to(tl.float32)[None, :]
+
+
+@triton.jit
 def _load_reverse_step(scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, i_rev,
                        chunk_len, HAS_DOUT: tl.constexpr, HAS_Z: tl.constexpr):
     """Step `i_rev` from a chunk's end in the reverse walk: h_{t-1} from the scratch (float32), and delta, u, B, C,
@@ -434,9 +443,9 @@ def _scan_bwd_kernel(
         tile = BLOCK_D * BLOCK_N
         scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * tile)
                          + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
-        # With PREFETCH each step's inputs are loaded one step ahead and converted in the step that uses them, as the
-        # forward walk does, so the chain of dependent steps does not also wait on memory each step. Without it each step loads its own, and the loads
-        # before each loop are masked off (`first` out of range).
+        # With PREFETCH the reverse walk loads each step's inputs one step ahead and converts them in the step that
+        # uses them, as the forward walk does, so the chain of dependent steps does not also wait on memory each step.
+        # Without it each step loads its own, and the loads before the loop are masked off (`first` out of range).
         ahead = 1 if PREFETCH else 0
 
         for c_rev in range(0, n_chunks):
@@ -444,32 +453,44 @@ def _scan_bwd_kernel(
             start = c * CHUNK
             chunk_len = tl.minimum(length - start, CHUNK)
 
-            # 1. Recompute the chunk's states from its checkpoint, saving the state before each position.
+            # 1. Recompute the chunk's states from its checkpoint, saving the state before each position. Four
+            # positions an iteration, each from its own set of inputs, reloaded four positions ahead as soon as its
+            # position is done: a load then has three positions' work to arrive in (one step is ~150 instructions, too
+            # few to cover a load from memory), and no copy at the loop's end waits on it, as one would if the loaded
+            # inputs were moved into the next step's. Positions past the chunk's end are identity steps.
             h = tl.load(ckpt_ptrs0 + c * stride_ckpt_c, mask=mask_dn, other=0.0)
             u_ptrs = u_ptrs0 + start * stride_u_l
             delta_ptrs = delta_ptrs0 + start * stride_delta_l
             B_ptrs = B_ptrs0 + start * stride_B_l
             scratch_ptrs = scratch_ptrs0
-            first = 0 if PREFETCH else CHUNK
-            delta_raw, u_raw, B_raw = _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, mask_d, mask_n, first,
-                                                           chunk_len)
-            for i in range(0, CHUNK):
-                if i < chunk_len:
-                    tl.store(scratch_ptrs, h)
-                    delta1, u1, B1 = _load_recompute_step(delta_ptrs + ahead * stride_delta_l,
-                                                          u_ptrs + ahead * stride_u_l, B_ptrs + ahead * stride_B_l,
-                                                          mask_d, mask_n, i + ahead, chunk_len)
-                    if not PREFETCH:
-                        delta_raw, u_raw, B_raw = delta1, u1, B1
-                    _, dt = _delta_to_dt(delta_raw, bias, HAS_BIAS, SOFTPLUS)
-                    Bt = B_raw.to(tl.float32)
-                    h = tl.exp2(dt[:, None] * A) * h + (dt * u_raw.to(tl.float32))[:, None] * Bt[None, :]
-                    if PREFETCH:
-                        delta_raw, u_raw, B_raw = delta1, u1, B1
-                    u_ptrs += stride_u_l
-                    delta_ptrs += stride_delta_l
-                    B_ptrs += stride_B_l
-                    scratch_ptrs += tile
+            delta0, u0, B0 = _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, mask_d, mask_n, 0, chunk_len)
+            delta1, u1, B1 = _load_recompute_step(delta_ptrs + stride_delta_l, u_ptrs + stride_u_l,
+                                                  B_ptrs + stride_B_l, mask_d, mask_n, 1, chunk_len)
+            delta2, u2, B2 = _load_recompute_step(delta_ptrs + 2 * stride_delta_l, u_ptrs + 2 * stride_u_l,
+                                                  B_ptrs + 2 * stride_B_l, mask_d, mask_n, 2, chunk_len)
+            delta3, u3, B3 = _load_recompute_step(delta_ptrs + 3 * stride_delta_l, u_ptrs + 3 * stride_u_l,
+                                                  B_ptrs + 3 * stride_B_l, mask_d, mask_n, 3, chunk_len)
+            for i in range(0, CHUNK, 4):
+                tl.store(scratch_ptrs, h)
+                h = _recompute_step(h, delta0, u0, B0, A, bias, i < chunk_len, HAS_BIAS, SOFTPLUS)
+                delta0, u0, B0 = _load_recompute_step(delta_ptrs + 4 * stride_delta_l, u_ptrs + 4 * stride_u_l,
+                                                      B_ptrs + 4 * stride_B_l, mask_d, mask_n, i + 4, chunk_len)
+                tl.store(scratch_ptrs + tile, h)
+                h = _recompute_step(h, delta1, u1, B1, A, bias, i + 1 < chunk_len, HAS_BIAS, SOFTPLUS)
+                delta1, u1, B1 = _load_recompute_step(delta_ptrs + 5 * stride_delta_l, u_ptrs + 5 * stride_u_l,
+                                                      B_ptrs + 5 * stride_B_l, mask_d, mask_n, i + 5, chunk_len)
+                tl.store(scratch_ptrs + 2 * tile, h)
+                h = _recompute_step(h, delta2, u2, B2, A, bias, i + 2 < chunk_len, HAS_BIAS, SOFTPLUS)
+                delta2, u2, B2 = _load_recompute_step(delta_ptrs + 6 * stride_delta_l, u_ptrs + 6 * stride_u_l,
+                                                      B_ptrs + 6 * stride_B_l, mask_d, mask_n, i + 6, chunk_len)
+                tl.store(scratch_ptrs + 3 * tile, h)
+                h = _recompute_step(h, delta3, u3, B3, A, bias, i + 3 < chunk_len, HAS_BIAS, SOFTPLUS)
+                delta3, u3, B3 = _load_recompute_step(delta_ptrs + 7 * stride_delta_l, u_ptrs + 7 * stride_u_l,
+                                                      B_ptrs + 7 * stride_B_l, mask_d, mask_n, i + 7, chunk_len)
+                u_ptrs += 4 * stride_u_l
+                delta_ptrs += 4 * stride_delta_l
+                B_ptrs += 4 * stride_B_l
+                scratch_ptrs += 4 * tile
             # The reverse walk reads slots that other threads of this program wrote.
             tl.debug_barrier()
 
@@ -484,6 +505,7 @@ def _scan_bwd_kernel(
             out_offs = out_offs0 + t * stride_out_l
             dBC_offs = dBC_offs0 + t * d_state
             scratch_ptrs = scratch_ptrs0 + (chunk_len - 1) * tile
+            first = 0 if PREFETCH else CHUNK
             h_prev, delta_raw, u_raw, B_raw, C_raw, gy_raw, z_raw = _load_reverse_step(
                 scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, first, chunk_len,
                 HAS_DOUT, HAS_Z)
@@ -597,6 +619,9 @@ class _SelectiveScanFn(torch.autograd.Function):
                 backward_block_l):
         # The parallel backward starts each block of positions from a saved state: one per block.
         chunk = backward_block_l or chunk
+        if backward_block_l is None and chunk % 4:
+            raise ValueError(f"chunk ({chunk}) must be a multiple of 4: the walk backward recomputes four positions an "
+                             "iteration")
         y, hlast, ckpt = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                    save_ckpt=True, chunk=chunk, block_d=block_d, block_l=block_l)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt)
