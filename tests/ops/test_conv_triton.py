@@ -75,8 +75,10 @@ def test_reference_fp32_is_the_reference_for_bf16():
 
 
 # (batch, dim, length, width): L shorter than the window (the final state reaches into initial_state), L = 1,
-# ragged channel and position blocks, width 2 and the usual 4.
-CASES = [(2, 37, 1, 4), (2, 37, 2, 4), (2, 37, 7, 4), (2, 100, 63, 4), (1, 37, 300, 4), (1, 5, 10, 2)]
+# ragged channel and position blocks (the backward's blocks are 128 channels by 64 positions), widths 2, 3 and the
+# usual 4.
+CASES = [(2, 37, 1, 4), (2, 37, 2, 4), (2, 37, 7, 4), (2, 100, 63, 4), (1, 37, 300, 4), (1, 5, 10, 2),
+         (1, 150, 70, 3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

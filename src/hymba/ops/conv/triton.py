@@ -124,42 +124,27 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _grad_pre(x_ptrs, init_ptrs, dout_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos, length, stride_x_l, stride_init_k,
-              stride_dout_l, stride_w_d, stride_w_k, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-              SILU: tl.constexpr, WIDTH: tl.constexpr):
-    """d loss / d (the pre-activation) at positions `pos` as float32 (BLOCK_D, P); zero outside [0, length)."""
-    in_range = (pos >= 0) & (pos < length)
-    gpre = tl.load(dout_ptrs[:, None] + pos[None, :] * stride_dout_l, mask=mask_d[:, None] & in_range[None, :],
-                   other=0.0).to(tl.float32)
-    if SILU:
-        pre = _pre_activation(x_ptrs, init_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos, length, stride_x_l,
-                              stride_init_k, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, WIDTH)
-        sig = 1.0 / (1.0 + tl.exp(-pre))
-        gpre = gpre * sig * (1.0 + pre * (1.0 - sig))
-    return gpre
+def _load_column(x_ptrs, init_ptrs, pos, mask_d, length, stride_x_l, stride_init_k, HAS_INIT: tl.constexpr,
+                 WIDTH: tl.constexpr):
+    """Position `pos` (a scalar, may be negative) of the padded input as float32 (BLOCK_D,): x, initial_state
+    rounded to x's dtype where pos < 0 (as the reference's cat), or 0 before both and at or past the end."""
+    at = tl.zeros_like(mask_d.to(tl.int32)) + pos  # a tensor, so the masks below are tensors
+    vals = tl.load(x_ptrs + at * stride_x_l, mask=mask_d & (at >= 0) & (at < length), other=0.0).to(tl.float32)
+    if HAS_INIT:
+        in_init = (at < 0) & (at >= 1 - WIDTH)
+        init = tl.load(init_ptrs + (WIDTH - 1 + at) * stride_init_k, mask=mask_d & in_init, other=0.0)
+        vals += init.to(x_ptrs.dtype.element_ty).to(tl.float32)
+    return vals
 
 
 @triton.jit
-def _grad_padded(x_ptrs, init_ptrs, dout_ptrs, dfinal_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos, length,
-                 stride_x_l, stride_init_k, stride_dout_l, stride_dfinal_k, stride_w_d, stride_w_k,
-                 HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, SILU: tl.constexpr,
-                 WIDTH: tl.constexpr):
-    """d loss / d (the padded input) at x positions `pos` (negative ones are initial_state's), float32 (BLOCK_D, P):
-    sum_k w_k gpre_{pos + width-1-k}, plus the final state's gradient where it reads that input."""
-    x_dtype = x_ptrs.dtype.element_ty
-    grad = tl.zeros((mask_d.shape[0], pos.shape[0]), tl.float32)
-    for k in tl.static_range(WIDTH):
-        w = tl.load(w_ptr + offs_d * stride_w_d + k * stride_w_k, mask=mask_d, other=0.0).to(x_dtype)
-        grad += w.to(tl.float32)[:, None] * _grad_pre(
-            x_ptrs, init_ptrs, dout_ptrs, w_ptr, bias_ptr, offs_d, mask_d, pos + (WIDTH - 1 - k), length, stride_x_l,
-            stride_init_k, stride_dout_l, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, SILU, WIDTH)
-    if HAS_DFINAL:
-        # final[:, j] is the padded input at x position length - (width-1) + j.
-        j = pos - (length - (WIDTH - 1))
-        in_final = (j >= 0) & (j < WIDTH - 1)
-        grad += tl.load(dfinal_ptrs[:, None] + j[None, :] * stride_dfinal_k, mask=mask_d[:, None] & in_final[None, :],
-                        other=0.0).to(tl.float32)
-    return grad
+def _tap(w_ptr, offs_d, mask_d, stride_w_d, stride_w_k, x_dtype, k: tl.constexpr, WIDTH: tl.constexpr):
+    """Weight column k of the taps as four, (x_{t-3}, x_{t-2}, x_{t-1}, x_t), in float32 after rounding to x's
+    dtype: a conv narrower than four has zeros in its first 4 - width taps."""
+    if k < 4 - WIDTH:
+        return tl.zeros_like(mask_d.to(tl.float32))
+    w = tl.load(w_ptr + offs_d * stride_w_d + (k - (4 - WIDTH)) * stride_w_k, mask=mask_d, other=0.0)
+    return w.to(x_dtype).to(tl.float32)
 
 
 @triton.jit
@@ -173,24 +158,32 @@ def _conv_bwd_kernel(
     stride_dfinal_b, stride_dfinal_d, stride_dfinal_k,
     stride_dx_b, stride_dx_d, stride_dx_l,
     HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, SILU: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """One program: batch pid_b, BLOCK_D channels, BLOCK_L positions, as the forward. With gpre the gradient of the
-    pre-activation (recomputed from x around the tile):
+    """One program: batch pid_b, BLOCK_D channels, positions [t0, t0 + BLOCK_L), walked one at a time. With gpre the
+    gradient of the pre-activation (recomputed from x) and the taps as four (w0..w3 on x_{t-3}..x_t, see `_tap`):
 
-        dx_s = sum_k w_k gpre_{s+width-1-k} (+ dfinal)    dw_k = sum gpre_t x_{t+k-(width-1)}    dbias = sum gpre_t
+        dx_s = w3 gpre_s + w2 gpre_{s+1} + w1 gpre_{s+2} + w0 gpre_{s+3} (+ dfinal)
+        dw_k = sum_t gpre_t x_{t-3+k}    dbias = sum_t gpre_t
 
-    dw (batch, n_lblocks, dim, width) and dbias (batch, n_lblocks, dim) float32 partials; the program with pid_l == 0
-    also writes d initial_state (batch, dim, width-1) float32, contiguous."""
+    Step t computes gpre_t from the last four inputs, which the walk keeps in registers, adds its terms to dw and
+    dbias (for t inside the block) and completes dx_{t-3} from the last four gpre; three steps past the block
+    complete its last positions. Every input is read once (the tile kernel this replaced re-read shifted tiles for
+    every tap, and reduced dw across lanes). dw (batch, n_lblocks, dim, 4) and dbias (batch, n_lblocks, dim) are
+    float32 partials; the program with pid_l == 0 also writes d initial_state (batch, dim, width-1) float32,
+    contiguous, from the steps whose dx_{t-3} falls before position 0."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_l = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = offs_d < dim
+    t0 = pid_l * BLOCK_L
+    t1 = tl.minimum(t0 + BLOCK_L, length)
+    x_dtype = x_ptr.dtype.element_ty
 
     x_ptrs = x_ptr + pid_b * stride_x_b + offs_d * stride_x_d
     dout_ptrs = dout_ptr + pid_b * stride_dout_b + offs_d * stride_dout_d
+    dx_ptrs = dx_ptr + pid_b * stride_dx_b + offs_d * stride_dx_d
     init_ptrs = x_ptrs  # never read without an initial state, nor dfinal without its gradient
     if HAS_INIT:
         init_ptrs = init_ptr + pid_b * stride_init_b + offs_d * stride_init_d
@@ -198,44 +191,91 @@ def _conv_bwd_kernel(
     if HAS_DFINAL:
         dfinal_ptrs = dfinal_ptr + pid_b * stride_dfinal_b + offs_d * stride_dfinal_d
 
-    dx = _grad_padded(x_ptrs, init_ptrs, dout_ptrs, dfinal_ptrs, w_ptr, bias_ptr, offs_d, mask_d, offs_l, length,
-                      stride_x_l, stride_init_k, stride_dout_l, stride_dfinal_k, stride_w_d, stride_w_k, HAS_BIAS,
-                      HAS_INIT, HAS_DFINAL, SILU, WIDTH)
-    tl.store(dx_ptr + pid_b * stride_dx_b + offs_d[:, None] * stride_dx_d + offs_l[None, :] * stride_dx_l, dx,
-             mask=mask_d[:, None] & (offs_l < length)[None, :])
-
-    gpre = _grad_pre(x_ptrs, init_ptrs, dout_ptrs, w_ptr, bias_ptr, offs_d, mask_d, offs_l, length, stride_x_l,
-                     stride_init_k, stride_dout_l, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, SILU, WIDTH)
-    partial = (pid_b * n_lblocks + pid_l) * dim + offs_d  # this program's row of the partial sums
-    for k in tl.static_range(WIDTH):
-        vals = _load_padded(x_ptrs, init_ptrs, offs_l + (k - (WIDTH - 1)), mask_d, length, stride_x_l, stride_init_k,
-                            HAS_INIT, WIDTH)
-        tl.store(dw_ptr + partial * WIDTH + k, tl.sum(gpre * vals, axis=1), mask=mask_d)
+    w0 = _tap(w_ptr, offs_d, mask_d, stride_w_d, stride_w_k, x_dtype, 0, WIDTH)
+    w1 = _tap(w_ptr, offs_d, mask_d, stride_w_d, stride_w_k, x_dtype, 1, WIDTH)
+    w2 = _tap(w_ptr, offs_d, mask_d, stride_w_d, stride_w_k, x_dtype, 2, WIDTH)
+    w3 = _tap(w_ptr, offs_d, mask_d, stride_w_d, stride_w_k, x_dtype, 3, WIDTH)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
-        tl.store(dbias_ptr + partial, tl.sum(gpre, axis=1), mask=mask_d)
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(x_dtype).to(tl.float32)
 
-    if HAS_INIT:
-        if pid_l == 0:
-            offs_w = tl.arange(0, BLOCK_W)
-            dinit = _grad_padded(x_ptrs, init_ptrs, dout_ptrs, dfinal_ptrs, w_ptr, bias_ptr, offs_d, mask_d,
-                                 offs_w - (WIDTH - 1), length, stride_x_l, stride_init_k, stride_dout_l,
-                                 stride_dfinal_k, stride_w_d, stride_w_k, HAS_BIAS, HAS_INIT, HAS_DFINAL, SILU, WIDTH)
-            tl.store(dinit_ptr + (pid_b * dim + offs_d[:, None]) * (WIDTH - 1) + offs_w[None, :], dinit,
-                     mask=mask_d[:, None] & (offs_w < WIDTH - 1)[None, :])
+    # x_{t-1}, x_{t-2}, x_{t-3} and gpre_{t-1}, gpre_{t-2}, gpre_{t-3} (positions before t0 contribute no gpre here:
+    # their dx belongs to the block before, or is d initial_state, where gpre at negative positions is 0).
+    x1 = _load_column(x_ptrs, init_ptrs, t0 - 1, mask_d, length, stride_x_l, stride_init_k, HAS_INIT, WIDTH)
+    x2 = _load_column(x_ptrs, init_ptrs, t0 - 2, mask_d, length, stride_x_l, stride_init_k, HAS_INIT, WIDTH)
+    x3 = _load_column(x_ptrs, init_ptrs, t0 - 3, mask_d, length, stride_x_l, stride_init_k, HAS_INIT, WIDTH)
+    g1 = tl.zeros((BLOCK_D,), tl.float32)
+    g2 = tl.zeros((BLOCK_D,), tl.float32)
+    g3 = tl.zeros((BLOCK_D,), tl.float32)
+    dw0 = tl.zeros((BLOCK_D,), tl.float32)
+    dw1 = tl.zeros((BLOCK_D,), tl.float32)
+    dw2 = tl.zeros((BLOCK_D,), tl.float32)
+    dw3 = tl.zeros((BLOCK_D,), tl.float32)
+    dbias = tl.zeros((BLOCK_D,), tl.float32)
+
+    # Step t's x and dout are loaded a step ahead, as stored, and converted in the step (see the scan's walks).
+    at = tl.zeros_like(offs_d) + t0
+    x_raw = tl.load(x_ptrs + at * stride_x_l, mask=mask_d, other=0.0)  # t0 < length
+    dout_raw = tl.load(dout_ptrs + at * stride_dout_l, mask=mask_d, other=0.0)
+    for t in range(t0, t0 + BLOCK_L + 3):
+        at = tl.zeros_like(offs_d) + t  # t as a tensor, so the masks are tensors
+        ahead = mask_d & (at + 1 < length)  # past the end, x and dout load as 0 (so gpre is 0)
+        x_next = tl.load(x_ptrs + (at + 1) * stride_x_l, mask=ahead, other=0.0)
+        dout_next = tl.load(dout_ptrs + (at + 1) * stride_dout_l, mask=ahead, other=0.0)
+        x0 = x_raw.to(tl.float32)
+        g0 = dout_raw.to(tl.float32)
+        if SILU:
+            pre = bias + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
+            sig = 1.0 / (1.0 + tl.exp(-pre))
+            g0 = g0 * sig * (1.0 + pre * (1.0 - sig))
+        g_here = tl.where(at < t1, g0, 0.0)  # the steps past the block only complete its dx
+        dw0 += g_here * x3
+        dw1 += g_here * x2
+        dw2 += g_here * x1
+        dw3 += g_here * x0
+        dbias += g_here
+
+        # dx at s = t - 3: this block's, or (the first block) d initial_state's before position 0.
+        s = at - 3
+        dx = w3 * g3 + w2 * g2 + w1 * g1 + w0 * g0
+        if HAS_DFINAL:
+            # final[:, j] is the padded input at x position length - (width-1) + j.
+            j = s - (length - (WIDTH - 1))
+            dx += tl.load(dfinal_ptrs + j * stride_dfinal_k, mask=mask_d & (j >= 0) & (j < WIDTH - 1),
+                          other=0.0).to(tl.float32)
+        tl.store(dx_ptrs + s * stride_dx_l, dx, mask=mask_d & (s >= t0) & (s < t1))
+        if HAS_INIT:
+            if pid_l == 0:
+                i = s + (WIDTH - 1)  # initial_state[:, i] is the padded input at x position i - (width-1)
+                tl.store(dinit_ptr + (pid_b * dim + offs_d) * (WIDTH - 1) + i, dx, mask=mask_d & (s < 0) & (i >= 0))
+
+        x3, x2, x1 = x2, x1, x0
+        g3, g2, g1 = g2, g1, g0
+        x_raw, dout_raw = x_next, dout_next
+
+    partial = (pid_b * n_lblocks + pid_l) * dim + offs_d  # this program's row of the partial sums
+    tl.store(dw_ptr + partial * 4 + 0, dw0, mask=mask_d)
+    tl.store(dw_ptr + partial * 4 + 1, dw1, mask=mask_d)
+    tl.store(dw_ptr + partial * 4 + 2, dw2, mask=mask_d)
+    tl.store(dw_ptr + partial * 4 + 3, dw3, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + partial, dbias, mask=mask_d)
 
 
 def _conv_bwd(x, weight, bias, initial_state, dout, dfinal, silu):
     """(dx, d weight, d bias, d initial_state) by `_conv_bwd_kernel`, each in its input's dtype (None when absent)."""
     batch, dim, length = x.shape
     width = weight.shape[1]
-    block_d = min(64, triton.next_power_of_2(dim))
-    block_l = min(16, triton.next_power_of_2(max(length, 1)))
+    # 128 channels a one-warp program (four per lane: 8-byte loads of the position-major activations), 64 positions:
+    # 8 x 2,176 x 3,200 is then 6,800 programs, and the three steps past each block cost 5%.
+    block_d = min(128, triton.next_power_of_2(dim))
+    block_l = min(64, triton.next_power_of_2(max(length, 1)))
     n_lblocks = max(1, triton.cdiv(length, block_l))
     dx = torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)  # position-major, as x
     f32 = dict(device=x.device, dtype=torch.float32)
-    dw = torch.empty(batch, n_lblocks, dim, width, **f32)
+    dw = torch.empty(batch, n_lblocks, dim, 4, **f32)
     dbias = torch.empty(batch, n_lblocks, dim, **f32) if bias is not None else None
-    dinit = torch.empty(batch, dim, width - 1, **f32) if initial_state is not None else None
+    dinit = torch.zeros(batch, dim, width - 1, **f32) if initial_state is not None else None
     init_strides = (0, 0, 0) if initial_state is None else initial_state.stride()
     dfinal_strides = (0, 0, 0) if dfinal is None else dfinal.stride()
     _conv_bwd_kernel[(batch, triton.cdiv(dim, block_d), n_lblocks)](
@@ -243,9 +283,10 @@ def _conv_bwd(x, weight, bias, initial_state, dout, dfinal, silu):
         dim, length, n_lblocks,
         *x.stride(), *weight.stride(), *init_strides, *dout.stride(), *dfinal_strides, *dx.stride(),
         HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_DFINAL=dfinal is not None, SILU=silu,
-        WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
+        WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=max(1, block_d // 128),
     )
-    return (dx, dw.sum((0, 1)).to(weight.dtype), None if bias is None else dbias.sum((0, 1)).to(bias.dtype),
+    dweight = dw.sum((0, 1))[:, 4 - width:].to(weight.dtype)  # the taps as four: a narrower conv's are the last
+    return (dx, dweight, None if bias is None else dbias.sum((0, 1)).to(bias.dtype),
             None if initial_state is None else dinit.to(initial_state.dtype))
 
 
@@ -289,7 +330,7 @@ class _CausalConv1dFn(torch.autograd.Function):
         x, weight, bias, initial_state = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(x)
-        if TRITON_BACKWARD:
+        if TRITON_BACKWARD and weight.shape[1] <= 4:  # the kernel takes the taps as four (see `_tap`)
             grads = _conv_bwd(x, weight, bias, initial_state, dout, dfinal, _check_activation(ctx.activation))
             return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4], strict=True)],
                     None, None, None)
