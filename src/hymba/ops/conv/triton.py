@@ -8,15 +8,14 @@ The forward returns (out in x's dtype, final_state (batch, dim, width-1) in x's 
 the padded sequence). As in the reference, weight, bias and initial_state are rounded to x's dtype; the kernel
 then accumulates and applies SiLU in float32 (the reference rounds once more, before the activation).
 
-Backward: with `TRITON_BACKWARD`, a kernel of the same tiling that recomputes the pre-activation around its tile and
-writes dx and per-tile partial sums of d weight and d bias (reduced in PyTorch: deterministic, no atomics). Without
-it, PyTorch autograd through the reference (`causal_conv1d_ref` recomputed in float32 from the saved inputs): on an
-H200 a 1.5B training step at 8 x 2,048 spent ~78 ms of its 1,064 in that (float32 copies, a cat, PyTorch's depthwise
-conv forward, backward and weight gradient; session 18's profile). The kernel is the default: at that shape the
-forward + backward took 1.58 ms per layer against 4.20 through autograd (`benchmarks/bench_conv.py`, session 19).
-The backward alone is 1.29 ms per layer in a training step's profile, five times the forward, yet not because it
-recomputes the pre-activation at every tap: two passes (the pre-activation's gradient once into a float32 buffer,
-then dx from it) measured the same, 1.01 + 0.28 ms (session 21), and were not kept.
+Backward: with `TRITON_BACKWARD` (and width <= 4), `_conv_bwd_kernel`, a walk over each block of positions that
+recomputes the pre-activation from a window of inputs held in registers and writes dx and per-block partial sums of
+d weight and d bias (reduced in PyTorch: deterministic, no atomics). Without it, PyTorch autograd through the
+reference (`causal_conv1d_ref` recomputed in float32 from the saved inputs), the path wider convs take. At a 1.5B
+training step's shape (8 x 2,176 positions, 3,200 channels, bf16; `benchmarks/bench_conv.py`, one H200) forward +
+backward take 0.43 ms per layer with the walk, against 4.21 through autograd and 1.58 with the tile kernel it
+replaced (session 19's figure; that kernel re-read a shifted input tile for every tap of every recomputed
+pre-activation and summed d weight across lanes).
 
 Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the
 kernels also take CPU tensors, which is how the tests exercise them without a GPU.
@@ -313,9 +312,9 @@ def _conv_fwd(x, weight, bias, initial_state, silu, block_d=None, block_l=None):
 
 
 class _CausalConv1dFn(torch.autograd.Function):
-    """Forward: the Triton kernel. Backward: autograd through `causal_conv1d_ref`, recomputed from the saved inputs
-    in float32 (after the reference's rounding of weight, bias and initial_state to x's dtype), so low-precision
-    gradients are accumulated in float32 and then cast to each input's dtype."""
+    """Forward: the Triton kernel. Backward: `_conv_bwd_kernel`, or autograd through `causal_conv1d_ref` recomputed
+    from the saved inputs in float32 (after the reference's rounding of weight, bias and initial_state to x's dtype);
+    either way gradients are accumulated in float32 and then cast to each input's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, activation, block_d, block_l):
@@ -352,7 +351,7 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation: s
     """x (batch, dim, L), weight (dim, width), bias (dim,), initial_state (batch, dim, width-1) ->
     (out (batch, dim, L) in x's dtype, final_state (batch, dim, width-1) in x's dtype), as `causal_conv1d_ref`.
 
-    Differentiable: the backward is autograd through the reference (see module docstring)."""
+    Differentiable: the backward is `_conv_bwd_kernel`, or autograd through the reference (see module docstring)."""
     tensors = (x, weight, bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _CausalConv1dFn.apply(x, weight, bias, initial_state, activation, block_d, block_l)

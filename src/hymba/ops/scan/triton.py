@@ -123,6 +123,41 @@ def _fwd_program_start(A_ptr, D_ptr, bias_ptr, h0_ptr, pid_b, d_inner, d_state, 
 
 
 @triton.jit
+def _fwd_walk_position(h, inputs, ckpt_ptrs, pos, k: tl.constexpr, ptrs, steps, params, HAS_D: tl.constexpr,
+                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+                       CHUNK: tl.constexpr):
+    """The forward walk's position `pos`, the k-th of its iteration: saves the state before it where a chunk starts,
+    steps the state with the position's inputs as `_load_step` loaded them and stores y (at or past `length`, the
+    identity and no store), then loads the inputs of position pos + 4. `ptrs` are (delta, u, B, C, z, y) at the
+    iteration's first position, `steps` their strides over positions and the checkpoints' stride, `params` (A, bias,
+    D, mask_d, mask_n, mask_nd, length). Returns (the state, those inputs, the checkpoint pointers)."""
+    delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, y_ptrs = ptrs
+    stride_delta_l, stride_u_l, stride_B_l, stride_C_l, stride_z_l, stride_y_l, stride_ckpt_c = steps
+    A, bias, D, mask_d, mask_n, mask_nd, length = params
+    if SAVE_CKPT:
+        if pos % CHUNK == 0:
+            if pos < length:  # (the state after the last position is hlast, not a checkpoint)
+                tl.store(ckpt_ptrs, h, mask=mask_nd)
+                ckpt_ptrs += stride_ckpt_c
+    delta_raw, u_raw, B_raw, C_raw, z_raw = inputs
+    _, dt, u, Bt, Ct, z = _to_f32(delta_raw, u_raw, B_raw, C_raw, z_raw, bias, HAS_BIAS, SOFTPLUS)
+    in_range = tl.full((1,), pos, tl.int32) < length
+    dt = tl.where(in_range, dt, 0.0)
+    h = tl.exp2(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
+    y = tl.sum(h * Ct[:, None], axis=0)
+    if HAS_D:
+        y += D * u
+    if HAS_Z:
+        y = y * z / (1.0 + tl.exp2(-z * LOG2E))
+    tl.store(y_ptrs + k * stride_y_l, y, mask=mask_d & in_range)
+    ahead = k + 4
+    inputs = _load_step(delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l, B_ptrs + ahead * stride_B_l,
+                        C_ptrs + ahead * stride_C_l, z_ptrs + ahead * stride_z_l, mask_d, mask_n, pos + 4, length,
+                        HAS_Z)
+    return h, inputs, ckpt_ptrs
+
+
+@triton.jit
 def _linear_recurrence(a1, b1, a2, b2):
     """Composes h -> a1 h + b1, then h -> a2 h + b2 (the associative step of h_t = a_t h_{t-1} + b_t)."""
     return a1 * a2, a2 * b1 + b2
@@ -163,6 +198,7 @@ def _scan_fwd_kernel(
         stride_h0_n, HAS_D, HAS_BIAS, HAS_H0, BLOCK_D, BLOCK_N)
     mask_nd = mask_n[:, None] & mask_d[None, :]
 
+    ckpt_ptrs = hlast_ptr + offs_n[:, None] + offs_d[None, :]  # a stand-in of the same type, never written
     if SAVE_CKPT:
         ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_n[:, None] + offs_d[None, :] * stride_ckpt_d
 
@@ -213,29 +249,35 @@ def _scan_fwd_kernel(
         if HAS_Z:
             z_ptrs = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
 
-        # Each step's inputs are loaded one step ahead, so the walk's chain of dependent steps does not also wait on
-        # memory: 22% less scan time on an H100, measured before the state tile was transposed (a second step ahead,
-        # measured after, gained nothing).
-        delta_raw, u_raw, B_raw, C_raw, z_raw = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n,
-                                                           0, length, HAS_Z)
-        for t in range(0, length):
-            if SAVE_CKPT:
-                if t % CHUNK == 0:
-                    tl.store(ckpt_ptrs, h, mask=mask_nd)
-                    ckpt_ptrs += stride_ckpt_c
-            _, dt, u, Bt, Ct, z = _to_f32(delta_raw, u_raw, B_raw, C_raw, z_raw, bias, HAS_BIAS, SOFTPLUS)
-            ahead = t + 1
-            delta_raw, u_raw, B_raw, C_raw, z_raw = _load_step(
-                delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l, B_ptrs + ahead * stride_B_l,
-                C_ptrs + ahead * stride_C_l, z_ptrs + ahead * stride_z_l, mask_d, mask_n, ahead, length, HAS_Z)
-            h = tl.exp2(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
-            y = tl.sum(h * Ct[:, None], axis=0)
-            if HAS_D:
-                y += D * u
-            if HAS_Z:
-                y = y * z / (1.0 + tl.exp2(-z * LOG2E))
-            tl.store(y_ptrs, y, mask=mask_d)
-            y_ptrs += stride_y_l
+        # Four positions an iteration, each from its own set of inputs, reloaded four positions ahead once its position
+        # is done (as the backward's recompute: a load has three steps' work to arrive in, and no copy at the loop's
+        # end waits on it). Positions past the end are identity steps with their output stores masked off. Loading
+        # a step ahead at all gave 22% less scan time on an H100 (measured before the state tile was transposed).
+        set0 = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, 0, length, HAS_Z)
+        set1 = _load_step(delta_ptrs + stride_delta_l, u_ptrs + stride_u_l, B_ptrs + stride_B_l, C_ptrs + stride_C_l,
+                          z_ptrs + stride_z_l, mask_d, mask_n, 1, length, HAS_Z)
+        set2 = _load_step(delta_ptrs + 2 * stride_delta_l, u_ptrs + 2 * stride_u_l, B_ptrs + 2 * stride_B_l,
+                          C_ptrs + 2 * stride_C_l, z_ptrs + 2 * stride_z_l, mask_d, mask_n, 2, length, HAS_Z)
+        set3 = _load_step(delta_ptrs + 3 * stride_delta_l, u_ptrs + 3 * stride_u_l, B_ptrs + 3 * stride_B_l,
+                          C_ptrs + 3 * stride_C_l, z_ptrs + 3 * stride_z_l, mask_d, mask_n, 3, length, HAS_Z)
+        steps = (stride_delta_l, stride_u_l, stride_B_l, stride_C_l, stride_z_l, stride_y_l, stride_ckpt_c)
+        params = (A, bias, D, mask_d, mask_n, mask_nd, length)
+        for t in range(0, length, 4):
+            ptrs = (delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, y_ptrs)
+            h, set0, ckpt_ptrs = _fwd_walk_position(h, set0, ckpt_ptrs, t + 0, 0, ptrs, steps, params, HAS_D, HAS_Z,
+                                                   HAS_BIAS, SOFTPLUS, SAVE_CKPT, CHUNK)
+            h, set1, ckpt_ptrs = _fwd_walk_position(h, set1, ckpt_ptrs, t + 1, 1, ptrs, steps, params, HAS_D, HAS_Z,
+                                                   HAS_BIAS, SOFTPLUS, SAVE_CKPT, CHUNK)
+            h, set2, ckpt_ptrs = _fwd_walk_position(h, set2, ckpt_ptrs, t + 2, 2, ptrs, steps, params, HAS_D, HAS_Z,
+                                                   HAS_BIAS, SOFTPLUS, SAVE_CKPT, CHUNK)
+            h, set3, ckpt_ptrs = _fwd_walk_position(h, set3, ckpt_ptrs, t + 3, 3, ptrs, steps, params, HAS_D, HAS_Z,
+                                                   HAS_BIAS, SOFTPLUS, SAVE_CKPT, CHUNK)
+            delta_ptrs += 4 * stride_delta_l
+            u_ptrs += 4 * stride_u_l
+            B_ptrs += 4 * stride_B_l
+            C_ptrs += 4 * stride_C_l
+            z_ptrs += 4 * stride_z_l
+            y_ptrs += 4 * stride_y_l
 
     tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
 
