@@ -34,10 +34,11 @@ __all__ = ["selective_scan_triton", "selective_state_update_triton"]
 
 # Positions between saved states in the forward: the backward's scratch holds this many states per program.
 DEFAULT_CHUNK = 64
-# The walk backward's warps per program, and whether it loads each step's inputs a step ahead: tuning knobs read at each
-# backward, swept by benchmarks/bench_scan.py --backward. One warp (its channel sums stay inside the warp) loading a
-# step ahead was the fastest on an H200 (session 19, forward + backward per layer at 8 x 2,176, chunks of 32): 6.6 ms,
-# against 13.0 with 4 warps and no prefetching, 7.2 with one warp and none, 14.0 with 2 warps and 37.1 with 8.
+# The walk backward's warps per program, and whether its reverse loop loads each step's inputs a step ahead (the
+# recompute loop always loads four ahead): tuning knobs read at each backward, swept by benchmarks/bench_scan.py
+# --backward. One warp (its channel sums stay inside the warp) loading a step ahead was the fastest on an H200
+# (session 19, forward + backward per layer at 8 x 2,176, chunks of 32): 6.6 ms, against 13.0 with 4 warps and no
+# prefetching, 7.2 with one warp and none, 14.0 with 2 warps and 37.1 with 8.
 BACKWARD_WALK_WARPS = 1
 BACKWARD_PREFETCH = True
 # softplus(x) == x above this (torch.nn.functional.softplus's default threshold), and its gradient is 1.
