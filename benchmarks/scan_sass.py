@@ -3,13 +3,16 @@ instructions per step of each loop, for the 1.5B training shape (batch 8, 2,176 
 
     python benchmarks/scan_sass.py                      # the forward walk and the backward walk
     python benchmarks/scan_sass.py --chunk 16 --ops     # chunks of 16, with each loop's most frequent instructions
+    python benchmarks/scan_sass.py --waits              # where a load's scoreboard is shared with a shuffle or MUFU
 
 Triton compiles the kernels for an H100/H200 target with the arguments specialised as its JIT specialises them (an
 integer equal to 1 becomes a constant, multiples of 16 are marked divisible), and the cuobjdump bundled in Triton's
 wheel disassembles them. A loop is the code between a backward branch and its target; at one warp per program its
 instruction count is what each position costs one program. Session 22 used this to find that `tl.exp` is five
-instructions on sm_90 where `tl.exp2` is one. Timing still needs the GPU (`bench_scan.py`). Uses Triton internals
-(`ASTSource`, `native_specialize_impl`) as Triton 3.9 has them.
+instructions on sm_90 where `tl.exp2` is one; session 23 used `--waits` (the scoreboard bits of the instruction
+words) to find that the reverse loop's first use of a shuffle's result waits for the step-ahead loads. Timing still
+needs the GPU (`bench_scan.py`). Uses Triton internals (`ASTSource`, `native_specialize_impl`) as Triton 3.9 has
+them.
 """
 
 import argparse
@@ -34,6 +37,10 @@ BATCH, D_INNER, D_STATE, LENGTH = 8, 3200, 16, 2176
 # Triton 3.9 warns that its default (fused multiply-adds on, as the GPU machine's Triton compiles) will change.
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9.]*)(.*?);")
+# An instruction with the second (high) word of its encoding, which holds the control bits: on Volta and later, the
+# scoreboard the instruction sets when its result is written (bits 46-48 of that word, 7 = none), the one it sets when
+# its sources have been read (49-51), and the mask of scoreboards it waits on first (52-57).
+SASS_WORDS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);\s*/\* 0x[0-9a-f]{16} \*/\s*\n\s*/\* 0x([0-9a-f]{16}) \*/")
 
 
 def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int) -> bytes:
@@ -57,7 +64,36 @@ def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int) -> bytes:
     return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps)).asm["cubin"]
 
 
-def report(title: str, cubin: bytes, show_ops: bool) -> None:
+def load_waits(sass: str, first: int, last: int) -> list[str]:
+    """The loop's waits on a global load's scoreboard that a short-latency instruction (a shuffle, MUFU, shared memory
+    load) shares: there, a use of that instruction's result also waits for the load. Each line gives the waiting
+    instruction and how many instructions before it the loads were issued. Simulates the loop body twice, so that the
+    loads of one step reach the waits of the next."""
+    body = []
+    for m in SASS_WORDS.finditer(sass):
+        address, text, control = int(m.group(1), 16), m.group(2).strip(), int(m.group(3), 16)
+        if first <= address <= last:
+            body.append((text, (control >> 46) & 7, (control >> 49) & 7, (control >> 52) & 0x3F))
+    pending = {board: [] for board in range(6)}  # scoreboard -> [(step, text)] set since its last wait
+    lines = []
+    for step in range(2 * len(body)):
+        text, on_write, on_read, waits = body[step % len(body)]
+        for board in range(6):
+            if waits >> board & 1:
+                loads = [step - s for s, t in pending[board] if "LDG" in t]
+                others = [t.split()[0] for _, t in pending[board] if "LDG" not in t]
+                if step >= len(body) and loads and others:
+                    lines.append(f"    {step - len(body):4d} {text[:44]:44s} waits on loads issued {sorted(loads)} "
+                                 f"instructions before, sharing their scoreboard with {others[0]}")
+                pending[board] = []
+        if on_write != 7:
+            pending[on_write].append((step, text))
+        if on_read != 7 and "LDG" not in text:  # a load's read scoreboard frees its address registers: short
+            pending[on_read].append((step, text))
+    return lines
+
+
+def report(title: str, cubin: bytes, show_ops: bool, show_waits: bool = False) -> None:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -80,6 +116,8 @@ def report(title: str, cubin: bytes, show_ops: bool) -> None:
         if show_ops:
             line += ": " + ", ".join(f"{op} {n}" for op, n in collections.Counter(body).most_common(8))
         print(line)
+        if show_waits:
+            print("\n".join(load_waits(sass, first, last)))
 
 
 def position_major(batch: int, channels: int, length: int) -> torch.Tensor:
@@ -92,6 +130,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=scan_triton.DEFAULT_CHUNK, help="positions between saved states")
     parser.add_argument("--block-d", type=int, default=32, help="channels per program")
     parser.add_argument("--ops", action="store_true", help="each loop's most frequent instructions")
+    parser.add_argument("--waits", action="store_true",
+                        help="each loop's waits on a load whose scoreboard a short-latency instruction shares")
     args = parser.parse_args()
     chunk, block_d = args.chunk, args.block_d
     u, delta, z, y, dy, du, ddelta, dz = (position_major(BATCH, D_INNER, LENGTH) for _ in range(8))
@@ -109,7 +149,7 @@ def main() -> None:
                     *ckpt.stride()[:3]]
     cubin = compile_sm90(scan_triton._scan_fwd_kernel, forward_args,
                          dict(flags, HAS_H0=False, SAVE_CKPT=True, BLOCK_L=1), num_warps=max(1, block_d // 32))
-    report("forward walk (saving states)", cubin, args.ops)
+    report("forward walk (saving states)", cubin, args.ops, args.waits)
 
     f32 = torch.empty
     backward_args = [u, delta, A, B, C, D, z, bias, ckpt, dy, None, f32(BATCH, n_dblocks, chunk, block_d, D_STATE),
@@ -120,7 +160,7 @@ def main() -> None:
     cubin = compile_sm90(scan_triton._scan_bwd_kernel, backward_args,
                          dict(flags, HAS_DOUT=True, HAS_DHLAST=False, PARALLEL=False,
                               PREFETCH=scan_triton.BACKWARD_PREFETCH), num_warps=scan_triton.BACKWARD_WALK_WARPS)
-    report("backward walk (recompute loop, then the reverse loop)", cubin, args.ops)
+    report("backward walk (recompute loop, then the reverse loop)", cubin, args.ops, args.waits)
 
 
 if __name__ == "__main__":
