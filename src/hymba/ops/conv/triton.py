@@ -123,20 +123,6 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _load_column(x_ptrs, init_ptrs, pos, mask_d, length, stride_x_l, stride_init_k, HAS_INIT: tl.constexpr,
-                 WIDTH: tl.constexpr):
-    """Position `pos` (a scalar, may be negative) of the padded input as float32 (BLOCK_D,): x, initial_state
-    rounded to x's dtype where pos < 0 (as the reference's cat), or 0 before both and at or past the end."""
-    at = tl.zeros_like(mask_d.to(tl.int32)) + pos  # a tensor, so the masks below are tensors
-    vals = tl.load(x_ptrs + at * stride_x_l, mask=mask_d & (at >= 0) & (at < length), other=0.0).to(tl.float32)
-    if HAS_INIT:
-        in_init = (at < 0) & (at >= 1 - WIDTH)
-        init = tl.load(init_ptrs + (WIDTH - 1 + at) * stride_init_k, mask=mask_d & in_init, other=0.0)
-        vals += init.to(x_ptrs.dtype.element_ty).to(tl.float32)
-    return vals
-
-
-@triton.jit
 def _tap(w_ptr, offs_d, mask_d, stride_w_d, stride_w_k, x_dtype, k: tl.constexpr, WIDTH: tl.constexpr):
     """Weight column k of the taps as four, (x_{t-3}, x_{t-2}, x_{t-1}, x_t), in float32 after rounding to x's
     dtype: a conv narrower than four has zeros in its first 4 - width taps."""
@@ -200,9 +186,13 @@ def _conv_bwd_kernel(
 
     # x_{t-1}, x_{t-2}, x_{t-3} and gpre_{t-1}, gpre_{t-2}, gpre_{t-3} (positions before t0 contribute no gpre here:
     # their dx belongs to the block before, or is d initial_state, where gpre at negative positions is 0).
-    x1 = _load_column(x_ptrs, init_ptrs, t0 - 1, mask_d, length, stride_x_l, stride_init_k, HAS_INIT, WIDTH)
-    x2 = _load_column(x_ptrs, init_ptrs, t0 - 2, mask_d, length, stride_x_l, stride_init_k, HAS_INIT, WIDTH)
-    x3 = _load_column(x_ptrs, init_ptrs, t0 - 3, mask_d, length, stride_x_l, stride_init_k, HAS_INIT, WIDTH)
+    start = tl.full((1,), t0, tl.int32)  # as a one-position vector: `_load_padded` takes (and returns) columns
+    x1 = tl.reshape(_load_padded(x_ptrs, init_ptrs, start - 1, mask_d, length, stride_x_l, stride_init_k, HAS_INIT,
+                                 WIDTH), (BLOCK_D,))
+    x2 = tl.reshape(_load_padded(x_ptrs, init_ptrs, start - 2, mask_d, length, stride_x_l, stride_init_k, HAS_INIT,
+                                 WIDTH), (BLOCK_D,))
+    x3 = tl.reshape(_load_padded(x_ptrs, init_ptrs, start - 3, mask_d, length, stride_x_l, stride_init_k, HAS_INIT,
+                                 WIDTH), (BLOCK_D,))
     g1 = tl.zeros((BLOCK_D,), tl.float32)
     g2 = tl.zeros((BLOCK_D,), tl.float32)
     g3 = tl.zeros((BLOCK_D,), tl.float32)

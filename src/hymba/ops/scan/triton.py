@@ -302,12 +302,23 @@ def _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, mask_d, mask_n, i, chunk_le
 
 
 @triton.jit
-def _recompute_step(h, delta, u, Bt, A, bias, in_range, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """The state after a position from the state before it and the position's inputs as stored; with `in_range` off
-    (past the chunk's end), the identity (dt = 0)."""
+def _recompute_position(h, inputs, i, k: tl.constexpr, ptrs, steps, A, bias, mask_d, mask_n, chunk_len,
+                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Position i of a chunk's recompute, the k-th of its iteration: saves the state before it in the scratch, steps
+    the state with the position's inputs as `_load_recompute_step` loaded them (past the chunk's end, the identity:
+    dt = 0), then loads the inputs of position i + 4. `ptrs` are (delta, u, B, scratch) at the iteration's first
+    position and `steps` their strides over positions. Returns (the state, those inputs)."""
+    delta_ptrs, u_ptrs, B_ptrs, scratch_ptrs = ptrs
+    stride_delta_l, stride_u_l, stride_B_l, tile = steps
+    tl.store(scratch_ptrs + k * tile, h)
+    delta, u, Bt = inputs
     _, dt = _delta_to_dt(delta, bias, HAS_BIAS, SOFTPLUS)
-    dt = tl.where(in_range, dt, 0.0)
-    return tl.exp2(dt[:, None] * A) * h + (dt * u.to(tl.float32))[:, None] * Bt.to(tl.float32)[None, :]
+    dt = tl.where(i < chunk_len, dt, 0.0)
+    h = tl.exp2(dt[:, None] * A) * h + (dt * u.to(tl.float32))[:, None] * Bt.to(tl.float32)[None, :]
+    ahead = k + 4
+    inputs = _load_recompute_step(delta_ptrs + ahead * stride_delta_l, u_ptrs + ahead * stride_u_l,
+                                  B_ptrs + ahead * stride_B_l, mask_d, mask_n, i + 4, chunk_len)
+    return h, inputs
 
 
 @triton.jit
@@ -506,30 +517,24 @@ def _scan_bwd_kernel(
             delta_ptrs = delta_ptrs0 + start * stride_delta_l
             B_ptrs = B_ptrs0 + start * stride_B_l
             scratch_ptrs = scratch_ptrs0
-            delta0, u0, B0 = _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, mask_d, mask_n, 0, chunk_len)
-            delta1, u1, B1 = _load_recompute_step(delta_ptrs + stride_delta_l, u_ptrs + stride_u_l,
-                                                  B_ptrs + stride_B_l, mask_d, mask_n, 1, chunk_len)
-            delta2, u2, B2 = _load_recompute_step(delta_ptrs + 2 * stride_delta_l, u_ptrs + 2 * stride_u_l,
-                                                  B_ptrs + 2 * stride_B_l, mask_d, mask_n, 2, chunk_len)
-            delta3, u3, B3 = _load_recompute_step(delta_ptrs + 3 * stride_delta_l, u_ptrs + 3 * stride_u_l,
-                                                  B_ptrs + 3 * stride_B_l, mask_d, mask_n, 3, chunk_len)
+            set0 = _load_recompute_step(delta_ptrs, u_ptrs, B_ptrs, mask_d, mask_n, 0, chunk_len)
+            set1 = _load_recompute_step(delta_ptrs + stride_delta_l, u_ptrs + stride_u_l, B_ptrs + stride_B_l, mask_d,
+                                        mask_n, 1, chunk_len)
+            set2 = _load_recompute_step(delta_ptrs + 2 * stride_delta_l, u_ptrs + 2 * stride_u_l,
+                                        B_ptrs + 2 * stride_B_l, mask_d, mask_n, 2, chunk_len)
+            set3 = _load_recompute_step(delta_ptrs + 3 * stride_delta_l, u_ptrs + 3 * stride_u_l,
+                                        B_ptrs + 3 * stride_B_l, mask_d, mask_n, 3, chunk_len)
+            steps = (stride_delta_l, stride_u_l, stride_B_l, tile)
             for i in range(0, CHUNK, 4):
-                tl.store(scratch_ptrs, h)
-                h = _recompute_step(h, delta0, u0, B0, A, bias, i < chunk_len, HAS_BIAS, SOFTPLUS)
-                delta0, u0, B0 = _load_recompute_step(delta_ptrs + 4 * stride_delta_l, u_ptrs + 4 * stride_u_l,
-                                                      B_ptrs + 4 * stride_B_l, mask_d, mask_n, i + 4, chunk_len)
-                tl.store(scratch_ptrs + tile, h)
-                h = _recompute_step(h, delta1, u1, B1, A, bias, i + 1 < chunk_len, HAS_BIAS, SOFTPLUS)
-                delta1, u1, B1 = _load_recompute_step(delta_ptrs + 5 * stride_delta_l, u_ptrs + 5 * stride_u_l,
-                                                      B_ptrs + 5 * stride_B_l, mask_d, mask_n, i + 5, chunk_len)
-                tl.store(scratch_ptrs + 2 * tile, h)
-                h = _recompute_step(h, delta2, u2, B2, A, bias, i + 2 < chunk_len, HAS_BIAS, SOFTPLUS)
-                delta2, u2, B2 = _load_recompute_step(delta_ptrs + 6 * stride_delta_l, u_ptrs + 6 * stride_u_l,
-                                                      B_ptrs + 6 * stride_B_l, mask_d, mask_n, i + 6, chunk_len)
-                tl.store(scratch_ptrs + 3 * tile, h)
-                h = _recompute_step(h, delta3, u3, B3, A, bias, i + 3 < chunk_len, HAS_BIAS, SOFTPLUS)
-                delta3, u3, B3 = _load_recompute_step(delta_ptrs + 7 * stride_delta_l, u_ptrs + 7 * stride_u_l,
-                                                      B_ptrs + 7 * stride_B_l, mask_d, mask_n, i + 7, chunk_len)
+                ptrs = (delta_ptrs, u_ptrs, B_ptrs, scratch_ptrs)
+                h, set0 = _recompute_position(h, set0, i + 0, 0, ptrs, steps, A, bias, mask_d, mask_n, chunk_len,
+                                              HAS_BIAS, SOFTPLUS)
+                h, set1 = _recompute_position(h, set1, i + 1, 1, ptrs, steps, A, bias, mask_d, mask_n, chunk_len,
+                                              HAS_BIAS, SOFTPLUS)
+                h, set2 = _recompute_position(h, set2, i + 2, 2, ptrs, steps, A, bias, mask_d, mask_n, chunk_len,
+                                              HAS_BIAS, SOFTPLUS)
+                h, set3 = _recompute_position(h, set3, i + 3, 3, ptrs, steps, A, bias, mask_d, mask_n, chunk_len,
+                                              HAS_BIAS, SOFTPLUS)
                 u_ptrs += 4 * stride_u_l
                 delta_ptrs += 4 * stride_delta_l
                 B_ptrs += 4 * stride_B_l
