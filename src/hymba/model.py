@@ -203,14 +203,15 @@ class HymbaMixer(nn.Module):
         projections = (self.x_proj[0].weight, self.dt_proj[0].weight,
                        (self.dt_layernorm.weight, self.B_layernorm.weight, self.C_layernorm.weight)
                        if self.config.mamba_inner_layernorms else None, self.config.rms_norm_eps)
-        D, dt_bias = self.D[0].float(), self.dt_proj[0].bias.float()
         state = None if ctx.cache is None else ctx.cache.ssm_layer(self.layer_idx)
         if ctx.cache is not None and u.shape[1] == 1 and ctx.cache.started:  # one decode step
             u, delta, B, C = ssm_step_inputs(state.conv, u[:, 0], conv_weight, self.conv1d.bias, *projections,
                                              keep=None if keep is None else keep[:, 0])
-            # A = -exp(A_log) is taken inside the update, sparing the decode step a kernel per layer.
-            return selective_state_update(state.ssm, u, delta, self.A_log[0], B, C, D, z[:, 0], dt_bias,
-                                          A_is_log=True).unsqueeze(1)
+            # A = -exp(A_log) is taken inside the update, and D and dt_proj's bias go in as stored (the update reads
+            # them as float32), sparing the decode step three elementwise kernels per layer (-exp, two casts).
+            return selective_state_update(state.ssm, u, delta, self.A_log[0], B, C, self.D[0], z[:, 0],
+                                          self.dt_proj[0].bias, A_is_log=True).unsqueeze(1)
+        D, dt_bias = self.D[0].float(), self.dt_proj[0].bias.float()
         A = -torch.exp(self.A_log[0].float())  # (d_inner, d_state)
 
         u = u.transpose(1, 2)  # (b, d_inner, T)
