@@ -102,6 +102,13 @@ def test_eos_ends_a_request_early_and_its_slot_is_reused(model, tokenizer):
     assert len(tokens(results[2])) <= 5
 
 
+def test_ignore_eos_generates_up_to_max_tokens(model, tokenizer):
+    eos = offline(model, PROMPTS[2], 33)[4]
+    engine = Engine(model, tokenizer, max_batch=2, max_len=96, eos_token_id=eos)
+    (outputs,) = run(engine, [(PROMPTS[2], GenerationParams(max_tokens=33, ignore_eos=True))])
+    assert tokens(outputs) == offline(model, PROMPTS[2], 33) and outputs[-1].finish_reason == "length"
+
+
 def test_free_slots_cannot_leak_nan(model, tokenizer):
     """NaN poured into every free slot before each step changes nothing for the running requests."""
     def poison(engine: Engine):

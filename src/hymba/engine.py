@@ -85,13 +85,15 @@ class QueueFullError(HymbaError):
 @dataclass
 class GenerationParams:
     """One request's settings. `logprobs=k` reports the chosen token's log-probability and the k most likely
-    alternatives (k = 0: the chosen one only), from the model's distribution before sampling filters."""
+    alternatives (k = 0: the chosen one only), from the model's distribution before sampling filters.
+    `ignore_eos` generates past EOS up to `max_tokens` (fixed-length outputs, as load tests want)."""
 
     max_tokens: int = 16
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     stop: Sequence[str] = ()
     logprobs: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -766,7 +768,7 @@ class Engine:
         params = r.request.params
         r.generated += 1
         finish = None
-        if token in self.eos:
+        if token in self.eos and not params.ignore_eos:
             finish = "stop"
         else:
             r.text += r.decoder.push(token)

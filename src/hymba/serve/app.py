@@ -63,7 +63,8 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    """Fields shared by both endpoints; `top_k`, `min_p` and `repetition_penalty` extend OpenAI's (as vLLM's do)."""
+    """Fields shared by both endpoints; `top_k`, `min_p`, `repetition_penalty` and `ignore_eos` extend OpenAI's
+    (as vLLM's do)."""
 
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -72,6 +73,7 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
     presence_penalty: float | None = None  # accepted only as 0: not implemented
     frequency_penalty: float | None = None
     seed: int | None = Field(None, ge=-2**63, lt=2**63)  # choice i samples with seed + i: within torch's range
@@ -230,7 +232,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             raise ApiError(400, str(exc)) from None
         return [GenerationParams(max_tokens=max_tokens, sampling=sampling,
                                  seed=None if body.seed is None else body.seed + i, stop=stop + extra_stop,
-                                 logprobs=logprobs) for i in range(body.n)]
+                                 logprobs=logprobs, ignore_eos=body.ignore_eos) for i in range(body.n)]
 
     def check_model(body: _Sampling) -> None:
         if body.model != model_name:
