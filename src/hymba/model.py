@@ -28,7 +28,7 @@ from hymba.ops.cross_entropy import linear_cross_entropy
 from hymba.ops.linear import project
 from hymba.ops.mlp import gate_up_swiglu, swiglu
 from hymba.ops.norm import rms_norm
-from hymba.ops.scan import selective_scan, selective_state_update, ssm_projections, ssm_step_inputs
+from hymba.ops.scan import selective_scan, ssm_projections, ssm_step
 
 if TYPE_CHECKING:
     from hymba.cache import HymbaCache
@@ -197,7 +197,7 @@ class HymbaMixer(nn.Module):
         u, z (b, T, d_inner) -> (b, T, d_inner).
 
         x_proj, dt_proj and the dt/B/C norms are applied through their weights (`ssm_projections`): dt_proj's bias
-        goes inside softplus, and a decode step fuses the conv update and the projections (`ssm_step_inputs`)."""
+        goes inside softplus, and a decode step runs as one fused op (`ssm_step`)."""
         keep = None if ctx.valid is None else ctx.valid.to(u.dtype)  # (b, T): 0 at padding
         conv_weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
         projections = (self.x_proj[0].weight, self.dt_proj[0].weight,
@@ -205,12 +205,11 @@ class HymbaMixer(nn.Module):
                        if self.config.mamba_inner_layernorms else None, self.config.rms_norm_eps)
         state = None if ctx.cache is None else ctx.cache.ssm_layer(self.layer_idx)
         if ctx.cache is not None and u.shape[1] == 1 and ctx.cache.started:  # one decode step
-            u, delta, B, C = ssm_step_inputs(state.conv, u[:, 0], conv_weight, self.conv1d.bias, *projections,
-                                             keep=None if keep is None else keep[:, 0])
-            # A = -exp(A_log) is taken inside the update, and D and dt_proj's bias go in as stored (the update reads
+            # A = -exp(A_log) is taken inside the update, and D and dt_proj's bias go in as stored (the kernels read
             # them as float32), sparing the decode step three elementwise kernels per layer (-exp, two casts).
-            return selective_state_update(state.ssm, u, delta, self.A_log[0], B, C, self.D[0], z[:, 0],
-                                          self.dt_proj[0].bias, A_is_log=True).unsqueeze(1)
+            return ssm_step(state.conv, state.ssm, u[:, 0], z[:, 0], conv_weight, self.conv1d.bias, *projections[:2],
+                            self.dt_proj[0].bias, self.A_log[0], self.D[0], *projections[2:],
+                            keep=None if keep is None else keep[:, 0]).unsqueeze(1)
         D, dt_bias = self.D[0].float(), self.dt_proj[0].bias.float()
         A = -torch.exp(self.A_log[0].float())  # (d_inner, d_state)
 

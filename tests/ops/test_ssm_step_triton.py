@@ -108,3 +108,78 @@ def test_fused_step_inputs_at_hymba_size_compiled(batch):
         compiled = (*step(state, *(v for k, v in inputs.items() if k != "conv_state")), state)
     for name, a, b in zip(("u", "delta", "B", "C", "conv_state"), compiled, fused):
         assert torch.equal(a, b), name
+
+
+def make_step(batch, d_inner, dt_rank, d_state, width, dtype, **options):
+    """`make_inputs` plus what the state update takes: the SSM state, the gate z, dt_proj's bias, A_log and D."""
+    inputs = make_inputs(batch, d_inner, dt_rank, d_state, width, dtype, **options)
+    g = torch.Generator().manual_seed(1)
+    A = torch.arange(1, d_state + 1, dtype=torch.float32).expand(d_inner, -1)
+    return dict(inputs, ssm_state=torch.randn(batch, d_inner, d_state, generator=g).to(DEVICE),
+                z=(torch.randn(batch, 2 * d_inner, generator=g).to(dtype).to(DEVICE))[:, d_inner:],
+                dt_bias=(torch.randn(d_inner, generator=g) - 2).to(dtype).to(DEVICE),
+                A_log=(torch.log(A) + 0.1 * torch.randn(d_inner, d_state, generator=g)).to(DEVICE),
+                D=torch.randn(d_inner, generator=g).to(dtype).to(DEVICE))
+
+
+def run_step_both(inputs, **launch):
+    """(kernel, reference), each (y, conv_state, ssm_state after the step)."""
+    from hymba.ops.scan import ssm_step_ref
+    from hymba.ops.scan.triton_step import ssm_step_triton
+
+    results = []
+    for fused in (True, False):
+        args = dict(inputs, conv_state=inputs["conv_state"].clone(), ssm_state=inputs["ssm_state"].clone())
+        positional = [args[k] for k in ("conv_state", "ssm_state", "x", "z", "conv_weight", "conv_bias",
+                                        "x_proj_weight", "dt_proj_weight", "dt_bias", "A_log", "D")]
+        if fused:
+            y = ssm_step_triton(*positional, *(args["norm_weights"] or (None, None, None)), args["eps"],
+                                args["keep"], **launch)
+        else:
+            y = ssm_step_ref(*positional, args["norm_weights"], args["eps"], args["keep"])
+        results.append((y, args["conv_state"], args["ssm_state"]))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,d_inner,dt_rank,d_state,width", [
+    (1, 48, 4, 16, 4),
+    (3, 80, 5, 6, 4),      # channels not a multiple of either block, odd ranks
+    (2, 32, 3, 4, 1),      # width 1: no conv state to shift
+])
+def test_fused_step_matches_reference(dtype, batch, d_inner, dt_rank, d_state, width):
+    """The whole step in two kernels (`ssm_step_triton`) against the plain steps: y and both states."""
+    fused, ref = run_step_both(make_step(batch, d_inner, dt_rank, d_state, width, dtype), block_d_in=16, block_c=32)
+    for name, a, b in zip(("y", "conv_state", "ssm_state"), fused, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < TOL[dtype], (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("norms,bias,keep", [(False, True, False), (True, False, False), (True, True, True)])
+def test_fused_step_options(norms, bias, keep):
+    """Without the inner norms, without a conv bias, and with a padded row; the default block sizes."""
+    inputs = make_step(5, 300, 10, 16, 4, torch.float32, norms=norms, bias=bias, keep=keep)
+    fused, ref = run_step_both(inputs)
+    for name, a, b in zip(("y", "conv_state", "ssm_state"), fused, ref):
+        assert rel_err(a, b) < TOL[torch.float32], (name, rel_err(a, b))
+
+
+@gpu_only
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_fused_step_at_hymba_size_compiled(batch):
+    """Hymba-1.5B's sizes in bf16 against the reference, and the dispatcher under `torch.compile(fullgraph=True)`
+    gives the kernels' exact results."""
+    inputs = make_step(batch, 3200, 100, 16, 4, torch.bfloat16)
+    fused, ref = run_step_both(inputs)
+    for name, a, b in zip(("y", "conv_state", "ssm_state"), fused, ref):
+        assert rel_err(a, b) < TOL[torch.bfloat16], (name, rel_err(a, b))
+
+    from hymba.ops.scan import ssm_step
+
+    conv, ssm = inputs["conv_state"].clone(), inputs["ssm_state"].clone()
+    rest = {k: v for k, v in inputs.items() if k not in ("conv_state", "ssm_state")}
+    step = torch.compile(ssm_step, fullgraph=True)
+    with torch.inference_mode():
+        y = step(conv, ssm, **rest)
+    for name, a, b in zip(("y", "conv_state", "ssm_state"), (y, conv, ssm), fused):
+        assert torch.equal(a, b), name

@@ -349,31 +349,19 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation: s
 
 
 @triton.jit
-def _conv_update_kernel(
-    state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr,
-    dim,
-    stride_state_b, stride_state_d, stride_state_k,
-    stride_x_b, stride_x_d,
-    stride_w_d, stride_w_k,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
-):
-    """One decode step for (batch pid_b, BLOCK_D channels): window = [state, x]; out = act(w . window + bias);
-    state <- window[1:]. Arithmetic is float32 on values rounded to the state's dtype, as the reference computes
-    in the state's dtype; out is cast to x's dtype."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_w = tl.arange(0, BLOCK_W)
-    mask_d = offs_d < dim
+def _conv_update_row(state_ptr, x, w_ptr, bias_ptr, offs_d, mask_d, stride_state_d, stride_state_k, stride_w_d,
+                     stride_w_k, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
+    """One row's step over channels offs_d: window = [state, x] (x in the state's dtype); returns act(w . window +
+    bias) in float32 and shifts `state_ptr`'s row (d, width-1) in place to end with x. Also
+    `hymba.ops.scan.triton_step`'s fused conv + x_proj kernel."""
     state_dtype = state_ptr.dtype.element_ty
-
-    x = tl.load(x_ptr + pid_b * stride_x_b + offs_d * stride_x_d, mask=mask_d, other=0.0).to(state_dtype)
+    offs_w = tl.arange(0, BLOCK_W)
     w_last = tl.load(w_ptr + offs_d * stride_w_d + (WIDTH - 1) * stride_w_k, mask=mask_d, other=0.0)
     acc = w_last.to(state_dtype).to(tl.float32) * x.to(tl.float32)
     if WIDTH > 1:
         # window[:, k] = state[:, k] for k < width-1; the new state is window[:, 1:].
-        state_ptrs = state_ptr + pid_b * stride_state_b + offs_d[:, None] * stride_state_d
+        state_ptrs = state_ptr + offs_d[:, None] * stride_state_d
         in_state = offs_w < WIDTH - 1
         mask = mask_d[:, None] & in_state[None, :]
         window = tl.load(state_ptrs + offs_w[None, :] * stride_state_k, mask=mask, other=0.0)
@@ -390,6 +378,31 @@ def _conv_update_kernel(
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(state_dtype).to(tl.float32)
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
+    return acc
+
+
+@triton.jit
+def _conv_update_kernel(
+    state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr,
+    dim,
+    stride_state_b, stride_state_d, stride_state_k,
+    stride_x_b, stride_x_d,
+    stride_w_d, stride_w_k,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """One decode step for (batch pid_b, BLOCK_D channels): window = [state, x]; out = act(w . window + bias);
+    state <- window[1:]. Arithmetic is float32 on values rounded to the state's dtype, as the reference computes
+    in the state's dtype; out is cast to x's dtype."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    state_dtype = state_ptr.dtype.element_ty
+
+    x = tl.load(x_ptr + pid_b * stride_x_b + offs_d * stride_x_d, mask=mask_d, other=0.0).to(state_dtype)
+    acc = _conv_update_row(state_ptr + pid_b * stride_state_b, x, w_ptr, bias_ptr, offs_d, mask_d, stride_state_d,
+                           stride_state_k, stride_w_d, stride_w_k, HAS_BIAS, SILU, WIDTH, BLOCK_W)
     tl.store(out_ptr + pid_b * dim + offs_d, acc.to(state_dtype), mask=mask_d)
 
 

@@ -12,7 +12,8 @@ All implementations share one signature (mamba_ssm's layout, so kernels are drop
 They return `(y, last_state)` with `y` in u's dtype and `last_state` (batch, d_inner, d_state) float32,
 and `selective_state_update` is the one-token form used by cached decoding (state updated in place).
 `ssm_projections` computes delta, B and C from u (x_proj, norms, dt_proj); `ssm_step_inputs` is one decode
-step's conv update and projections, in four small kernels on CUDA.
+step's conv update and projections, in four small kernels on CUDA, and `ssm_step` the whole decode step of the SSM
+heads (those, the state update and the gate): in two kernels up to `FUSED_STEP_MAX_ROWS` rows.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from hymba.ops.scan.reference import (
     selective_state_update_ref,
     ssm_projections,
     ssm_step_inputs_ref,
+    ssm_step_ref,
 )
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_cpu", "selective_scan_ref",
-           "selective_state_update", "selective_state_update_ref", "ssm_projections", "ssm_step_inputs",
-           "ssm_step_inputs_ref", "triton_scan_blocks"]
+           "selective_state_update", "selective_state_update_ref", "ssm_projections", "ssm_step", "ssm_step_inputs",
+           "ssm_step_inputs_ref", "ssm_step_ref", "triton_scan_blocks"]
 
 # Below this length the sequential loop is cheaper than building the parallel scan's intermediates.
 SEQUENTIAL_MAX_LEN = 8
@@ -41,6 +43,9 @@ SEQUENTIAL_MAX_LEN = 8
 # batch 8 (800 programs) 0.41x forward (benchmarks/bench_scan.py, session 17). So they run while the walk would have at
 # most this many programs.
 PARALLEL_SCAN_MAX_WALK_PROGRAMS = 128
+# Rows up to which a decode step's SSM heads run as `ssm_step_triton`'s two kernels (0 turns them off); past it, its
+# partial sums re-read per program and its walk over rows cost more than the four input kernels + the state update.
+FUSED_STEP_MAX_ROWS = 8
 # Forces the Triton scan's positions per block for every call (1 walks); None chooses by the rule above.
 TRITON_BLOCK_L: int | None = None
 
@@ -92,3 +97,17 @@ def ssm_step_inputs(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_pro
                                       *(norm_weights or (None, None, None)), eps, keep)
     return ssm_step_inputs_ref(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, norm_weights,
                                eps, keep)
+
+
+def ssm_step(conv_state, ssm_state, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, D,
+             norm_weights=None, eps=1e-6, keep=None):
+    """One decode step of the SSM heads, both states updated in place: returns y (batch, d_inner); see
+    `ssm_step_ref`."""
+    if gpu_kernels_usable(x) and not torch.is_grad_enabled() and x.shape[0] <= FUSED_STEP_MAX_ROWS:
+        from hymba.ops.scan.triton_step import ssm_step_triton
+
+        return ssm_step_triton(conv_state, ssm_state, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                               dt_bias, A_log, D, *(norm_weights or (None, None, None)), eps, keep)
+    u, delta, B, C = ssm_step_inputs(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                                     norm_weights, eps, keep)
+    return selective_state_update(ssm_state, u, delta, A_log, B, C, D, z, dt_bias, A_is_log=True)

@@ -83,3 +83,12 @@ def ssm_step_inputs_ref(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt
     if keep is not None:
         u = u * keep[:, None]
     return (u, *ssm_projections(u, x_proj_weight, dt_proj_weight, norm_weights, eps))
+
+
+def ssm_step_ref(conv_state, ssm_state, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log,
+                 D, norm_weights=None, eps=1e-6, keep=None):
+    """One decode step of the SSM heads: `ssm_step_inputs_ref`, then `selective_state_update_ref` with the gate z
+    (b, d_inner) and A = -exp(A_log). Both states are updated in place; returns y (b, d_inner) in x's dtype."""
+    u, delta, B, C = ssm_step_inputs_ref(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                                         norm_weights, eps, keep)
+    return selective_state_update_ref(ssm_state, u, delta, A_log, B, C, D, z, dt_bias, A_is_log=True)

@@ -20,6 +20,16 @@ split-K reduction at batch 128) and several elementwise kernels. Here:
 4. `_dt_proj_kernel`, one program per (16 rows, channel block): the three RMSNorms, then its block of delta as a
    `tl.dot` with dt_proj's weight.
 
+`ssm_step_triton` is the whole step for a few rows (see `ssm_step_ref`), in two kernels instead of five:
+
+A. `_conv_x_proj_kernel`, one program per channel block, walking the rows: the conv update, u, and that block's
+   share of x_proj(u) as float32 partial sums (elementwise products and a sum: no tl.dot and its 16 padded rows).
+B. `_ssm_step_kernel`, one program per (row, channel block): sums the partials in a fixed order, the dt/B/C norms,
+   its channels' delta from dt_proj, softplus, the state update, the D skip and the gate.
+
+Every program of B re-reads the row's partials (n_blocks x n_proj float32, from L2) and A walks the rows one by one,
+so past a few rows the four kernels and the separate state update win (`hymba.ops.scan.FUSED_STEP_MAX_ROWS`).
+
 Rounding follows the reference wherever it rounds to the model's dtype (x_proj's output, the norms, delta).
 Inference only: no backward.
 
@@ -35,9 +45,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hymba.ops.conv.triton import causal_conv1d_update_triton
+from hymba.ops.conv.triton import _conv_update_row, causal_conv1d_update_triton
+from hymba.ops.scan.triton import LOG2E, _softplus, _state_step
 
-__all__ = ["ssm_step_inputs_triton"]
+__all__ = ["ssm_step_inputs_triton", "ssm_step_triton"]
 
 BLOCK_ROWS = 16  # the smallest M of tl.dot; rows beyond the batch are masked
 
@@ -144,10 +155,107 @@ def _dt_proj_kernel(
              mask=mask_b[:, None] & mask_d[None, :])
 
 
+@triton.jit
+def _conv_x_proj_kernel(
+    conv_state_ptr, x_ptr, keep_ptr, conv_w_ptr, conv_bias_ptr, x_proj_ptr, u_ptr, part_ptr,
+    batch, dim, n_proj,
+    stride_state_b, stride_state_d, stride_state_k, stride_x_b, stride_x_d, stride_keep,
+    stride_conv_w_d, stride_conv_w_k, stride_x_proj_p, stride_x_proj_d,
+    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, P_BLOCKS: tl.constexpr,
+):
+    """For channel block pid_d, row by row: u = silu(conv update of x) (state shifted in place; keep = 0 zeroes x
+    and u), stored, and part[pid_d, row, :] = x_proj[:, channels] @ u[channels] in float32."""
+    pid_d = tl.program_id(0)
+    chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = chans < dim
+    dtype = u_ptr.dtype.element_ty
+    for row in range(batch):
+        x = tl.load(x_ptr + row * stride_x_b + chans * stride_x_d, mask=mask_d, other=0.0)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + row * stride_keep)
+            x = x * keep
+        u = _conv_update_row(conv_state_ptr + row * stride_state_b, x.to(conv_state_ptr.dtype.element_ty),
+                             conv_w_ptr, conv_bias_ptr, chans, mask_d, stride_state_d, stride_state_k,
+                             stride_conv_w_d, stride_conv_w_k, HAS_BIAS, True, WIDTH, BLOCK_W).to(dtype)
+        if HAS_KEEP:
+            u = u * keep
+        tl.store(u_ptr + row * dim + chans, u, mask=mask_d)
+        u = u.to(tl.float32)
+        for p_block in tl.static_range(P_BLOCKS):
+            offs_p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < n_proj
+            w = tl.load(x_proj_ptr + offs_p[:, None] * stride_x_proj_p + chans[None, :] * stride_x_proj_d,
+                        mask=mask_p[:, None] & mask_d[None, :], other=0.0)
+            tl.store(part_ptr + (pid_d * batch + row) * n_proj + offs_p,
+                     tl.sum(w.to(tl.float32) * u[None, :], axis=1), mask=mask_p)
+
+
+@triton.jit
+def _ssm_step_kernel(
+    part_ptr, u_ptr, z_ptr, dt_proj_ptr, dt_bias_ptr, dt_norm_ptr, B_norm_ptr, C_norm_ptr, A_log_ptr, D_ptr,
+    state_ptr, y_ptr,
+    batch, dim, n_blocks, dt_rank, d_state, eps,
+    stride_z_b, stride_z_d, stride_dt_proj_d, stride_dt_proj_r, stride_A_d, stride_A_n,
+    stride_state_b, stride_state_d, stride_state_n,
+    HAS_NORMS: tl.constexpr, BLOCK_BLOCKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """For row pid_b and channel block pid_c: dt, B, C = split(x_proj(u)) from the partials, normed; delta =
+    dt_proj(dt); the state update with dt = softplus(delta + bias), A = -exp(A_log); y = (C.h + D u) silu(z)."""
+    row = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = chans < dim
+    dtype = y_ptr.dtype.element_ty
+    offs_r, offs_n = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_N)
+    mask_r, mask_n = offs_r < dt_rank, offs_n < d_state
+    n_proj = dt_rank + 2 * d_state
+
+    # x_proj(u): the channel blocks' partials summed as one tile (a fixed order: no atomics), rounded as a GEMM's
+    # output is; each (1, width) so the norms see one row.
+    blocks = tl.arange(0, BLOCK_BLOCKS)
+    part_rows = part_ptr + (blocks[:, None] * batch + row) * n_proj
+    in_blocks = blocks[:, None] < n_blocks
+    dt = tl.sum(tl.load(part_rows + offs_r[None, :], mask=in_blocks & mask_r[None, :], other=0.0), axis=0,
+                keep_dims=True).to(dtype).to(tl.float32)
+    B = tl.sum(tl.load(part_rows + dt_rank + offs_n[None, :], mask=in_blocks & mask_n[None, :], other=0.0), axis=0,
+               keep_dims=True).to(dtype).to(tl.float32)
+    C = tl.sum(tl.load(part_rows + dt_rank + d_state + offs_n[None, :], mask=in_blocks & mask_n[None, :],
+                       other=0.0), axis=0, keep_dims=True).to(dtype).to(tl.float32)
+    if HAS_NORMS:
+        dt = _rms_norm_rows(dt, dt_norm_ptr, offs_r, mask_r, dt_rank, eps, dtype)
+        B = _rms_norm_rows(B, B_norm_ptr, offs_n, mask_n, d_state, eps, dtype)
+        C = _rms_norm_rows(C, C_norm_ptr, offs_n, mask_n, d_state, eps, dtype)
+
+    w = tl.load(dt_proj_ptr + chans[:, None] * stride_dt_proj_d + offs_r[None, :] * stride_dt_proj_r,
+                mask=mask_c[:, None] & mask_r[None, :], other=0.0)
+    delta = tl.sum(w.to(tl.float32) * dt, axis=1).to(dtype).to(tl.float32)  # rounded as dt_proj's output is
+    dt_step = _softplus(delta + tl.load(dt_bias_ptr + chans, mask=mask_c, other=0.0).to(tl.float32))
+
+    mask_cn = mask_c[:, None] & mask_n[None, :]
+    state_ptrs = (state_ptr + row * stride_state_b + chans[:, None] * stride_state_d
+                  + offs_n[None, :] * stride_state_n)
+    h = tl.load(state_ptrs, mask=mask_cn, other=0.0).to(tl.float32)
+    A = -tl.exp(tl.load(A_log_ptr + chans[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_cn,
+                        other=0.0).to(tl.float32)) * LOG2E
+    u = tl.load(u_ptr + row * dim + chans, mask=mask_c, other=0.0).to(tl.float32)
+    h, y = _state_step(h, A, dt_step, u, B, C, state_ptr.dtype.element_ty)
+    y += u * tl.load(D_ptr + chans, mask=mask_c, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * stride_z_b + chans * stride_z_d, mask=mask_c, other=0.0).to(tl.float32)
+    y = y * z * tl.sigmoid(z)
+    # Every thread has read its state before any thread overwrites it (layouts may replicate elements).
+    tl.debug_barrier()
+    tl.store(state_ptrs, h, mask=mask_cn)
+    tl.store(y_ptr + row * dim + chans, y, mask=mask_c)
+
+
 # Channels per program (bench_ssm_step.py --sweep on an H100); narrow dt_proj blocks spread its weight over more
 # programs.
 BLOCK_D_X_PROJ = 64
 BLOCK_D_DT_PROJ = 128
+# The fused step's: kernel A's channel block (also the partials' count, dim / this) and kernel B's.
+BLOCK_D_FUSED_IN = 64
+BLOCK_C_FUSED = 32
 
 
 # A custom op, so that the compiled decode step (`torch.compile(..., fullgraph=True)`) keeps the launches whole.
@@ -203,3 +311,48 @@ def _(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_n
     d_state = (x_proj_weight.shape[0] - dt_proj_weight.shape[1]) // 2
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[0], d_state), \
         x.new_empty(x.shape[0], d_state)
+
+
+@torch.library.custom_op("hymba::ssm_step", mutates_args=("conv_state", "ssm_state"))
+def ssm_step_triton(conv_state: torch.Tensor, ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+                    conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, x_proj_weight: torch.Tensor,
+                    dt_proj_weight: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
+                    dt_norm_weight: torch.Tensor | None = None, B_norm_weight: torch.Tensor | None = None,
+                    C_norm_weight: torch.Tensor | None = None, eps: float = 1e-6, keep: torch.Tensor | None = None,
+                    block_d_in: int = 0, block_c: int = 0) -> torch.Tensor:
+    """As `ssm_step_ref` (norm weights all given or all None), in two kernels. x, z (batch, d_inner), rows may be
+    strided; conv_state (batch, d_inner, width-1) and ssm_state (batch, d_inner, d_state) updated in place. Returns y
+    (batch, d_inner) in x's dtype. Zero block sizes mean BLOCK_D_FUSED_IN and BLOCK_C_FUSED."""
+    batch, dim = x.shape
+    dt_rank = dt_proj_weight.shape[1]
+    n_proj = x_proj_weight.shape[0]
+    d_state = (n_proj - dt_rank) // 2
+    width = conv_weight.shape[1]
+    block_d_in, block_c = block_d_in or BLOCK_D_FUSED_IN, block_c or BLOCK_C_FUSED
+    block_p = 32
+    n_blocks = triton.cdiv(dim, block_d_in)
+    u = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
+    part = torch.empty(n_blocks, batch, n_proj, device=x.device, dtype=torch.float32)
+    _conv_x_proj_kernel[(n_blocks,)](
+        conv_state, x, keep, conv_weight, conv_bias, x_proj_weight, u, part, batch, dim, n_proj,
+        *conv_state.stride(), *x.stride(), 0 if keep is None else keep.stride(0), *conv_weight.stride(),
+        *x_proj_weight.stride(),
+        HAS_BIAS=conv_bias is not None, HAS_KEEP=keep is not None, WIDTH=width,
+        BLOCK_W=triton.next_power_of_2(max(width - 1, 1)), BLOCK_D=block_d_in, BLOCK_P=block_p,
+        P_BLOCKS=triton.cdiv(n_proj, block_p),
+    )
+    y = torch.empty_like(u)
+    _ssm_step_kernel[(batch, triton.cdiv(dim, block_c))](
+        part, u, z, dt_proj_weight, dt_bias, dt_norm_weight, B_norm_weight, C_norm_weight, A_log, D, ssm_state, y,
+        batch, dim, n_blocks, dt_rank, d_state, eps,
+        *z.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(),
+        HAS_NORMS=dt_norm_weight is not None, BLOCK_BLOCKS=triton.next_power_of_2(n_blocks),
+        BLOCK_R=triton.next_power_of_2(dt_rank), BLOCK_N=triton.next_power_of_2(d_state), BLOCK_C=block_c,
+    )
+    return y
+
+
+@ssm_step_triton.register_fake
+def _(conv_state, ssm_state, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, D,
+      dt_norm_weight=None, B_norm_weight=None, C_norm_weight=None, eps=1e-6, keep=None, block_d_in=0, block_c=0):
+    return x.new_empty(x.shape)
