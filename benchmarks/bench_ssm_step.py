@@ -3,6 +3,8 @@ four-kernel op against the same steps as PyTorch ops compiled by inductor, as th
 
     python benchmarks/bench_ssm_step.py            # default launch parameters, against the compiled reference
     python benchmarks/bench_ssm_step.py --sweep    # the fused op over its two channel-block sizes
+    python benchmarks/bench_ssm_step.py --whole --batches 1 2 4 8 16 [--sweep]
+        # the whole step: ssm_step_triton's two kernels against the four input kernels + the state update
 """
 
 import argparse
@@ -11,7 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hymba.ops.scan import ssm_step_inputs_ref
-from hymba.ops.scan.triton_step import ssm_step_inputs_triton
+from hymba.ops.scan.triton import selective_state_update_triton
+from hymba.ops.scan.triton_step import ssm_step_inputs_triton, ssm_step_triton
 
 d_inner, dt_rank, d_state, width = 3200, 100, 16, 4  # Hymba-1.5B
 
@@ -24,6 +27,40 @@ def inputs(batch: int):
     return (rand(batch, d_inner, width - 1), rand(batch, 3 * d_inner)[:, d_inner:2 * d_inner],
             rand(d_inner, width), rand(d_inner), rand(dt_rank + 2 * d_state, d_inner, scale=d_inner ** -0.5),
             rand(d_inner, dt_rank, scale=dt_rank ** -0.5), norms)
+
+
+def step_inputs(batch: int):
+    """`inputs` plus the SSM state, z, dt_proj's bias, A_log and D."""
+    state, x, conv_w, conv_b, x_proj, dt_proj, norms = inputs(batch)
+    A_log = torch.log(torch.arange(1, d_state + 1, device="cuda", dtype=torch.float32)).expand(d_inner, -1)
+    return (state, torch.randn(batch, d_inner, d_state, device="cuda"), x,
+            torch.randn(batch, 2 * d_inner, device="cuda", dtype=torch.bfloat16)[:, d_inner:], conv_w, conv_b, x_proj,
+            dt_proj, torch.randn(d_inner, device="cuda", dtype=torch.bfloat16) - 2, A_log.contiguous(),
+            torch.ones(d_inner, device="cuda", dtype=torch.bfloat16), norms)
+
+
+def whole_step(batches: list[int], layers: int, sweep: bool) -> None:
+    def unfused(conv, ssm, x, z, conv_w, conv_b, x_proj, dt_proj, dt_bias, A_log, D, norms):
+        u, delta, B, C = ssm_step_inputs_triton(conv, x, conv_w, conv_b, x_proj, dt_proj, *norms, 1e-5)
+        return selective_state_update_triton(ssm, u, delta, A_log, B, C, D, z, dt_bias, A_is_log=True)
+
+    def fused(conv, ssm, x, z, conv_w, conv_b, x_proj, dt_proj, dt_bias, A_log, D, norms, block_d_in=0, block_c=0):
+        return ssm_step_triton(conv, ssm, x, z, conv_w, conv_b, x_proj, dt_proj, dt_bias, A_log, D, *norms, 1e-5,
+                               None, block_d_in, block_c)
+
+    print(f"{'batch':>5} {'5 kernels us':>12} {'2 kernels us':>12} {'speedup':>7}")
+    for batch in batches:
+        sets = [step_inputs(batch) for _ in range(layers)]
+        want = unfused(*(a.clone() if torch.is_tensor(a) else a for a in sets[0]))
+        got = fused(*(a.clone() if torch.is_tensor(a) else a for a in sets[0]))
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        t_old, t_new = graph_time_us(unfused, sets), graph_time_us(fused, sets)
+        print(f"{batch:5d} {t_old:12.1f} {t_new:12.1f} {t_old / t_new:7.2f}   (y rel. err. {err:.1e})", flush=True)
+        if sweep:
+            for block_in in (32, 64, 128):
+                for block_c in (16, 32, 64):
+                    t = graph_time_us(lambda *a, i=block_in, c=block_c: fused(*a, i, c), sets)
+                    print(f"    block_d_in {block_in:3d} block_c {block_c:3d}  {t:7.1f} us", flush=True)
 
 
 def graph_time_us(fn, sets, replays: int = 20) -> float:
@@ -50,7 +87,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time block_d_in x block_d_out")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--layers", type=int, default=16, help="input sets per graph (distinct buffers)")
+    parser.add_argument("--whole", action="store_true", help="the whole step (inputs, state update, gate)")
     args = parser.parse_args()
+    if args.whole:
+        with torch.inference_mode():
+            whole_step(args.batches, args.layers, args.sweep)
+        return
     reference = torch.compile(ssm_step_inputs_ref, fullgraph=True, dynamic=False)
 
     def fused(state, x, conv_w, conv_b, x_proj, dt_proj, norms, block_d_in=0, block_d_out=0):

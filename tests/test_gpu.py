@@ -47,13 +47,16 @@ def test_cuda_graph_decode_equals_eager():
     assert torch.equal(generate(model, prompts, max_new_tokens=30, cuda_graph=True), eager)
 
 
-@pytest.mark.parametrize("switch, kernel_module, kernel_name", [
-    ("hymba.ops.mlp.FUSED_MAX_ROWS", "hymba.ops.mlp.triton", "gate_up_swiglu_triton"),
-    ("hymba.ops.linear.SMALL_ROWS_MAX", "hymba.ops.linear.triton", "small_rows_linear"),
+@pytest.mark.parametrize("switch, kernel_module, kernel_name, batches", [
+    ("hymba.ops.mlp.FUSED_MAX_ROWS", "hymba.ops.mlp.triton", "gate_up_swiglu_triton", (1, 7)),
+    ("hymba.ops.linear.SMALL_ROWS_MAX", "hymba.ops.linear.triton", "small_rows_linear", (1, 7)),
+    # (the rows it runs at by default; at 8 rows and more its sums round differently from the other kernels')
+    ("hymba.ops.scan.FUSED_STEP_MAX_ROWS", "hymba.ops.scan.triton_step", "ssm_step_triton", (1, 2)),
 ])
-def test_fused_decode_kernels_give_the_plain_paths_tokens(monkeypatch, switch, kernel_module, kernel_name):
-    """bf16 decode with a decode-rows kernel switched on (the fused gate/up SwiGLU, the small-rows projections) against
-    the plain path: the same greedy tokens at batch 1 and 7 for 64 steps past the sliding window, eager and captured,
+def test_fused_decode_kernels_give_the_plain_paths_tokens(monkeypatch, switch, kernel_module, kernel_name, batches):
+    """bf16 decode with a decode-rows kernel switched on (the fused gate/up SwiGLU, the small-rows projections, the SSM
+    heads' two-kernel step) against the path without it: the same greedy tokens at two batch sizes (the second
+    left-padded) for 64 steps past the sliding window, eager and captured,
     and the kernel ran."""
     import importlib
 
@@ -66,7 +69,7 @@ def test_fused_decode_kernels_give_the_plain_paths_tokens(monkeypatch, switch, k
     calls = []
     kernel = getattr(kernels, kernel_name)
     monkeypatch.setattr(kernels, kernel_name, lambda *args: calls.append(1) or kernel(*args))
-    for batch in (1, 7):
+    for batch in batches:
         prompts = [list(range(1 + row, 12 + 3 * row)) for row in range(batch)]
         monkeypatch.setattr(switched, limit, 0)
         plain = generate(model, prompts, max_new_tokens=80, cuda_graph=False)

@@ -45,7 +45,10 @@ SEQUENTIAL_MAX_LEN = 8
 PARALLEL_SCAN_MAX_WALK_PROGRAMS = 128
 # Rows up to which a decode step's SSM heads run as `ssm_step_triton`'s two kernels (0 turns them off); past it, its
 # partial sums re-read per program and its walk over rows cost more than the four input kernels + the state update.
-FUSED_STEP_MAX_ROWS = 8
+# Hymba-1.5B on an H200 (benchmarks/bench_ssm_step.py --whole, session 25): 7.7 against 10.3 us at 1 row, 10.8 against
+# 13.3 at 2, 16.5-21.5 against 15.5 at 4; the 8K decode step at batch 1 went from 412 to 450 tok/s, at batch 4 from
+# 1,572 to 1,484 (so 4 rows stay with the five kernels).
+FUSED_STEP_MAX_ROWS = 2
 # Forces the Triton scan's positions per block for every call (1 walks); None chooses by the rule above.
 TRITON_BLOCK_L: int | None = None
 

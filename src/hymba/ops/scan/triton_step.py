@@ -158,11 +158,11 @@ def _dt_proj_kernel(
 @triton.jit
 def _conv_x_proj_kernel(
     conv_state_ptr, x_ptr, keep_ptr, conv_w_ptr, conv_bias_ptr, x_proj_ptr, u_ptr, part_ptr,
-    batch, dim, n_proj,
+    batch, dim, dt_rank, n_proj,
     stride_state_b, stride_state_d, stride_state_k, stride_x_b, stride_x_d, stride_keep,
     stride_conv_w_d, stride_conv_w_k, stride_x_proj_p, stride_x_proj_d,
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, P_BLOCKS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_BC: tl.constexpr,
 ):
     """For channel block pid_d, row by row: u = silu(conv update of x) (state shifted in place; keep = 0 zeroes x
     and u), stored, and part[pid_d, row, :] = x_proj[:, channels] @ u[channels] in float32."""
@@ -170,6 +170,12 @@ def _conv_x_proj_kernel(
     chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = chans < dim
     dtype = u_ptr.dtype.element_ty
+    # x_proj's columns for these channels, read once before the rows' dependent work: the dt rows, then B and C's.
+    offs_r, offs_bc = tl.arange(0, BLOCK_R), dt_rank + tl.arange(0, BLOCK_BC)
+    mask_r, mask_bc = offs_r < dt_rank, offs_bc < n_proj
+    w_cols = x_proj_ptr + chans[None, :] * stride_x_proj_d
+    w_dt = tl.load(w_cols + offs_r[:, None] * stride_x_proj_p, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    w_bc = tl.load(w_cols + offs_bc[:, None] * stride_x_proj_p, mask=mask_bc[:, None] & mask_d[None, :], other=0.0)
     for row in range(batch):
         x = tl.load(x_ptr + row * stride_x_b + chans * stride_x_d, mask=mask_d, other=0.0)
         if HAS_KEEP:
@@ -181,14 +187,10 @@ def _conv_x_proj_kernel(
         if HAS_KEEP:
             u = u * keep
         tl.store(u_ptr + row * dim + chans, u, mask=mask_d)
-        u = u.to(tl.float32)
-        for p_block in tl.static_range(P_BLOCKS):
-            offs_p = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
-            mask_p = offs_p < n_proj
-            w = tl.load(x_proj_ptr + offs_p[:, None] * stride_x_proj_p + chans[None, :] * stride_x_proj_d,
-                        mask=mask_p[:, None] & mask_d[None, :], other=0.0)
-            tl.store(part_ptr + (pid_d * batch + row) * n_proj + offs_p,
-                     tl.sum(w.to(tl.float32) * u[None, :], axis=1), mask=mask_p)
+        u = u.to(tl.float32)[None, :]
+        part_row = part_ptr + (pid_d * batch + row) * n_proj
+        tl.store(part_row + offs_r, tl.sum(w_dt.to(tl.float32) * u, axis=1), mask=mask_r)
+        tl.store(part_row + offs_bc, tl.sum(w_bc.to(tl.float32) * u, axis=1), mask=mask_bc)
 
 
 @triton.jit
@@ -211,6 +213,19 @@ def _ssm_step_kernel(
     mask_r, mask_n = offs_r < dt_rank, offs_n < d_state
     n_proj = dt_rank + 2 * d_state
 
+    # What does not depend on x_proj(u) is read first, so that those loads overlap the partials' sums and the norms.
+    w = tl.load(dt_proj_ptr + chans[:, None] * stride_dt_proj_d + offs_r[None, :] * stride_dt_proj_r,
+                mask=mask_c[:, None] & mask_r[None, :], other=0.0)
+    dt_bias = tl.load(dt_bias_ptr + chans, mask=mask_c, other=0.0).to(tl.float32)
+    mask_cn = mask_c[:, None] & mask_n[None, :]
+    state_ptrs = (state_ptr + row * stride_state_b + chans[:, None] * stride_state_d
+                  + offs_n[None, :] * stride_state_n)
+    h = tl.load(state_ptrs, mask=mask_cn, other=0.0).to(tl.float32)
+    A_log = tl.load(A_log_ptr + chans[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_cn, other=0.0)
+    u = tl.load(u_ptr + row * dim + chans, mask=mask_c, other=0.0).to(tl.float32)
+    D = tl.load(D_ptr + chans, mask=mask_c, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * stride_z_b + chans * stride_z_d, mask=mask_c, other=0.0).to(tl.float32)
+
     # x_proj(u): the channel blocks' partials summed as one tile (a fixed order: no atomics), rounded as a GEMM's
     # output is; each (1, width) so the norms see one row.
     blocks = tl.arange(0, BLOCK_BLOCKS)
@@ -227,22 +242,11 @@ def _ssm_step_kernel(
         B = _rms_norm_rows(B, B_norm_ptr, offs_n, mask_n, d_state, eps, dtype)
         C = _rms_norm_rows(C, C_norm_ptr, offs_n, mask_n, d_state, eps, dtype)
 
-    w = tl.load(dt_proj_ptr + chans[:, None] * stride_dt_proj_d + offs_r[None, :] * stride_dt_proj_r,
-                mask=mask_c[:, None] & mask_r[None, :], other=0.0)
     delta = tl.sum(w.to(tl.float32) * dt, axis=1).to(dtype).to(tl.float32)  # rounded as dt_proj's output is
-    dt_step = _softplus(delta + tl.load(dt_bias_ptr + chans, mask=mask_c, other=0.0).to(tl.float32))
-
-    mask_cn = mask_c[:, None] & mask_n[None, :]
-    state_ptrs = (state_ptr + row * stride_state_b + chans[:, None] * stride_state_d
-                  + offs_n[None, :] * stride_state_n)
-    h = tl.load(state_ptrs, mask=mask_cn, other=0.0).to(tl.float32)
-    A = -tl.exp(tl.load(A_log_ptr + chans[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_cn,
-                        other=0.0).to(tl.float32)) * LOG2E
-    u = tl.load(u_ptr + row * dim + chans, mask=mask_c, other=0.0).to(tl.float32)
+    dt_step = _softplus(delta + dt_bias)
+    A = -tl.exp(A_log.to(tl.float32)) * LOG2E
     h, y = _state_step(h, A, dt_step, u, B, C, state_ptr.dtype.element_ty)
-    y += u * tl.load(D_ptr + chans, mask=mask_c, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + row * stride_z_b + chans * stride_z_d, mask=mask_c, other=0.0).to(tl.float32)
-    y = y * z * tl.sigmoid(z)
+    y = (y + u * D) * z * tl.sigmoid(z)
     # Every thread has read its state before any thread overwrites it (layouts may replicate elements).
     tl.debug_barrier()
     tl.store(state_ptrs, h, mask=mask_cn)
@@ -253,9 +257,10 @@ def _ssm_step_kernel(
 # programs.
 BLOCK_D_X_PROJ = 64
 BLOCK_D_DT_PROJ = 128
-# The fused step's: kernel A's channel block (also the partials' count, dim / this) and kernel B's.
+# The fused step's: kernel A's channel block (dim / this is the partials' count) and kernel B's, at one row and at
+# more (the fastest on an H200, bench_ssm_step.py --whole --sweep: narrower blocks give one row more programs).
 BLOCK_D_FUSED_IN = 64
-BLOCK_C_FUSED = 32
+BLOCK_C_FUSED = (16, 32)
 
 
 # A custom op, so that the compiled decode step (`torch.compile(..., fullgraph=True)`) keeps the launches whole.
@@ -322,24 +327,23 @@ def ssm_step_triton(conv_state: torch.Tensor, ssm_state: torch.Tensor, x: torch.
                     block_d_in: int = 0, block_c: int = 0) -> torch.Tensor:
     """As `ssm_step_ref` (norm weights all given or all None), in two kernels. x, z (batch, d_inner), rows may be
     strided; conv_state (batch, d_inner, width-1) and ssm_state (batch, d_inner, d_state) updated in place. Returns y
-    (batch, d_inner) in x's dtype. Zero block sizes mean BLOCK_D_FUSED_IN and BLOCK_C_FUSED."""
+    (batch, d_inner) in x's dtype. Zero block sizes mean BLOCK_D_FUSED_IN and BLOCK_C_FUSED's."""
     batch, dim = x.shape
     dt_rank = dt_proj_weight.shape[1]
     n_proj = x_proj_weight.shape[0]
     d_state = (n_proj - dt_rank) // 2
     width = conv_weight.shape[1]
-    block_d_in, block_c = block_d_in or BLOCK_D_FUSED_IN, block_c or BLOCK_C_FUSED
-    block_p = 32
+    block_d_in, block_c = block_d_in or BLOCK_D_FUSED_IN, block_c or BLOCK_C_FUSED[batch > 1]
     n_blocks = triton.cdiv(dim, block_d_in)
     u = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
     part = torch.empty(n_blocks, batch, n_proj, device=x.device, dtype=torch.float32)
     _conv_x_proj_kernel[(n_blocks,)](
-        conv_state, x, keep, conv_weight, conv_bias, x_proj_weight, u, part, batch, dim, n_proj,
+        conv_state, x, keep, conv_weight, conv_bias, x_proj_weight, u, part, batch, dim, dt_rank, n_proj,
         *conv_state.stride(), *x.stride(), 0 if keep is None else keep.stride(0), *conv_weight.stride(),
         *x_proj_weight.stride(),
         HAS_BIAS=conv_bias is not None, HAS_KEEP=keep is not None, WIDTH=width,
-        BLOCK_W=triton.next_power_of_2(max(width - 1, 1)), BLOCK_D=block_d_in, BLOCK_P=block_p,
-        P_BLOCKS=triton.cdiv(n_proj, block_p),
+        BLOCK_W=triton.next_power_of_2(max(width - 1, 1)), BLOCK_D=block_d_in,
+        BLOCK_R=triton.next_power_of_2(dt_rank), BLOCK_BC=triton.next_power_of_2(2 * d_state),
     )
     y = torch.empty_like(u)
     _ssm_step_kernel[(batch, triton.cdiv(dim, block_c))](
