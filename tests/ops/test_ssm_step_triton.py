@@ -1,5 +1,6 @@
-"""The fused decode-step SSM inputs (conv update, x_proj, dt/B/C norms, dt_proj in two Triton kernels) against
-`ssm_step_inputs_ref`, the same steps as plain PyTorch.
+"""The fused decode-step SSM inputs (conv update, x_proj, dt/B/C norms, dt_proj in Triton kernels) against
+`ssm_step_inputs_ref`, the same steps as plain PyTorch, and the whole fused step (those, the state update and the
+gate in two kernels) against `ssm_step_ref`.
 
 Without CUDA the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set before the
 kernels are defined). float32 must agree to rounding; bf16 within a few bf16 ulps (the kernels accumulate the conv

@@ -1,4 +1,5 @@
-"""The SSM heads' inputs for one decode step, in four small kernels instead of about nine.
+"""The SSM heads' decode step in few kernels: its inputs in four instead of about nine (`ssm_step_inputs_triton`),
+or at one or two rows the whole step in two (`ssm_step_triton`).
 
 Per layer, a decode step computes before the state update (see `ssm_step_inputs_ref`, the reference):
 
@@ -24,6 +25,7 @@ split-K reduction at batch 128) and several elementwise kernels. Here:
 
 A. `_conv_x_proj_kernel`, one program per channel block, walking the rows: the conv update, u, and that block's
    share of x_proj(u) as float32 partial sums (elementwise products and a sum: no tl.dot and its 16 padded rows).
+   At one row on an H200 the pair takes 7.7 us where the five took 10.3 (docs/bench.md).
 B. `_ssm_step_kernel`, one program per (row, channel block): sums the partials in a fixed order, the dt/B/C norms,
    its channels' delta from dt_proj, softplus, the state update, the D skip and the gate.
 
