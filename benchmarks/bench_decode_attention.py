@@ -7,6 +7,7 @@ Rows x keys cover the 1.5B cache at 8K: meta tokens + ring (1,153 keys) and glob
 """
 
 import argparse
+import itertools
 
 import torch
 from triton.testing import do_bench
@@ -32,23 +33,33 @@ def gb_per_s(k, v, ms):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", action="store_true", help="time block_n x num_splits instead of comparing to SDPA")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the kernel over launch parameters instead of comparing to SDPA")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--keys", type=int, nargs="+", default=[1153, 8320])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128], help="--sweep: keys per step")
+    parser.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16, 64],
+                        help="--sweep: key splits (0: the kernel's own choice)")
+    parser.add_argument("--warps", type=int, nargs="+", default=[0], help="--sweep: num_warps (0: Triton's default)")
+    parser.add_argument("--stages", type=int, nargs="+", default=[0],
+                        help="--sweep: num_stages (0: Triton's default)")
     args = parser.parse_args()
     if args.sweep:
-        print(f"{'batch':>5} {'keys':>6} {'block_n':>7} {'splits':>6} {'us':>8} {'GB/s':>6}")
-        for b in (1, 32, 128):
-            for S in (1153, 8320):
+        print(f"{'batch':>5} {'keys':>6} {'block_n':>7} {'splits':>6} {'warps':>5} {'stages':>6} {'us':>8} "
+              f"{'GB/s':>6}")
+        for b in args.batches:
+            for S in args.keys:
                 q, k, v, mask = inputs(b, S)
-                for block_n in (32, 64, 128):
-                    for splits in (0, 1, 2, 4, 8, 16, 64):
-                        run = lambda a=(q, k, v, mask, block_n, splits): decode_attention_triton(*a)  # noqa: E731
-                        ms = do_bench(run, warmup=10, rep=50)
-                        print(f"{b:5d} {S:6d} {block_n:7d} {splits or 'auto':>6} {ms * 1e3:8.1f} "
-                              f"{gb_per_s(k, v, ms):6.0f}")
+                for block_n, splits, warps, stages in itertools.product(args.block_n, args.splits, args.warps,
+                                                                         args.stages):
+                    run = lambda a=(q, k, v, mask, block_n, splits, warps, stages): decode_attention_triton(*a)  # noqa: E731
+                    ms = do_bench(run, warmup=10, rep=50)
+                    print(f"{b:5d} {S:6d} {block_n:7d} {splits or 'auto':>6} {warps or 'dflt':>5} "
+                          f"{stages or 'dflt':>6} {ms * 1e3:8.1f} {gb_per_s(k, v, ms):6.0f}", flush=True)
         return
     print(f"{'batch':>5} {'keys':>6} {'sdpa us':>9} {'triton us':>9} {'speedup':>7} {'triton GB/s':>11} {'max err':>8}")
-    for b in (1, 32, 128):
-        for S in (1153, 8320):
+    for b in args.batches:
+        for S in args.keys:
             q, k, v, mask = inputs(b, S)
             ref = decode_attention(q, k, v, mask)
             out = decode_attention_triton(q, k, v, mask)

@@ -29,7 +29,7 @@ from hymba.ops.mlp.triton import gate_up_swiglu_triton
 HIDDEN, INTERMEDIATE = 1600, 5504
 # (block_n, block_k, num_warps, num_stages)
 CONFIGS = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4), (64, 256, 4, 2), (128, 64, 4, 4),
-           (128, 128, 8, 3), (64, 128, 8, 4)]
+           (128, 128, 8, 3), (64, 128, 8, 4), (32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 3), (128, 64, 8, 3)]
 
 
 def kernels(rows_list: list[int]) -> None:

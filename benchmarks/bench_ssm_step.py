@@ -4,7 +4,8 @@ four-kernel op against the same steps as PyTorch ops compiled by inductor, as th
     python benchmarks/bench_ssm_step.py            # default launch parameters, against the compiled reference
     python benchmarks/bench_ssm_step.py --sweep    # the fused op over its two channel-block sizes
     python benchmarks/bench_ssm_step.py --whole --batches 1 2 4 8 16 [--sweep]
-        # the whole step: ssm_step_triton's two kernels against the four input kernels + the state update
+        # the whole step: the four input kernels + the state update against ssm_step_triton's two kernels and
+        # ssm_step_rows_triton's four (--sweep: the latter's block sizes past 2 rows)
 """
 
 import argparse
@@ -14,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from hymba.ops.scan import ssm_step_inputs_ref
 from hymba.ops.scan.triton import selective_state_update_triton
-from hymba.ops.scan.triton_step import ssm_step_inputs_triton, ssm_step_triton
+from hymba.ops.scan.triton_step import ssm_step_inputs_triton, ssm_step_rows_triton, ssm_step_triton
 
 d_inner, dt_rank, d_state, width = 3200, 100, 16, 4  # Hymba-1.5B
 
@@ -48,15 +49,27 @@ def whole_step(batches: list[int], layers: int, sweep: bool) -> None:
         return ssm_step_triton(conv, ssm, x, z, conv_w, conv_b, x_proj, dt_proj, dt_bias, A_log, D, *norms, 1e-5,
                                None, block_d_in, block_c)
 
-    print(f"{'batch':>5} {'5 kernels us':>12} {'2 kernels us':>12} {'speedup':>7}")
+    def rows(conv, ssm, x, z, conv_w, conv_b, x_proj, dt_proj, dt_bias, A_log, D, norms, block_c=0, warps=0):
+        return ssm_step_rows_triton(conv, ssm, x, z, conv_w, conv_b, x_proj, dt_proj, dt_bias, A_log, D, *norms,
+                                    1e-5, None, block_c, warps)
+
+    print(f"{'batch':>5} {'5 kernels us':>12} {'2 kernels us':>12} {'4 (rows) us':>12} {'speedup':>7}")
     for batch in batches:
         sets = [step_inputs(batch) for _ in range(layers)]
         want = unfused(*(a.clone() if torch.is_tensor(a) else a for a in sets[0]))
-        got = fused(*(a.clone() if torch.is_tensor(a) else a for a in sets[0]))
-        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        t_old, t_new = graph_time_us(unfused, sets), graph_time_us(fused, sets)
-        print(f"{batch:5d} {t_old:12.1f} {t_new:12.1f} {t_old / t_new:7.2f}   (y rel. err. {err:.1e})", flush=True)
-        if sweep:
+        errs = []
+        for step in (fused, rows):
+            got = step(*(a.clone() if torch.is_tensor(a) else a for a in sets[0]))
+            errs.append(((got.float() - want.float()).norm() / want.float().norm()).item())
+        t_old, t_new, t_rows = (graph_time_us(step, sets) for step in (unfused, fused, rows))
+        print(f"{batch:5d} {t_old:12.1f} {t_new:12.1f} {t_rows:12.1f} {t_old / min(t_new, t_rows):7.2f}   "
+              f"(y rel. err. {errs[0]:.1e}, {errs[1]:.1e})", flush=True)
+        if sweep and batch > 2:
+            for block_c in (16, 32, 64):
+                for warps in (2, 4, 8):
+                    t = graph_time_us(lambda *a, c=block_c, w=warps: rows(*a, c, w), sets)
+                    print(f"    rows: block_c {block_c:3d} warps {warps}  {t:7.1f} us", flush=True)
+        if sweep and batch <= 2:
             for block_in in (32, 64, 128):
                 for block_c in (16, 32, 64):
                     t = graph_time_us(lambda *a, i=block_in, c=block_c: fused(*a, i, c), sets)

@@ -52,6 +52,7 @@ def test_cuda_graph_decode_equals_eager():
     ("hymba.ops.linear.SMALL_ROWS_MAX", "hymba.ops.linear.triton", "small_rows_linear", (1, 7)),
     # (the rows it runs at by default; at 8 rows and more its sums round differently from the other kernels')
     ("hymba.ops.scan.FUSED_STEP_MAX_ROWS", "hymba.ops.scan.triton_step", "ssm_step_triton", (1, 2)),
+    ("hymba.ops.scan.ROWS_STEP_MAX_ROWS", "hymba.ops.scan.triton_step", "ssm_step_rows_triton", (3, 7)),
 ])
 def test_fused_decode_kernels_give_the_plain_paths_tokens(monkeypatch, switch, kernel_module, kernel_name, batches):
     """bf16 decode with a decode-rows kernel switched on (the fused gate/up SwiGLU, the small-rows projections, the SSM

@@ -9,14 +9,7 @@ from conftest import rel_err
 from triton_setup import DEVICE, gpu_only  # sets TRITON_INTERPRET without CUDA; skips without Triton
 
 from hymba.ops.mlp import gate_up_swiglu_ref
-from hymba.ops.mlp.triton import (
-    BLOCK_K,
-    BLOCK_N,
-    NUM_STAGES,
-    gate_up_swiglu_triton,
-    pipeline_stages,
-    shared_memory_bytes,
-)
+from hymba.ops.mlp.triton import default_tiles, gate_up_swiglu_triton, pipeline_stages, shared_memory_bytes
 
 
 def weights(n, k, dtype, seed=0):
@@ -52,13 +45,21 @@ def test_fused_gate_up_swiglu_refuses_what_it_cannot_read():
 
 
 @pytest.mark.parametrize("block_m", [16, 32, 64, 128])
+@pytest.mark.parametrize("tiles", [(64, 128, 4, 4), (64, 64, 8, 3)])
 @pytest.mark.parametrize("shared_kib", [227, 163, 99])  # an H100 / H200, an A100, an RTX 4090
-def test_pipeline_stages_fit_in_shared_memory(block_m, shared_kib):
-    # Four stages of 128-row bf16 tiles need 256 KiB and failed to launch on an H200 (227 KiB per program).
-    per_stage = (block_m + 2 * BLOCK_N) * BLOCK_K * 2
-    stages = pipeline_stages(block_m, BLOCK_N, BLOCK_K, 2, shared_kib * 1024)
-    assert 1 <= stages <= NUM_STAGES and stages * per_stage <= shared_kib * 1024
-    assert stages == NUM_STAGES or (stages + 1) * per_stage > shared_kib * 1024  # as many as fit
+def test_pipeline_stages_fit_in_shared_memory(block_m, tiles, shared_kib):
+    # Four stages of 128-row bf16 tiles 128 wide in K need 256 KiB and failed to launch on an H200 (227 KiB a program).
+    block_n, block_k, _, wanted = tiles
+    per_stage = (block_m + 2 * block_n) * block_k * 2
+    stages = pipeline_stages(block_m, block_n, block_k, 2, shared_kib * 1024, wanted)
+    assert 1 <= stages <= wanted and stages * per_stage <= shared_kib * 1024
+    assert stages == wanted or (stages + 1) * per_stage > shared_kib * 1024  # as many as fit
+
+
+def test_default_tiles_by_rows():
+    assert default_tiles(1) == default_tiles(32) == (64, 128, 4, 4)
+    assert default_tiles(33) == default_tiles(64) == (64, 64, 4, 4)
+    assert default_tiles(128) == default_tiles(500) == (64, 64, 8, 3)
 
 
 def test_shared_memory_is_the_devices():

@@ -123,10 +123,10 @@ def make_step(batch, d_inner, dt_rank, d_state, width, dtype, **options):
                 D=torch.randn(d_inner, generator=g).to(dtype).to(DEVICE))
 
 
-def run_step_both(inputs, **launch):
-    """(kernel, reference), each (y, conv_state, ssm_state after the step)."""
+def run_step_both(inputs, rows=False, **launch):
+    """(kernel, reference), each (y, conv_state, ssm_state after the step); `rows`: the many-rows kernels."""
     from hymba.ops.scan import ssm_step_ref
-    from hymba.ops.scan.triton_step import ssm_step_triton
+    from hymba.ops.scan.triton_step import ssm_step_rows_triton, ssm_step_triton
 
     results = []
     for fused in (True, False):
@@ -134,8 +134,8 @@ def run_step_both(inputs, **launch):
         positional = [args[k] for k in ("conv_state", "ssm_state", "x", "z", "conv_weight", "conv_bias",
                                         "x_proj_weight", "dt_proj_weight", "dt_bias", "A_log", "D")]
         if fused:
-            y = ssm_step_triton(*positional, *(args["norm_weights"] or (None, None, None)), args["eps"],
-                                args["keep"], **launch)
+            step = ssm_step_rows_triton if rows else ssm_step_triton
+            y = step(*positional, *(args["norm_weights"] or (None, None, None)), args["eps"], args["keep"], **launch)
         else:
             y = ssm_step_ref(*positional, args["norm_weights"], args["eps"], args["keep"])
         results.append((y, args["conv_state"], args["ssm_state"]))
@@ -165,17 +165,39 @@ def test_fused_step_options(norms, bias, keep):
         assert rel_err(a, b) < TOL[torch.float32], (name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,d_inner,dt_rank,d_state,width,block_c", [
+    (3, 80, 5, 6, 4, 16),     # channels not a multiple of the block, odd ranks, 13 masked rows
+    (19, 40, 12, 8, 3, 32),   # rows across two tiles of 16
+    (2, 32, 3, 4, 1, 16),     # width 1: no conv state to shift
+])
+def test_rows_step_matches_reference(dtype, batch, d_inner, dt_rank, d_state, width, block_c):
+    """The many-rows step (`ssm_step_rows_triton`: dt_proj, the state update and the gate over a 16-row tile)."""
+    fused, ref = run_step_both(make_step(batch, d_inner, dt_rank, d_state, width, dtype), rows=True, block_c=block_c)
+    for name, a, b in zip(("y", "conv_state", "ssm_state"), fused, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < TOL[dtype], (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("norms,bias,keep", [(False, True, False), (True, True, True)])
+def test_rows_step_options(norms, bias, keep):
+    fused, ref = run_step_both(make_step(6, 300, 10, 16, 4, torch.float32, norms=norms, bias=bias, keep=keep),
+                               rows=True)
+    for name, a, b in zip(("y", "conv_state", "ssm_state"), fused, ref):
+        assert rel_err(a, b) < TOL[torch.float32], (name, rel_err(a, b))
+
+
 @gpu_only
-@pytest.mark.parametrize("batch", [1, 4, 8])
+@pytest.mark.parametrize("batch", [1, 2, 4, 8, 32, 128])
 def test_fused_step_at_hymba_size_compiled(batch):
     """Hymba-1.5B's sizes in bf16 against the reference, and the dispatcher under `torch.compile(fullgraph=True)`
-    gives the kernels' exact results."""
+    gives the kernels' exact results (the two-kernel step up to FUSED_STEP_MAX_ROWS rows, the many-rows one past)."""
+    from hymba.ops.scan import FUSED_STEP_MAX_ROWS, ssm_step
+
     inputs = make_step(batch, 3200, 100, 16, 4, torch.bfloat16)
-    fused, ref = run_step_both(inputs)
+    fused, ref = run_step_both(inputs, rows=batch > FUSED_STEP_MAX_ROWS)
     for name, a, b in zip(("y", "conv_state", "ssm_state"), fused, ref):
         assert rel_err(a, b) < TOL[torch.bfloat16], (name, rel_err(a, b))
-
-    from hymba.ops.scan import ssm_step
 
     conv, ssm = inputs["conv_state"].clone(), inputs["ssm_state"].clone()
     rest = {k: v for k, v in inputs.items() if k not in ("conv_state", "ssm_state")}

@@ -152,7 +152,8 @@ INTERPRETED = not isinstance(_decode_split_kernel, triton.runtime.JITFunction)
 # tracing into Triton's launcher; the fake below gives it the output's shape.
 @torch.library.custom_op("hymba::decode_attention_triton", mutates_args=())
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                            block_n: int = 32, num_splits: int = 0) -> torch.Tensor:
+                            block_n: int = 32, num_splits: int = 0, num_warps: int = 0,
+                            num_stages: int = 0) -> torch.Tensor:
     """q (b, hq, 1, dqk); k (b, hkv, S, dqk); v (b, hkv, S, dv); valid (b, 1, 1, S) bool -> (b, hq, 1, dv) in
     q's dtype, as `decode_attention`. Any strides (cache views are never copied).
 
@@ -187,7 +188,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
         valid.stride(0), valid.stride(3),
         GROUP=group, DQK=dqk, DV=dv,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_DQK=max(MIN_DOT, triton.next_power_of_2(dqk)), BLOCK_DV=block_dv,
-        DOT_FP32=INTERPRETED, SINGLE_SPLIT=single,
+        DOT_FP32=INTERPRETED, SINGLE_SPLIT=single, **launch_options(num_warps, num_stages),
     )
     if not single:
         _decode_combine_kernel[(b * hq,)](part_max, part_sum, part_out, out, num_splits,
@@ -196,6 +197,11 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     return out
 
 
+def launch_options(num_warps: int, num_stages: int) -> dict:
+    """Triton's launch options where given (nonzero), else its defaults."""
+    return {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value}
+
+
 @decode_attention_triton.register_fake
-def _(q, k, v, valid, block_n=32, num_splits=0):
+def _(q, k, v, valid, block_n=32, num_splits=0, num_warps=0, num_stages=0):
     return q.new_empty(q.shape[0], q.shape[1], 1, v.shape[3])

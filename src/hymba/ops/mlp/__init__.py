@@ -6,7 +6,9 @@ A decode step's MLP at a few rows is two weight-bound GEMVs and an elementwise k
 before storing it. It runs for up to `FUSED_MAX_ROWS` rows without gradients (0 turns it off). On an H200
 (`benchmarks/bench_mlp.py`, session 18) it took 8.6-9.3 us at 1-32 rows against 11.5-13.8 for the plain path (1.3-1.6x)
 and made the whole captured decode step at an 8K context 3-4% faster (batch 1: 3.16 -> 3.03 ms; batch 32: 4.51 ->
-4.38); at 128 rows it lost (22.5 against 16.5 us).
+4.38). With 64-row tiles of 64 inputs (session 27) it took 9.8 against 14.6 us at 64 rows and the captured step 5.39
+-> 5.31 ms; at 128 rows 15.2 against 15.8 us, but the step was not faster (7.62 against 7.70 ms), so 128 rows stay
+with cuBLAS.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hymba.ops import HALF_DTYPES, compiled_on_gpu, gpu_kernels_usable
 
 __all__ = ["FUSED_MAX_ROWS", "gate_up_swiglu", "gate_up_swiglu_ref", "swiglu"]
 
-FUSED_MAX_ROWS = 32
+FUSED_MAX_ROWS = 64
 
 
 @compiled_on_gpu

@@ -21,10 +21,18 @@ import triton.language as tl
 __all__ = ["gate_up_swiglu_triton"]
 
 MAX_BLOCK_M = 128  # rows per program, at most; more rows take more programs (each reading the weights again)
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 128, 4, 4  # the fastest at 1-32 rows on an H200 (bench_mlp.py)
-# Each pipeline stage holds one x tile and one tile of each weight; at 128 rows four stages of the default tiles need
-# 256 KiB, past the H200's 227 KiB per program, so the default stage count is capped to what fits the device.
+# (rows up to, (block_n, block_k, num_warps, num_stages)): the fastest tiles at Hymba-1.5B's shape on an H200
+# (bench_mlp.py; session 27 at 64 rows 9.8 us against 14.6 for the plain path and 12.3 with the 32-row tiles, at 128
+# rows 15.2 against 15.8). Past the last entry, its tiles.
+TILES = ((32, (64, 128, 4, 4)), (64, (64, 64, 4, 4)), (MAX_BLOCK_M, (64, 64, 8, 3)))
+# Each pipeline stage holds one x tile and one tile of each weight; at 128 rows four stages of 128-wide K tiles need
+# 256 KiB, past the H200's 227 KiB per program, so the stage count is capped to what fits the device.
 INTERPRETER_SHARED_MEMORY_BYTES = 227 * 1024  # under TRITON_INTERPRET on CPU tensors: as an H100 / H200
+
+
+def default_tiles(rows: int) -> tuple[int, int, int, int]:
+    """(block_n, block_k, num_warps, num_stages) for `rows` rows, from TILES."""
+    return next((tiles for limit, tiles in TILES if rows <= limit), TILES[-1][1])
 
 
 @cache
@@ -36,10 +44,11 @@ def shared_memory_bytes(device: torch.device) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
-def pipeline_stages(block_m: int, block_n: int, block_k: int, element_size: int, shared_bytes: int) -> int:
-    """NUM_STAGES, or fewer where that many stages of (x, gate, up) tiles would not fit in `shared_bytes`."""
+def pipeline_stages(block_m: int, block_n: int, block_k: int, element_size: int, shared_bytes: int,
+                    stages: int) -> int:
+    """`stages`, or fewer where that many stages of (x, gate, up) tiles would not fit in `shared_bytes`."""
     per_stage = (block_m + 2 * block_n) * block_k * element_size
-    return max(1, min(NUM_STAGES, shared_bytes // per_stage))
+    return max(1, min(stages, shared_bytes // per_stage))
 
 
 @triton.jit
@@ -89,17 +98,17 @@ def gate_up_swiglu_triton(x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
         raise ValueError("gate_up_swiglu_triton reads weights whose rows are contiguous (as nn.Linear holds them)")
     x = x.contiguous()
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
-    block_n = block_n or BLOCK_N
+    tiles = default_tiles(rows)
+    block_n, block_k, num_warps = block_n or tiles[0], block_k or tiles[1], num_warps or tiles[2]
     dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))  # 16: the smallest M of tl.dot
-    block_k = block_k or BLOCK_K
     num_stages = num_stages or pipeline_stages(block_m, block_n, block_k, x.element_size(),
-                                               shared_memory_bytes(x.device))
+                                               shared_memory_bytes(x.device), tiles[3])
     _gate_up_swiglu_kernel[(triton.cdiv(rows, block_m), triton.cdiv(n, block_n))](
         x, gate_weight, up_weight, out, rows, n, k,
         x.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_FP32=dot_fp32,
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

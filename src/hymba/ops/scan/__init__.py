@@ -13,7 +13,8 @@ They return `(y, last_state)` with `y` in u's dtype and `last_state` (batch, d_i
 and `selective_state_update` is the one-token form used by cached decoding (state updated in place).
 `ssm_projections` computes delta, B and C from u (x_proj, norms, dt_proj); `ssm_step_inputs` is one decode
 step's conv update and projections, in four small kernels on CUDA, and `ssm_step` the whole decode step of the SSM
-heads (those, the state update and the gate): in two kernels up to `FUSED_STEP_MAX_ROWS` rows.
+heads (those, the state update and the gate): in two kernels up to `FUSED_STEP_MAX_ROWS` rows, in four up to
+`ROWS_STEP_MAX_ROWS`, else in five.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ PARALLEL_SCAN_MAX_WALK_PROGRAMS = 128
 # 13.3 at 2, 16.5-21.5 against 15.5 at 4; the 8K decode step at batch 1 went from 412 to 450 tok/s, at batch 4 from
 # 1,572 to 1,484 (so 4 rows stay with the five kernels).
 FUSED_STEP_MAX_ROWS = 2
+# Past FUSED_STEP_MAX_ROWS and up to this many rows (0 turns it off) the step runs as `ssm_step_rows_triton`: the
+# input kernels' conv, x_proj and sums, then dt_proj, the state update and the gate in one kernel over 16-row tiles.
+# On an H200 (bench_ssm_step.py --whole, session 27) 13.5 / 15.8 / 20.1 us at 4 / 8 / 32 rows against the five
+# kernels' 15.4 / 17.5 / 21.4; at 64 and 128 rows 27.8 and 41.6 against 26.5 and 38.0 (its (16 rows, channels, state)
+# tiles read the state slower than the state update's own kernel), so those stay with the five.
+ROWS_STEP_MAX_ROWS = 32
 # Forces the Triton scan's positions per block for every call (1 walks); None chooses by the rule above.
 TRITON_BLOCK_L: int | None = None
 
@@ -106,11 +113,13 @@ def ssm_step(conv_state, ssm_state, x, z, conv_weight, conv_bias, x_proj_weight,
              norm_weights=None, eps=1e-6, keep=None):
     """One decode step of the SSM heads, both states updated in place: returns y (batch, d_inner); see
     `ssm_step_ref`."""
-    if gpu_kernels_usable(x) and not torch.is_grad_enabled() and x.shape[0] <= FUSED_STEP_MAX_ROWS:
-        from hymba.ops.scan.triton_step import ssm_step_triton
+    if gpu_kernels_usable(x) and not torch.is_grad_enabled() and x.shape[0] <= max(FUSED_STEP_MAX_ROWS,
+                                                                                   ROWS_STEP_MAX_ROWS):
+        from hymba.ops.scan.triton_step import ssm_step_rows_triton, ssm_step_triton
 
-        return ssm_step_triton(conv_state, ssm_state, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                               dt_bias, A_log, D, *(norm_weights or (None, None, None)), eps, keep)
+        step = ssm_step_triton if x.shape[0] <= FUSED_STEP_MAX_ROWS else ssm_step_rows_triton
+        return step(conv_state, ssm_state, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias,
+                    A_log, D, *(norm_weights or (None, None, None)), eps, keep)
     u, delta, B, C = ssm_step_inputs(conv_state, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                                      norm_weights, eps, keep)
     return selective_state_update(ssm_state, u, delta, A_log, B, C, D, z, dt_bias, A_is_log=True)

@@ -747,13 +747,13 @@ def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_s
 
 @triton.jit
 def _state_step(h, A, dt, u, Bt, Ct, state_dtype: tl.constexpr):
-    """h (BLOCK_D, BLOCK_N) float32 -> (exp(dt A) h + dt B u rounded to the state's dtype, C . that), with A already
-    scaled by log2 e, dt and u (BLOCK_D,), Bt and Ct (1, BLOCK_N). Also the fused decode step's
-    (`hymba.ops.scan.triton_step`)."""
-    h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt
+    """h (..., BLOCK_D, BLOCK_N) float32 -> (exp(dt A) h + dt B u rounded to the state's dtype, C . that), with A
+    already scaled by log2 e, and every operand shaped to broadcast against h (dt and u with a trailing axis of 1,
+    Bt and Ct with one before the state's). Also the fused decode steps' (`hymba.ops.scan.triton_step`)."""
+    h = tl.exp2(dt * A) * h + (dt * u) * Bt
     # Round the state to its storage dtype before reading it out, as the in-place reference does.
     h = h.to(state_dtype).to(tl.float32)
-    return h, tl.sum(h * Ct, axis=1)
+    return h, tl.sum(h * Ct, axis=-1)
 
 
 @triton.jit
@@ -795,7 +795,7 @@ def _state_update_kernel(
     Bt = tl.load(B_ptr + pid_b * stride_B_b + offs_n * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + pid_b * stride_C_b + offs_n * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
 
-    h, y = _state_step(h, A, dt, u, Bt[None, :], Ct[None, :], state_ptr.dtype.element_ty)
+    h, y = _state_step(h, A, dt[:, None], u[:, None], Bt[None, :], Ct[None, :], state_ptr.dtype.element_ty)
     if HAS_D:
         y += u * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_Z:

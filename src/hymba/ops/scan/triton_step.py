@@ -1,5 +1,5 @@
 """The SSM heads' decode step in few kernels: its inputs in four instead of about nine (`ssm_step_inputs_triton`),
-or at one or two rows the whole step in two (`ssm_step_triton`).
+at one or two rows the whole step in two (`ssm_step_triton`), and at a few dozen in four (`ssm_step_rows_triton`).
 
 Per layer, a decode step computes before the state update (see `ssm_step_inputs_ref`, the reference):
 
@@ -31,6 +31,12 @@ B. `_ssm_step_kernel`, one program per (row, channel block): sums the partials i
 
 Every program of B re-reads the row's partials (n_blocks x n_proj float32, from L2) and A walks the rows one by one,
 so past a few rows the four kernels and the separate state update win (`hymba.ops.scan.FUSED_STEP_MAX_ROWS`).
+(Giving A and B blocks of rows to walk, B reading sums of the partials, was 3-11x slower from 4 rows on: a row of B
+is about 1,300 SASS instructions of one-row reductions, so B's programs were bound by instructions, not memory.)
+
+`ssm_step_rows_triton` is the whole step for more rows: kernels 1-3, then `_dt_proj_state_kernel`, one program per
+(16 rows, channel block): the norms, delta as a `tl.dot` with dt_proj's weight, and the state update over a
+(rows, channels, state) tile, the D skip and the gate. It wins up to `hymba.ops.scan.ROWS_STEP_MAX_ROWS` rows.
 
 Rounding follows the reference wherever it rounds to the model's dtype (x_proj's output, the norms, delta).
 Inference only: no backward.
@@ -50,7 +56,7 @@ import triton.language as tl
 from hymba.ops.conv.triton import _conv_update_row, causal_conv1d_update_triton
 from hymba.ops.scan.triton import LOG2E, _softplus, _state_step
 
-__all__ = ["ssm_step_inputs_triton", "ssm_step_triton"]
+__all__ = ["ssm_step_inputs_triton", "ssm_step_rows_triton", "ssm_step_triton"]
 
 BLOCK_ROWS = 16  # the smallest M of tl.dot; rows beyond the batch are masked
 
@@ -247,12 +253,69 @@ def _ssm_step_kernel(
     delta = tl.sum(w.to(tl.float32) * dt, axis=1).to(dtype).to(tl.float32)  # rounded as dt_proj's output is
     dt_step = _softplus(delta + dt_bias)
     A = -tl.exp(A_log.to(tl.float32)) * LOG2E
-    h, y = _state_step(h, A, dt_step, u, B, C, state_ptr.dtype.element_ty)
+    h, y = _state_step(h, A, dt_step[:, None], u[:, None], B, C, state_ptr.dtype.element_ty)
     y = (y + u * D) * z * tl.sigmoid(z)
     # Every thread has read its state before any thread overwrites it (layouts may replicate elements).
     tl.debug_barrier()
     tl.store(state_ptrs, h, mask=mask_cn)
     tl.store(y_ptr + row * dim + chans, y, mask=mask_c)
+
+
+@triton.jit
+def _dt_proj_state_kernel(
+    proj_ptr, u_ptr, z_ptr, dt_proj_ptr, dt_bias_ptr, dt_norm_ptr, B_norm_ptr, C_norm_ptr, A_log_ptr, D_ptr,
+    state_ptr, y_ptr,
+    batch, dim, dt_rank, d_state, eps,
+    stride_z_b, stride_z_d, stride_dt_proj_d, stride_dt_proj_r, stride_A_d, stride_A_n,
+    stride_state_b, stride_state_d, stride_state_n,
+    HAS_NORMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """For BLOCK_B rows and channel block pid_c: dt, B, C = split(x_proj(u)) (summed, in the model's dtype), normed;
+    delta = dt_proj(dt) as a tl.dot; the state update with dt = softplus(delta + bias), A = -exp(A_log), over a
+    (rows, channels, state) tile; y = (C.h + D u) silu(z)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r, offs_n = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_N)
+    mask_b, mask_c, mask_r, mask_n = rows < batch, chans < dim, offs_r < dt_rank, offs_n < d_state
+    mask_bc = mask_b[:, None] & mask_c[None, :]
+    mask_bcn = mask_bc[:, :, None] & mask_n[None, None, :]
+    dtype = y_ptr.dtype.element_ty
+    n_proj = dt_rank + 2 * d_state
+
+    # What does not depend on x_proj(u) first: the weights, then the rows' state, u and z.
+    w = tl.load(dt_proj_ptr + offs_r[:, None] * stride_dt_proj_r + chans[None, :] * stride_dt_proj_d,
+                mask=mask_r[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_R, BLOCK_C)
+    dt_bias = tl.load(dt_bias_ptr + chans, mask=mask_c, other=0.0).to(tl.float32)
+    A_log = tl.load(A_log_ptr + chans[:, None] * stride_A_d + offs_n[None, :] * stride_A_n,
+                    mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+    D = tl.load(D_ptr + chans, mask=mask_c, other=0.0).to(tl.float32)
+    state_ptrs = (state_ptr + rows[:, None, None] * stride_state_b + chans[None, :, None] * stride_state_d
+                  + offs_n[None, None, :] * stride_state_n)
+    h = tl.load(state_ptrs, mask=mask_bcn, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows[:, None] * dim + chans[None, :], mask=mask_bc, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_z_b + chans[None, :] * stride_z_d, mask=mask_bc, other=0.0)
+    z = z.to(tl.float32)
+
+    proj_rows = proj_ptr + rows[:, None] * n_proj
+    mask_bn = mask_b[:, None] & mask_n[None, :]
+    dt = tl.load(proj_rows + offs_r[None, :], mask=mask_b[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    B = tl.load(proj_rows + dt_rank + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
+    C = tl.load(proj_rows + dt_rank + d_state + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
+    if HAS_NORMS:
+        dt = _rms_norm_rows(dt, dt_norm_ptr, offs_r, mask_r, dt_rank, eps, dtype)
+        B = _rms_norm_rows(B, B_norm_ptr, offs_n, mask_n, d_state, eps, dtype)
+        C = _rms_norm_rows(C, C_norm_ptr, offs_n, mask_n, d_state, eps, dtype)
+    delta = _dot(dt.to(dtype), w, DOT_FP32).to(dtype).to(tl.float32)  # rounded as dt_proj's output is
+    dt_step = _softplus(delta + dt_bias[None, :])
+    A = -tl.exp(A_log.to(tl.float32)) * LOG2E
+    h, y = _state_step(h, A[None, :, :], dt_step[:, :, None], u[:, :, None], B[:, None, :], C[:, None, :],
+                       state_ptr.dtype.element_ty)
+    y = (y + u * D[None, :]) * z * tl.sigmoid(z)
+    # Every thread has read its state before any thread overwrites it (layouts may replicate elements).
+    tl.debug_barrier()
+    tl.store(state_ptrs, h, mask=mask_bcn)
+    tl.store(y_ptr + rows[:, None] * dim + chans[None, :], y, mask=mask_bc)
 
 
 # Channels per program (bench_ssm_step.py --sweep on an H100); narrow dt_proj blocks spread its weight over more
@@ -263,6 +326,32 @@ BLOCK_D_DT_PROJ = 128
 # more (the fastest on an H200, bench_ssm_step.py --whole --sweep: narrower blocks give one row more programs).
 BLOCK_D_FUSED_IN = 64
 BLOCK_C_FUSED = (16, 32)
+# The many-rows step's last kernel: channels per program (16 rows each) and warps.
+BLOCK_C_ROWS = 16
+NUM_WARPS_ROWS = 4
+
+
+def _conv_x_proj_sums(conv_state, x, conv_weight, conv_bias, x_proj_weight, keep, block_d_in, dot_fp32):
+    """Kernels 1-3 of `ssm_step_inputs_triton`: (u, x_proj(u) in x's dtype)."""
+    batch, dim = x.shape
+    n_proj = x_proj_weight.shape[0]
+    block_p = 32
+    n_blocks = triton.cdiv(dim, block_d_in)
+    if keep is not None:
+        x = x * keep[:, None]  # a padding row's x enters the conv state as 0 and its u is 0
+    u = causal_conv1d_update_triton(conv_state, x, conv_weight, conv_bias)
+    if keep is not None:
+        u = u * keep[:, None]
+    part = torch.empty(n_blocks, batch, n_proj, device=x.device, dtype=torch.float32)
+    _x_proj_partials_kernel[(triton.cdiv(batch, BLOCK_ROWS), n_blocks)](
+        u, x_proj_weight, part, batch, dim, n_proj, *x_proj_weight.stride(),
+        BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_in, BLOCK_P=block_p, P_BLOCKS=triton.cdiv(n_proj, block_p),
+        DOT_FP32=dot_fp32,
+    )
+    proj = torch.empty(batch, n_proj, device=x.device, dtype=x.dtype)
+    _sum_partials_kernel[(batch, triton.cdiv(n_proj, block_p))](
+        part, proj, batch, n_proj, n_blocks, BLOCK_BLOCKS=triton.next_power_of_2(n_blocks), BLOCK_P=block_p)
+    return u, proj
 
 
 # A custom op, so that the compiled decode step (`torch.compile(..., fullgraph=True)`) keeps the launches whole.
@@ -281,23 +370,8 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
     n_proj = x_proj_weight.shape[0]
     d_state = (n_proj - dt_rank) // 2
     block_d_in, block_d_out = block_d_in or BLOCK_D_X_PROJ, block_d_out or BLOCK_D_DT_PROJ
-    block_p = 32
     dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    n_blocks = triton.cdiv(dim, block_d_in)
-    if keep is not None:
-        x = x * keep[:, None]  # a padding row's x enters the conv state as 0 and its u is 0
-    u = causal_conv1d_update_triton(conv_state, x, conv_weight, conv_bias)
-    if keep is not None:
-        u = u * keep[:, None]
-    part = torch.empty(n_blocks, batch, n_proj, device=x.device, dtype=torch.float32)
-    _x_proj_partials_kernel[(triton.cdiv(batch, BLOCK_ROWS), n_blocks)](
-        u, x_proj_weight, part, batch, dim, n_proj, *x_proj_weight.stride(),
-        BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_in, BLOCK_P=block_p, P_BLOCKS=triton.cdiv(n_proj, block_p),
-        DOT_FP32=dot_fp32,
-    )
-    proj = torch.empty(batch, n_proj, device=x.device, dtype=x.dtype)
-    _sum_partials_kernel[(batch, triton.cdiv(n_proj, block_p))](
-        part, proj, batch, n_proj, n_blocks, BLOCK_BLOCKS=triton.next_power_of_2(n_blocks), BLOCK_P=block_p)
+    u, proj = _conv_x_proj_sums(conv_state, x, conv_weight, conv_bias, x_proj_weight, keep, block_d_in, dot_fp32)
     delta = torch.empty_like(x)
     B = torch.empty(batch, d_state, device=x.device, dtype=x.dtype)
     C = torch.empty_like(B)
@@ -361,4 +435,38 @@ def ssm_step_triton(conv_state: torch.Tensor, ssm_state: torch.Tensor, x: torch.
 @ssm_step_triton.register_fake
 def _(conv_state, ssm_state, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, D,
       dt_norm_weight=None, B_norm_weight=None, C_norm_weight=None, eps=1e-6, keep=None, block_d_in=0, block_c=0):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("hymba::ssm_step_rows", mutates_args=("conv_state", "ssm_state"))
+def ssm_step_rows_triton(conv_state: torch.Tensor, ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+                         conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, x_proj_weight: torch.Tensor,
+                         dt_proj_weight: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
+                         dt_norm_weight: torch.Tensor | None = None, B_norm_weight: torch.Tensor | None = None,
+                         C_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                         keep: torch.Tensor | None = None, block_c: int = 0, num_warps: int = 0) -> torch.Tensor:
+    """As `ssm_step_triton`, for many rows: `ssm_step_inputs_triton`'s first three kernels, then dt_proj, the state
+    update and the gate in one (`_dt_proj_state_kernel`). Zero launch parameters mean BLOCK_C_ROWS and
+    NUM_WARPS_ROWS."""
+    batch, dim = x.shape
+    dt_rank = dt_proj_weight.shape[1]
+    d_state = (x_proj_weight.shape[0] - dt_rank) // 2
+    dot_fp32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    u, proj = _conv_x_proj_sums(conv_state, x, conv_weight, conv_bias, x_proj_weight, keep, BLOCK_D_X_PROJ, dot_fp32)
+    y = torch.empty_like(u)
+    block_c = block_c or BLOCK_C_ROWS
+    _dt_proj_state_kernel[(triton.cdiv(batch, BLOCK_ROWS), triton.cdiv(dim, block_c))](
+        proj, u, z, dt_proj_weight, dt_bias, dt_norm_weight, B_norm_weight, C_norm_weight, A_log, D, ssm_state, y,
+        batch, dim, dt_rank, d_state, eps,
+        *z.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(),
+        HAS_NORMS=dt_norm_weight is not None, BLOCK_B=BLOCK_ROWS, BLOCK_C=block_c,
+        BLOCK_R=max(16, triton.next_power_of_2(dt_rank)), BLOCK_N=triton.next_power_of_2(d_state),
+        DOT_FP32=dot_fp32, num_warps=num_warps or NUM_WARPS_ROWS,
+    )
+    return y
+
+
+@ssm_step_rows_triton.register_fake
+def _(conv_state, ssm_state, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A_log, D,
+      dt_norm_weight=None, B_norm_weight=None, C_norm_weight=None, eps=1e-6, keep=None, block_c=0, num_warps=0):
     return x.new_empty(x.shape)
