@@ -123,6 +123,22 @@ def _rms_norm_rows(v, weight_ptr, offs, mask, n, eps, out_dtype: tl.constexpr):
 
 
 @triton.jit
+def _normed_projections(proj_ptr, rows, mask_b, dt_norm_ptr, B_norm_ptr, C_norm_ptr, offs_r, offs_n, mask_r, mask_n,
+                        dt_rank, d_state, eps, HAS_NORMS: tl.constexpr, out_dtype: tl.constexpr):
+    """dt, B, C of `rows` from x_proj(u) (batch, dt_rank + 2 d_state), each normed where the model norms them."""
+    proj_rows = proj_ptr + rows[:, None] * (dt_rank + 2 * d_state)
+    mask_bn = mask_b[:, None] & mask_n[None, :]
+    dt = tl.load(proj_rows + offs_r[None, :], mask=mask_b[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    B = tl.load(proj_rows + dt_rank + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
+    C = tl.load(proj_rows + dt_rank + d_state + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
+    if HAS_NORMS:
+        dt = _rms_norm_rows(dt, dt_norm_ptr, offs_r, mask_r, dt_rank, eps, out_dtype)
+        B = _rms_norm_rows(B, B_norm_ptr, offs_n, mask_n, d_state, eps, out_dtype)
+        C = _rms_norm_rows(C, C_norm_ptr, offs_n, mask_n, d_state, eps, out_dtype)
+    return dt, B, C
+
+
+@triton.jit
 def _dt_proj_kernel(
     proj_ptr, dt_proj_ptr, dt_norm_ptr, B_norm_ptr, C_norm_ptr, delta_ptr, B_ptr, C_ptr,
     batch, dim, dt_rank, d_state, eps,
@@ -137,18 +153,11 @@ def _dt_proj_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_r, offs_n = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_N)
     mask_b, mask_r, mask_n = rows < batch, offs_r < dt_rank, offs_n < d_state
-    mask_br, mask_bn = mask_b[:, None] & mask_r[None, :], mask_b[:, None] & mask_n[None, :]
+    mask_bn = mask_b[:, None] & mask_n[None, :]
     out_dtype = delta_ptr.dtype.element_ty
-    n_proj = dt_rank + 2 * d_state
 
-    proj_rows = proj_ptr + rows[:, None] * n_proj
-    dt = tl.load(proj_rows + offs_r[None, :], mask=mask_br, other=0.0).to(tl.float32)
-    B = tl.load(proj_rows + dt_rank + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
-    C = tl.load(proj_rows + dt_rank + d_state + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
-    if HAS_NORMS:
-        dt = _rms_norm_rows(dt, dt_norm_ptr, offs_r, mask_r, dt_rank, eps, out_dtype)
-        B = _rms_norm_rows(B, B_norm_ptr, offs_n, mask_n, d_state, eps, out_dtype)
-        C = _rms_norm_rows(C, C_norm_ptr, offs_n, mask_n, d_state, eps, out_dtype)
+    dt, B, C = _normed_projections(proj_ptr, rows, mask_b, dt_norm_ptr, B_norm_ptr, C_norm_ptr, offs_r, offs_n, mask_r,
+                                   mask_n, dt_rank, d_state, eps, HAS_NORMS, out_dtype)
     if pid_d == 0:
         bn_offs = rows[:, None] * d_state + offs_n[None, :]
         tl.store(B_ptr + bn_offs, B.to(out_dtype), mask=mask_bn)
@@ -281,7 +290,6 @@ def _dt_proj_state_kernel(
     mask_bc = mask_b[:, None] & mask_c[None, :]
     mask_bcn = mask_bc[:, :, None] & mask_n[None, None, :]
     dtype = y_ptr.dtype.element_ty
-    n_proj = dt_rank + 2 * d_state
 
     # What does not depend on x_proj(u) first: the weights, then the rows' state, u and z.
     w = tl.load(dt_proj_ptr + offs_r[:, None] * stride_dt_proj_r + chans[None, :] * stride_dt_proj_d,
@@ -297,15 +305,8 @@ def _dt_proj_state_kernel(
     z = tl.load(z_ptr + rows[:, None] * stride_z_b + chans[None, :] * stride_z_d, mask=mask_bc, other=0.0)
     z = z.to(tl.float32)
 
-    proj_rows = proj_ptr + rows[:, None] * n_proj
-    mask_bn = mask_b[:, None] & mask_n[None, :]
-    dt = tl.load(proj_rows + offs_r[None, :], mask=mask_b[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-    B = tl.load(proj_rows + dt_rank + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
-    C = tl.load(proj_rows + dt_rank + d_state + offs_n[None, :], mask=mask_bn, other=0.0).to(tl.float32)
-    if HAS_NORMS:
-        dt = _rms_norm_rows(dt, dt_norm_ptr, offs_r, mask_r, dt_rank, eps, dtype)
-        B = _rms_norm_rows(B, B_norm_ptr, offs_n, mask_n, d_state, eps, dtype)
-        C = _rms_norm_rows(C, C_norm_ptr, offs_n, mask_n, d_state, eps, dtype)
+    dt, B, C = _normed_projections(proj_ptr, rows, mask_b, dt_norm_ptr, B_norm_ptr, C_norm_ptr, offs_r, offs_n, mask_r,
+                                   mask_n, dt_rank, d_state, eps, HAS_NORMS, dtype)
     delta = _dot(dt.to(dtype), w, DOT_FP32).to(dtype).to(tl.float32)  # rounded as dt_proj's output is
     dt_step = _softplus(delta + dt_bias[None, :])
     A = -tl.exp(A_log.to(tl.float32)) * LOG2E
