@@ -25,9 +25,9 @@ from hymba.ops import capturing_cuda_graph, compiled_on_gpu
 from hymba.ops.attention import attention, plan_attention
 from hymba.ops.conv import causal_conv1d
 from hymba.ops.cross_entropy import linear_cross_entropy
-from hymba.ops.linear import project
-from hymba.ops.mlp import gate_up_swiglu, swiglu
-from hymba.ops.norm import rms_norm
+from hymba.ops.linear import fused_linear, project
+from hymba.ops.mlp import swiglu
+from hymba.ops.norm import average_of_norms, rms_norm
 from hymba.ops.scan import selective_scan, ssm_projections, ssm_step
 
 if TYPE_CHECKING:
@@ -68,6 +68,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def runs_as_itself(module: nn.Module) -> bool:
+    """Whether `module` must be called rather than read: an adapter wraps it (LoRA), or a hook watches it."""
+    return type(module) is not nn.Linear or bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def fused_projection(linear: nn.Linear, x: torch.Tensor, norm: RMSNorm | None = None, *, x2: torch.Tensor | None = None,
+                     norm2: RMSNorm | None = None, up: nn.Linear | None = None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + linear(norm(x)); with x2, of the branch norms' average (norm(x) + norm2(x2)) / 2; with `up`, of
+    swiglu(linear(h), up(h)). At a decode step's few rows this is one kernel (`hymba.ops.linear.fused_linear`),
+    where the norm, the projection, SwiGLU and the residual add are otherwise five."""
+    if runs_as_itself(linear) or (up is not None and runs_as_itself(up)):
+        h = x if norm is None else norm(x) if norm2 is None else average_of_norms(x, norm.weight, x2, norm2.weight,
+                                                                                  norm.eps)
+        out = linear(h) if up is None else swiglu(linear(h), up(h))
+        return out if residual is None else residual + out
+    return fused_linear(x, linear.weight, None if norm is None else norm.weight, x2,
+                        None if norm2 is None else norm2.weight, 1e-6 if norm is None else norm.eps, linear.bias,
+                        None if up is None else up.weight, residual)
 
 
 # What a layer's attention heads attend over: keys (b, hkv, S, dqk), values (b, hkv, S, dv), the keys' positions
@@ -147,12 +168,14 @@ class HymbaMixer(nn.Module):
                 self.B_layernorm = RMSNorm(c.mamba_d_state, c.rms_norm_eps)
                 self.C_layernorm = RMSNorm(c.mamba_d_state, c.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext,
-                shared_kv: KeysValues | None = None) -> tuple[torch.Tensor, KeysValues | None]:
-        """h (b, T, hidden) -> (output (b, T, hidden), the K,V this layer shares with its group's reusers or None).
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, shared_kv: KeysValues | None = None,
+                norm: RMSNorm | None = None) -> tuple[torch.Tensor, KeysValues | None]:
+        """x (b, T, hidden) -> (x + the heads' fused output on norm(x), the K,V this layer shares with its group's
+        reusers or None). The layer's input norm and residual add are applied here, in the projections next to them
+        (`fused_projection`).
 
         A reusing layer attends over `shared_kv`, its producer's."""
-        parts = list(torch.split(self.in_proj(h), self.split_sizes, dim=-1))
+        parts = list(torch.split(fused_projection(self.in_proj, x, norm), self.split_sizes, dim=-1))
         attn = ssm = keys = None
         if self.use_attention:
             q = parts.pop(0)
@@ -161,12 +184,14 @@ class HymbaMixer(nn.Module):
         if self.use_ssm:
             u, z = parts
             ssm = self.ssm(u, z, ctx)
-        if attn is None or ssm is None:
-            fused = self.pre_avg_layernorm1(attn) if ssm is None else self.pre_avg_layernorm2(ssm)
-        else:
-            norm_a, norm_s = self.pre_avg_layernorm1, self.pre_avg_layernorm2
-            fused = average_of_norms(attn, norm_a.weight, ssm, norm_s.weight, norm_a.eps)
-        return self.out_proj(fused), keys if self.shares_kv else None
+        if ssm is None:
+            out = fused_projection(self.out_proj, attn, self.pre_avg_layernorm1, residual=x)
+        elif attn is None:
+            out = fused_projection(self.out_proj, ssm, self.pre_avg_layernorm2, residual=x)
+        else:  # (norm_attn(attn) + norm_ssm(ssm)) / 2
+            out = fused_projection(self.out_proj, attn, self.pre_avg_layernorm1, x2=ssm, norm2=self.pre_avg_layernorm2,
+                                   residual=x)
+        return out, keys if self.shares_kv else None
 
     # ------------------------------------------------------------------ attention heads
     def keys_values(self, k, v, ctx: ForwardContext) -> KeysValues:
@@ -229,13 +254,6 @@ class HymbaMixer(nn.Module):
         return y.transpose(1, 2)  # (b, T, d_inner)
 
 
-@compiled_on_gpu
-def average_of_norms(a: torch.Tensor, weight_a: torch.Tensor, b: torch.Tensor, weight_b: torch.Tensor,
-                     eps: float) -> torch.Tensor:
-    """(norm_a(a) + norm_b(b)) / 2, the fusion of the two branches; compiled on CUDA into one pass over a and b."""
-    return (rms_norm.reference(a, weight_a, eps) + rms_norm.reference(b, weight_b, eps)) / 2
-
-
 class HymbaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
@@ -245,10 +263,10 @@ class HymbaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:  # no adapter wraps them
-            return self.down_proj(gate_up_swiglu(x, self.gate_proj.weight, self.up_proj.weight))
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """x + the MLP's output on norm(x) (the layer's norm and residual add, applied in the projections)."""
+        h = fused_projection(self.gate_proj, x, norm, up=self.up_proj)
+        return fused_projection(self.down_proj, h, residual=x)
 
 
 class SingleExpert(nn.Module):
@@ -258,8 +276,8 @@ class SingleExpert(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList([HymbaMLP(config)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts[0](x)
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        return self.experts[0](x, norm)
 
 
 class HymbaDecoderLayer(nn.Module):
@@ -276,10 +294,9 @@ class HymbaDecoderLayer(nn.Module):
                 shared_kv: KeysValues | None = None) -> tuple[torch.Tensor, KeysValues | None]:
         """x (b, T, hidden) -> (x, the K,V this layer shares with its group's reusers or None); a reuser gets its
         producer's as `shared_kv`."""
-        mixed, produced = self.mamba(self.input_layernorm(x), ctx, shared_kv)
-        x = x + mixed
+        x, produced = self.mamba(x, ctx, shared_kv, norm=self.input_layernorm)  # x + mixer(input_layernorm(x))
         if self.has_mlp:
-            x = x + self.moe(self.pre_moe_layernorm(x))
+            x = self.moe(x, norm=self.pre_moe_layernorm)  # x + mlp(pre_moe_layernorm(x))
         return x, produced
 
 

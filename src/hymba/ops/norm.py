@@ -1,4 +1,4 @@
-"""RMSNorm as the release computes it, shared by the model and the fused SSM decode step's reference."""
+"""RMSNorm as the release computes it, and the average of the two branch norms that fuses a layer's heads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from hymba.ops import compiled_on_gpu
 
-__all__ = ["rms_norm"]
+__all__ = ["average_of_norms", "rms_norm"]
 
 
 @compiled_on_gpu
@@ -15,3 +15,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+@compiled_on_gpu
+def average_of_norms(a: torch.Tensor, weight_a: torch.Tensor, b: torch.Tensor, weight_b: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    """(norm_a(a) + norm_b(b)) / 2, the fusion of the two branches; compiled on CUDA into one pass over a and b."""
+    return (rms_norm.reference(a, weight_a, eps) + rms_norm.reference(b, weight_b, eps)) / 2

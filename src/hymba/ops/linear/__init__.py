@@ -1,24 +1,31 @@
-"""The LM head's product for decode rows: `project(module, x)` is `module(x)`, through `hymba.ops.linear.triton`'s
-kernel where that applies (a plain `nn.Linear`, at most `SMALL_ROWS_MAX` rows, a bf16 or fp16 CUDA tensor, no
-gradients wanted).
+"""Projections for decode rows, where a plain `nn.Linear` call leaves speed behind.
 
-At a few rows a projection is a weight-bound GEMV. For the LM head's 32,001 x 1,600 weight cuBLAS falls off its fast
-path: on an H200 (`benchmarks/bench_linear.py`, session 19) it took 39.9 us at 1 row, 99 at 8, 136 at 32 and 135 at
-128 (0.7-2.6 TB/s), where the kernel, one program per 64 vocabulary rows streaming the weight once for all rows, took
-25.6 / 26.4 / 28.4 / 39.7 us (2.6-4.0 TB/s). For the layers' own projections (in_proj, out_proj, down_proj) cuBLAS
-won at 1-32 rows (the kernel 0.55-0.9x, split-K included), so they stay `nn.Linear` calls.
+- `project(module, x)` is `module(x)`, through `hymba.ops.linear.triton`'s kernel where that applies (a plain
+  `nn.Linear`, at most `SMALL_ROWS_MAX` rows, a bf16 or fp16 CUDA tensor, no gradients wanted). For the LM head's
+  32,001 x 1,600 weight cuBLAS falls off its fast path: on an H200 (`benchmarks/bench_linear.py`, session 19) it took
+  39.9 us at 1 row, 99 at 8, 136 at 32 and 135 at 128 (0.7-2.6 TB/s), where the kernel, one program per 64
+  vocabulary rows streaming the weight once for all rows, took 25.6 / 26.4 / 28.4 / 39.7 us (2.6-4.0 TB/s).
+- `fused_linear(x, weight, ...)` is a layer's projection with what surrounds it: the RMSNorm before it (or the
+  average of the two branch norms), SwiGLU of two weights, the residual add after it (`fused_linear_ref` says
+  exactly what). At most `FUSED_MAX_ROWS` rows of a bf16 or fp16 CUDA tensor without gradients run it as one
+  kernel (`hymba.ops.linear.fused`); everything else runs the reference, which the compiled step fuses as inductor
+  can.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hymba.ops import HALF_DTYPES, gpu_kernels_usable
+from hymba.ops.mlp import gate_up_swiglu
+from hymba.ops.norm import average_of_norms, rms_norm
 
-__all__ = ["SMALL_ROWS_MAX", "project"]
+__all__ = ["FUSED_MAX_ROWS", "SMALL_ROWS_MAX", "fused_linear", "fused_linear_ref", "project"]
 
 SMALL_ROWS_MAX = 128  # rows: one program holds them all (MAX_BLOCK_M); measured to 128
+FUSED_MAX_ROWS = 4  # the fused kernel's accumulators hold every row: it is for a decode step's few rows
 
 
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -31,3 +38,38 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return small_rows_linear(x.reshape(rows, x.shape[-1]), module.weight, module.bias).view(
             *x.shape[:-1], module.out_features)
     return module(x)
+
+
+def fused_linear_ref(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                     x2: torch.Tensor | None = None, norm2_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                     bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + f(h @ weight.T + bias), where h is x, or rms_norm(x) with `norm_weight`, or the average
+    (rms_norm(x) + rms_norm(x2)) / 2 with `norm2_weight` too; f is the identity, or with `up_weight`
+    swiglu(., h @ up_weight.T) (no bias then: the MLP has none). Each step rounded to x's dtype as the separate
+    modules round it."""
+    if up_weight is not None and bias is not None:
+        raise ValueError("fused_linear takes a bias or an up_weight, not both")
+    h = x
+    if norm2_weight is not None:
+        h = average_of_norms(x, norm_weight, x2, norm2_weight, eps)
+    elif norm_weight is not None:
+        h = rms_norm(x, norm_weight, eps)
+    out = gate_up_swiglu(h, weight, up_weight) if up_weight is not None else F.linear(h, weight, bias)
+    return out if residual is None else residual + out
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                 x2: torch.Tensor | None = None, norm2_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                 bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`fused_linear_ref` for x (..., in_features) (x2 and residual shaped alike), as one kernel at a few rows."""
+    rows = x.numel() // x.shape[-1]
+    if (rows <= FUSED_MAX_ROWS and x.dtype in HALF_DTYPES and gpu_kernels_usable(x)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        from hymba.ops.linear.fused import fused_rows_linear
+
+        flat = lambda t: None if t is None else t.reshape(rows, t.shape[-1])  # noqa: E731
+        return fused_rows_linear(flat(x), weight, norm_weight, flat(x2), norm2_weight, eps, bias, up_weight,
+                                 flat(residual)).view(*x.shape[:-1], weight.shape[0])
+    return fused_linear_ref(x, weight, norm_weight, x2, norm2_weight, eps, bias, up_weight, residual)
