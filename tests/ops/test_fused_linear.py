@@ -48,14 +48,21 @@ def test_fused_rows_linear_bf16_rounds_as_the_modules_do(case):
 
 
 def test_fused_linear_takes_the_kernel_for_few_rows_only(monkeypatch):
+    from hymba.ops.linear import fused
+
     calls = []
-    monkeypatch.setattr(torch.ops.hymba, "fused_rows_linear", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(linear, "FUSED_MAX_ROWS", 4)
+    monkeypatch.setattr(linear, "gpu_kernels_usable", lambda x: True)  # the interpreter takes CPU tensors
+    monkeypatch.setattr(fused, "fused_rows_linear", lambda *args: calls.append(1) or fused_rows_linear(*args))
     t = tensors(1, 8, 16, torch.bfloat16)
-    want = fused_linear_ref(t["x"][:, None], t["weight"], t["norm_weight"])
-    got = fused_linear(t["x"][:, None], t["weight"], t["norm_weight"])  # (1, 1, k): one row
-    assert got.shape == want.shape == (1, 1, 8)
-    many = tensors(linear.FUSED_MAX_ROWS + 1, 8, 16, torch.bfloat16)
+    x = t["x"][:, None]  # (1, 1, k): one row
+    got = fused_linear(x, t["weight"], t["norm_weight"], residual=t["residual"][:, None])
+    assert calls and got.shape == (1, 1, 8)
+    assert rel_err(got, fused_linear_ref(x, t["weight"], t["norm_weight"], residual=t["residual"][:, None])) < 3e-2
+    calls.clear()
+    many = tensors(5, 8, 16, torch.bfloat16)
     assert torch.equal(fused_linear(many["x"], many["weight"]), fused_linear_ref(many["x"], many["weight"]))
+    assert not calls
 
 
 def test_fused_rows_linear_refuses_what_it_cannot_read():
