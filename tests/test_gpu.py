@@ -57,9 +57,9 @@ def test_cuda_graph_decode_equals_eager():
 ])
 def test_fused_decode_kernels_give_the_plain_paths_tokens(monkeypatch, switch, kernel_module, kernel_name, batches):
     """bf16 decode with a decode-rows kernel switched on (the fused gate/up SwiGLU, the small-rows projections, the SSM
-    heads' two-kernel step, the projections fused with their norms and residual adds) against the path without it: the same greedy tokens at two batch sizes (the second
-    left-padded) for 64 steps past the sliding window, eager and captured,
-    and the kernel ran."""
+    heads' two-kernel step, the projections fused with their norms and residual adds) against the path without it:
+    the same greedy tokens at two batch sizes (the second left-padded) for 64 steps past the sliding window, eager and
+    captured, and the kernel ran."""
     import importlib
 
     module_name, _, limit = switch.rpartition(".")
