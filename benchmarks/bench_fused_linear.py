@@ -14,6 +14,7 @@ GB/s counts the weights read.
 import argparse
 
 import torch
+from bench_ssm_step import graph_time_us
 
 from hymba.ops.linear import fused_linear_ref
 from hymba.ops.linear.fused import fused_rows_linear
@@ -29,25 +30,9 @@ CASES = {"in_proj": (IN_PROJ, HIDDEN, ("norm_weight",)),
 TILES = [(8, 512, 4), (8, 256, 4), (16, 256, 4), (16, 512, 8), (4, 512, 4), (8, 1024, 8), (32, 256, 8), (16, 128, 4)]
 
 
-def per_call_us(fn, layers: list[dict], replays: int = 20) -> float:
+def per_call_us(fn, layers: list[dict]) -> float:
     """Microseconds per call of fn(**layer) in a captured graph of one call per layer."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for layer in layers[:2]:
-            fn(**layer)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in layers:
-            fn(**layer)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays / len(layers)
+    return graph_time_us(lambda layer: fn(**layer), [(layer,) for layer in layers])
 
 
 def main() -> None:
