@@ -27,7 +27,7 @@ from hymba.ops.conv import causal_conv1d
 from hymba.ops.cross_entropy import linear_cross_entropy
 from hymba.ops.linear import fused_linear, project
 from hymba.ops.mlp import swiglu
-from hymba.ops.norm import average_of_norms, rms_norm
+from hymba.ops.norm import normed_input, rms_norm
 from hymba.ops.scan import selective_scan, ssm_projections, ssm_step
 
 if TYPE_CHECKING:
@@ -81,13 +81,13 @@ def fused_projection(linear: nn.Linear, x: torch.Tensor, norm: RMSNorm | None = 
     """residual + linear(norm(x)); with x2, of the branch norms' average (norm(x) + norm2(x2)) / 2; with `up`, of
     swiglu(linear(h), up(h)). At a decode step's few rows this is one kernel (`hymba.ops.linear.fused_linear`),
     where the norm, the projection, SwiGLU and the residual add are otherwise five."""
+    norm_weight, norm2_weight = (None if n is None else n.weight for n in (norm, norm2))
+    eps = 1e-6 if norm is None else norm.eps
     if runs_as_itself(linear) or (up is not None and runs_as_itself(up)):
-        h = x if norm is None else norm(x) if norm2 is None else average_of_norms(x, norm.weight, x2, norm2.weight,
-                                                                                  norm.eps)
+        h = normed_input(x, norm_weight, x2, norm2_weight, eps)
         out = linear(h) if up is None else swiglu(linear(h), up(h))
         return out if residual is None else residual + out
-    return fused_linear(x, linear.weight, None if norm is None else norm.weight, x2,
-                        None if norm2 is None else norm2.weight, 1e-6 if norm is None else norm.eps, linear.bias,
+    return fused_linear(x, linear.weight, norm_weight, x2, norm2_weight, eps, linear.bias,
                         None if up is None else up.weight, residual)
 
 

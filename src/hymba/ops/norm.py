@@ -6,7 +6,7 @@ import torch
 
 from hymba.ops import compiled_on_gpu
 
-__all__ = ["average_of_norms", "rms_norm"]
+__all__ = ["average_of_norms", "normed_input", "rms_norm"]
 
 
 @compiled_on_gpu
@@ -22,3 +22,12 @@ def average_of_norms(a: torch.Tensor, weight_a: torch.Tensor, b: torch.Tensor, w
                      eps: float) -> torch.Tensor:
     """(norm_a(a) + norm_b(b)) / 2, the fusion of the two branches; compiled on CUDA into one pass over a and b."""
     return (rms_norm.reference(a, weight_a, eps) + rms_norm.reference(b, weight_b, eps)) / 2
+
+
+def normed_input(x: torch.Tensor, weight: torch.Tensor | None = None, x2: torch.Tensor | None = None,
+                 weight2: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """What a projection reads: x as it is, rms_norm(x) with `weight`, or with `weight2` too the branch norms'
+    average (rms_norm(x) + rms_norm(x2)) / 2."""
+    if weight2 is not None:
+        return average_of_norms(x, weight, x2, weight2, eps)
+    return x if weight is None else rms_norm(x, weight, eps)

@@ -10,10 +10,10 @@
   exactly what). At most `FUSED_MAX_ROWS` rows of a bf16 or fp16 CUDA tensor without gradients run it as one
   kernel (`hymba.ops.linear.fused`); everything else runs the reference, which the compiled step fuses as inductor
   can. The kernel is off (0) until it beats the reference in the step: on an H200 (session 28,
-  `benchmarks/bench_fused_linear.py`, 32 weights in a graph so none is read from L2) its elementwise-FMA loop
-  without pipelined loads won only where the reference is weakest (out_proj with the branch norms' average: 9.6
-  against 14.0 us at 1 row; down_proj 10.8 against 11.8) and lost the in_proj (15.0 against 11.8 us) and gate/up
-  (16.6 against 14.0), so the compiled step at an 8K context took 2.53 ms against 2.22 at 1 row.
+  `benchmarks/bench_fused_linear.py`, 32 weights in a graph so none is read from L2; each kernel's best tile at 1
+  row) its elementwise-FMA loop without pipelined loads won only where the reference is weakest (out_proj with the
+  branch norms' average: 9.6 against 14.0 us; down_proj 10.8 against 11.8) and lost the in_proj (13.5 against 11.8
+  us) and gate/up (16.6 against 14.0), so the compiled step at an 8K context took 2.53 ms against 2.22 at 1 row.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from hymba.ops import HALF_DTYPES, gpu_kernels_usable
 from hymba.ops.mlp import gate_up_swiglu
-from hymba.ops.norm import average_of_norms, rms_norm
+from hymba.ops.norm import normed_input
 
 __all__ = ["FUSED_MAX_ROWS", "SMALL_ROWS_MAX", "fused_linear", "fused_linear_ref", "project"]
 
@@ -54,11 +54,7 @@ def fused_linear_ref(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.T
     modules round it."""
     if up_weight is not None and bias is not None:
         raise ValueError("fused_linear takes a bias or an up_weight, not both")
-    h = x
-    if norm2_weight is not None:
-        h = average_of_norms(x, norm_weight, x2, norm2_weight, eps)
-    elif norm_weight is not None:
-        h = rms_norm(x, norm_weight, eps)
+    h = normed_input(x, norm_weight, x2, norm2_weight, eps)
     out = gate_up_swiglu(h, weight, up_weight) if up_weight is not None else F.linear(h, weight, bias)
     return out if residual is None else residual + out
 
