@@ -57,10 +57,11 @@ def rope_inv_freq(config: HymbaConfig, device: torch.device) -> torch.Tensor:
 
 
 def rope_cos_sin(config: HymbaConfig, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (b, 1, T, head_dim) for integer positions (b, T); angles in float32."""
+    """cos, sin of shape (b, T, 1, head_dim) for integer positions (b, T), to rotate heads laid out token-major
+    (b, T, heads, head_dim) as the projections write them; angles in float32."""
     freqs = positions.float()[..., None] * rope_inv_freq(config, positions.device)  # (b, T, dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+    return emb.cos().to(dtype).unsqueeze(2), emb.sin().to(dtype).unsqueeze(2)
 
 
 @compiled_on_gpu
@@ -197,10 +198,11 @@ class HymbaMixer(nn.Module):
     def keys_values(self, k, v, ctx: ForwardContext) -> KeysValues:
         """A producer's k, v (b, T, kv*d) -> what its attention attends over: these tokens, or the cache's."""
         b, T, _ = k.shape
-        k = k.view(b, T, self.n_kv, self.d_qk).transpose(1, 2)  # (b, hkv, T, dqk)
-        v = v.view(b, T, self.n_kv, self.d_v).transpose(1, 2)  # (b, hkv, T, dv)
+        k = k.view(b, T, self.n_kv, self.d_qk)
         if self.config.rope:
-            k = apply_rope(k, *ctx.rope)
+            k = apply_rope(k, *ctx.rope)  # token-major, as projected: a head-major view made it a strided gather
+        k = k.transpose(1, 2)  # (b, hkv, T, dqk)
+        v = v.view(b, T, self.n_kv, self.d_v).transpose(1, 2)  # (b, hkv, T, dv)
         if ctx.cache is None:
             return k, v, ctx.positions, ctx.valid
         return ctx.cache.update_kv(self.layer_idx, k, v)
@@ -208,9 +210,10 @@ class HymbaMixer(nn.Module):
     def attention(self, q, keys: KeysValues, ctx: ForwardContext) -> torch.Tensor:
         """q (b, T, hidden) over `keys` (this layer's, or its producer's) -> (b, T, heads * d_v)."""
         b, T, _ = q.shape
-        q = q.view(b, T, self.n_heads, self.d_qk).transpose(1, 2)  # (b, hq, T, dqk)
+        q = q.view(b, T, self.n_heads, self.d_qk)
         if self.config.rope:
             q = apply_rope(q, *ctx.rope)
+        q = q.transpose(1, 2)  # (b, hq, T, dqk)
         k_all, v_all, k_pos, k_valid = keys
         plan = ctx.plan(self.window, k_pos, k_valid, self.config.num_memory_tokens)
         out = attention(q, k_all, v_all, plan)  # (b, hq, T, dv)

@@ -56,16 +56,18 @@ def attention_maps(model, input_ids: torch.Tensor) -> dict[int, AttentionMap]:
     for i in sorted(projections):
         mixer = model.model.layers[i].mamba
         parts = torch.split(projections[i], mixer.split_sizes, dim=-1)
-        q = parts[0].view(b, M + L, mixer.n_heads, mixer.d_qk).transpose(1, 2)  # (b, hq, S, dqk)
+        q = parts[0].view(b, M + L, mixer.n_heads, mixer.d_qk)
         if config.rope:
             q = apply_rope(q, cos, sin)
+        q = q.transpose(1, 2)  # (b, hq, S, dqk)
         if mixer.reuses_kv:
             k, v = produced[config.kv_producer(i)]
         else:
-            k = parts[1].view(b, M + L, mixer.n_kv, mixer.d_qk).transpose(1, 2)  # (b, hkv, S, dqk)
-            v = parts[2].view(b, M + L, mixer.n_kv, mixer.d_v).transpose(1, 2)  # (b, hkv, S, dv)
+            k = parts[1].view(b, M + L, mixer.n_kv, mixer.d_qk)
             if config.rope:
                 k = apply_rope(k, cos, sin)
+            k = k.transpose(1, 2)  # (b, hkv, S, dqk)
+            v = parts[2].view(b, M + L, mixer.n_kv, mixer.d_v).transpose(1, 2)  # (b, hkv, S, dv)
             produced[i] = (k, v)
         group = mixer.n_heads // mixer.n_kv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # GQA: (b, hq, S, d)
