@@ -9,11 +9,13 @@
   average of the two branch norms), SwiGLU of two weights, the residual add after it (`fused_linear_ref` says
   exactly what). At most `FUSED_MAX_ROWS` rows of a bf16 or fp16 CUDA tensor without gradients run it as one
   kernel (`hymba.ops.linear.fused`); everything else runs the reference, which the compiled step fuses as inductor
-  can. The kernel is off (0) until it beats the reference in the step: on an H200 (session 28,
-  `benchmarks/bench_fused_linear.py`, 32 weights in a graph so none is read from L2; each kernel's best tile at 1
-  row) its elementwise-FMA loop without pipelined loads won only where the reference is weakest (out_proj with the
-  branch norms' average: 9.6 against 14.0 us; down_proj 10.8 against 11.8) and lost the in_proj (13.5 against 11.8
-  us) and gate/up (16.6 against 14.0), so the compiled step at an 8K context took 2.53 ms against 2.22 at 1 row.
+  can. The kernel is off (0) until it beats the reference in the step. Its first version, an elementwise-FMA loop
+  without pipelined loads, lost on an H200 (session 28, `benchmarks/bench_fused_linear.py`, 32 weights in a graph
+  so none is read from L2; each kernel's best tile at 1 row): it won only where the reference is weakest (out_proj
+  with the branch norms' average: 9.6 against 14.0 us; down_proj 10.8 against 11.8) and lost the in_proj (13.5
+  against 11.8 us) and gate/up (16.6 against 14.0), so the compiled step at an 8K context took 2.53 ms against 2.22
+  at 1 row. The kernel now runs on tl.dot over 16 padded rows, with split-K for few outputs; it has not been timed
+  on a GPU yet.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from hymba.ops.norm import normed_input
 __all__ = ["FUSED_MAX_ROWS", "SMALL_ROWS_MAX", "fused_linear", "fused_linear_ref", "project"]
 
 SMALL_ROWS_MAX = 128  # rows: one program holds them all (MAX_BLOCK_M); measured to 128
-FUSED_MAX_ROWS = 0  # off: see above. At most 4 when on, since the kernel's accumulators hold every row
+FUSED_MAX_ROWS = 0  # off: see above. At most 16 (`hymba.ops.linear.fused.MAX_ROWS`) when on
 
 
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
