@@ -253,3 +253,50 @@ def test_logits_to_keep_gives_the_last_positions(tiny_config):
         full = model(ids).logits
         last = model(ids, logits_to_keep=2).logits
     torch.testing.assert_close(last, full[:, -2:], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- precision
+def test_norms_return_their_input_dtype_rounded_once():
+    """Under autocast a norm's weight is float32 and its input bf16: the result is the float32 value rounded once, as
+    the next projection's cast would have rounded it; with one dtype throughout nothing changes."""
+    from hymba.ops.norm import average_of_norms, rms_norm
+
+    torch.manual_seed(0)
+    a, b = (torch.randn(3, 5, 24).to(torch.bfloat16) for _ in range(2))
+    wa, wb = 1 + 0.1 * torch.randn(24), 1 + 0.1 * torch.randn(24)
+
+    def norm32(x, w):  # the release's RMSNorm with a float32 weight: normalised, cast back to x's dtype, scaled
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    got = rms_norm(a, wa, 1e-6)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, norm32(a, wa).to(torch.bfloat16))
+    got = average_of_norms(a, wa, b, wb, 1e-6)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ((norm32(a, wa) + norm32(b, wb)) / 2).to(torch.bfloat16))
+    a32 = a.float()
+    assert torch.equal(rms_norm(a32, wa, 1e-6), norm32(a32, wa))
+    bf_weight = wa.to(torch.bfloat16)
+    assert torch.equal(rms_norm(a, bf_weight, 1e-6), bf_weight * norm32(a, torch.ones(24)).to(torch.bfloat16))
+
+
+def test_bf16_residual_stream_under_autocast(tiny_config):
+    """`residual_in_autocast_dtype`: under autocast the stream between layers is bf16 and the loss stays within bf16
+    rounding of the float32 stream's; without autocast the switch changes nothing."""
+    torch.manual_seed(0)
+    model = HymbaForCausalLM(tiny_config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    seen = []
+    hook = model.model.layers[1].register_forward_hook(lambda module, args, out: seen.append(out[0].dtype))
+    losses = {}
+    for bf16_stream in (False, True):
+        model.model.residual_in_autocast_dtype = bf16_stream
+        with torch.no_grad():
+            losses["fp32", bf16_stream] = model(ids, labels=ids).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses["autocast", bf16_stream] = model(ids, labels=ids).loss
+    hook.remove()
+    assert seen == [torch.float32, torch.float32, torch.float32, torch.bfloat16]
+    assert torch.equal(losses["fp32", False], losses["fp32", True])
+    assert rel_err(losses["autocast", True], losses["autocast", False]) < 2e-2
+    assert rel_err(losses["autocast", True], losses["fp32", False]) < 2e-2

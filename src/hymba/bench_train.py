@@ -66,6 +66,7 @@ class TrainBenchOptions:
     warmup_steps: int
     device: Any
     compile: bool = False
+    residual_dtype: str = "float32"
     peak_flops: float | None = None
     seed: int = 0
 
@@ -87,7 +88,8 @@ def train_config(row: TrainRow, o: TrainBenchOptions):
 
     settings = dict(data_dir=RANDOM_TOKENS, batch_size=row.batch, block_size=row.seq_len,
                     activation_checkpointing=row.activation_checkpointing, compile=row.compile,
-                    device=str(o.device), dtype="auto", peak_flops=o.peak_flops, seed=o.seed, progress=False)
+                    residual_dtype=o.residual_dtype, device=str(o.device), dtype="auto", peak_flops=o.peak_flops,
+                    seed=o.seed, progress=False)
     if row.model in PRESETS:
         return TrainConfig(model=row.model, **settings)
     if (CONFIG_DIR / f"{row.model}.json").is_file():
@@ -189,10 +191,13 @@ def report(rows: list[TrainRow], o: TrainBenchOptions, notes: list[str]) -> dict
 
     from hymba.bench import device_name
 
+    precision = "float32"
+    if o.device.type == "cuda":
+        precision = f"bf16 autocast, float32 master weights, fused AdamW, a {o.residual_dtype} residual stream"
     return dict(device=device_name(o.device), device_type=o.device.type, torch_version=torch.__version__,
-                precision="bf16 autocast, float32 master weights, fused AdamW" if o.device.type == "cuda"
-                else "float32", steps=o.steps, warmup_steps=o.warmup_steps, tokens_per_step=o.tokens_per_step,
-                compile=o.compile, mfu_formula=MFU_FORMULA, notes=notes, rows=[asdict(r) for r in rows])
+                precision=precision, steps=o.steps, warmup_steps=o.warmup_steps, tokens_per_step=o.tokens_per_step,
+                compile=o.compile, residual_dtype=o.residual_dtype, mfu_formula=MFU_FORMULA, notes=notes,
+                rows=[asdict(r) for r in rows])
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
@@ -213,7 +218,8 @@ def run_bench_train(args: argparse.Namespace) -> int:
         lora_r=defaults["lora_r"] if args.lora_r is None else args.lora_r,
         steps=args.steps or defaults["steps"],
         warmup_steps=defaults["warmup_steps"] if args.warmup_steps is None else args.warmup_steps,
-        device=device, compile=args.compile, peak_flops=args.peak_flops, seed=args.seed)
+        device=device, compile=args.compile, residual_dtype=args.residual_dtype, peak_flops=args.peak_flops,
+        seed=args.seed)
     for row in o.cases():
         train_config(row, o)  # an unknown model fails here, before anything runs
     notes: list[str] = []
@@ -263,6 +269,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--steps", type=int, help="timed steps per case (default 10 on GPU, 2 on CPU)")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default 3 on GPU, 1 on CPU)")
     parser.add_argument("--compile", action="store_true", help="as `hymba train --compile`")
+    parser.add_argument("--residual-dtype", choices=["float32", "bf16"], default="float32",
+                        help="as `hymba train --residual-dtype`: the residual stream's dtype under bf16 autocast")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--peak-flops", type=float, help="the device's peak FLOP/s for MFU (default: by GPU name)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens")

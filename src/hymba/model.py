@@ -313,6 +313,9 @@ class HymbaModel(nn.Module):
         self.layers = nn.ModuleList([HymbaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Under autocast, hold the residual stream in autocast's dtype (Megatron's and torchtitan's default) rather
+        # than in the float32 of the embedding: bf16 adds between layers, and no casts into each projection and back.
+        self.residual_in_autocast_dtype = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: HymbaCache | None = None, between_layers: Callable[[], None] | None = None) -> torch.Tensor:
@@ -321,6 +324,8 @@ class HymbaModel(nn.Module):
         `between_layers` is called after each layer has been launched: the serving engine launches its decode steps
         there while a prefill forward is being launched (see `hymba.engine`)."""
         x = self.embed_tokens(input_ids)
+        if self.residual_in_autocast_dtype and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # the meta tokens follow x's dtype
         valid = None
         if attention_mask is not None and (capturing_cuda_graph(x) or not bool(attention_mask.all())):
             valid = attention_mask.bool()  # a captured forward keeps its mask: the check would read the device
