@@ -184,11 +184,9 @@ def _split_epilogue_kernel(
 INTERPRETED = not isinstance(_fused_rows_linear_kernel, triton.runtime.JITFunction)
 
 
-def split_k(n: int, k: int, block_n: int, block_k: int, swiglu: bool) -> int:
+def split_k(n: int, k: int, block_n: int, block_k: int) -> int:
     """Input slices for `n` outputs: enough for about TARGET_PROGRAMS programs, each at least two steps of block_k
-    long; none with SwiGLU (its projection has outputs enough)."""
-    if swiglu:
-        return 1
+    long."""
     return max(1, min(triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n, block_n)), k // (2 * block_k)))
 
 
@@ -215,7 +213,8 @@ def fused_rows_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.
     tiles = TILES["swiglu" if swiglu else "default"]
     block_n, block_k = block_n or tiles[0], block_k or tiles[1]
     num_warps, num_stages = num_warps or tiles[2], num_stages or tiles[3]
-    splits = 1 if swiglu else splits or split_k(n, k, block_n, block_k, swiglu)
+    # SwiGLU never splits: its split path would need the up partials too, and its projection has outputs enough.
+    splits = 1 if swiglu else splits or split_k(n, k, block_n, block_k)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # slices start on block boundaries
     splits = triton.cdiv(k, k_per_split)
     norms = 0 if norm_weight is None else 1 if norm2_weight is None else 2
