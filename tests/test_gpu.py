@@ -160,6 +160,33 @@ def test_compiled_cuda_graph_decode_equals_eager_step():
 
 
 
+def test_pdl_launches_give_the_same_logits(monkeypatch):
+    """The captured bf16 decode step with its Triton kernels launched as programmatic dependents (`hymba.ops.PDL`, the
+    default on sm_90+) and without: the same logits, bit for bit, for 12 steps past the sliding window."""
+    import hymba.ops
+    from hymba.cache import HymbaCache
+    from hymba.generate import CudaGraphDecoder, prefill
+
+    torch.manual_seed(0)
+    model = HymbaForCausalLM(HymbaConfig.preset("tiny", vocab_size=257, sliding_window=16)).cuda().eval()
+    model.init_weights()
+    model.to(torch.bfloat16)
+    ids = torch.randint(1, 257, (3, 24), device="cuda")
+    logits = {}
+    with torch.inference_mode():
+        for pdl in (True, False):
+            monkeypatch.setattr(hymba.ops, "PDL", pdl)
+            cache = HymbaCache(model.config, 3, 64, device="cuda", dtype=torch.bfloat16)
+            prefill(model, cache, ids, None)
+            graph = CudaGraphDecoder(model, cache, 3)
+            tokens, steps = ids[:, -1], []
+            for _ in range(12):
+                steps.append(graph(tokens).clone())
+                tokens = steps[-1].argmax(-1)
+            logits[pdl] = torch.stack(steps)
+    assert torch.equal(logits[True], logits[False])
+
+
 def test_chunked_loss_matches_full_logits_under_bf16_autocast():
     """The trainer's loss (LM head + cross-entropy a chunk of tokens at a time) on the GPU, the vocabulary of the
     release, against F.cross_entropy of full float32 logits under the same autocast: value and both gradients."""

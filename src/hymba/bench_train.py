@@ -66,7 +66,7 @@ class TrainBenchOptions:
     warmup_steps: int
     device: Any
     compile: bool = False
-    residual_dtype: str = "float32"
+    residual_dtype: str = "auto"
     peak_flops: float | None = None
     seed: int = 0
 
@@ -193,7 +193,8 @@ def report(rows: list[TrainRow], o: TrainBenchOptions, notes: list[str]) -> dict
 
     precision = "float32"
     if o.device.type == "cuda":
-        precision = f"bf16 autocast, float32 master weights, fused AdamW, a {o.residual_dtype} residual stream"
+        stream = "float32" if o.residual_dtype in ("float32", "fp32") else "bf16"
+        precision = f"bf16 autocast, float32 master weights, fused AdamW, a {stream} residual stream"
     return dict(device=device_name(o.device), device_type=o.device.type, torch_version=torch.__version__,
                 precision=precision, steps=o.steps, warmup_steps=o.warmup_steps, tokens_per_step=o.tokens_per_step,
                 compile=o.compile, residual_dtype=o.residual_dtype, mfu_formula=MFU_FORMULA, notes=notes,
@@ -269,8 +270,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--steps", type=int, help="timed steps per case (default 10 on GPU, 2 on CPU)")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default 3 on GPU, 1 on CPU)")
     parser.add_argument("--compile", action="store_true", help="as `hymba train --compile`")
-    parser.add_argument("--residual-dtype", choices=["float32", "bf16"], default="float32",
-                        help="as `hymba train --residual-dtype`: the residual stream's dtype under bf16 autocast")
+    parser.add_argument("--residual-dtype", choices=["auto", "float32", "bf16"], default="auto",
+                        help="as `hymba train --residual-dtype`: the residual stream's dtype under bf16 autocast "
+                        "(auto: bf16)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--peak-flops", type=float, help="the device's peak FLOP/s for MFU (default: by GPU name)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens")

@@ -15,6 +15,7 @@ from numbers import Integral, Real
 
 import torch
 
+import hymba.ops
 from hymba.cache import HymbaCache
 from hymba.errors import HymbaError
 from hymba.ops import device_tensor, to_device
@@ -287,8 +288,16 @@ def compiled_decode_step():
         from hymba.ops.attention import allow_many_recompiles
 
         allow_many_recompiles()
-        _COMPILED_STEP = torch.compile(decode_step, dynamic=False, fullgraph=True)
+        _COMPILED_STEP = torch.compile(decode_step, dynamic=False, fullgraph=True, options=inductor_options())
     return _COMPILED_STEP
+
+
+def inductor_options() -> dict:
+    """The compiled step's inductor options: its Triton kernels launched as programmatic dependents, like the step's
+    own kernels (`hymba.ops.launch`), where this PyTorch can (`triton.enable_pdl`; it emits them only for sm_90+)."""
+    import torch._inductor.config
+
+    return {"triton.enable_pdl": True} if hymba.ops.PDL and hasattr(torch._inductor.config.triton, "enable_pdl") else {}
 
 
 def batch_buckets(max_batch: int) -> list[int]:

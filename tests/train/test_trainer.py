@@ -131,13 +131,18 @@ def test_micro_batches_and_unequal_targets_give_the_global_mean_gradient():
 
 
 def test_residual_dtype_reaches_the_model_and_trains_under_autocast(tmp_path):
-    """`residual_dtype bf16` sets the model's switch; a bf16-autocast step then trains through the bf16 stream and
-    gives gradients within bf16 rounding of the float32 stream's (CPU autocast stands in for the GPU's)."""
-    cfg = tiny_config(tmp_path / "tokens", tmp_path / "out", residual_dtype="bf16", dtype="bf16")
-    model = trainer.build_model(cfg, torch.device("cpu"))
+    """`residual_dtype` bf16 (and auto, the default) sets the model's switch, float32 clears it; a bf16-autocast step
+    then trains through the bf16 stream and gives gradients within bf16 rounding of the float32 stream's (CPU
+    autocast stands in for the GPU's)."""
+    def switch(**overrides):
+        cfg = tiny_config(tmp_path / "tokens", tmp_path / "out", **overrides)
+        return trainer.build_model(cfg, torch.device("cpu")).model.residual_in_autocast_dtype
+
+    assert switch() and switch(residual_dtype="auto", dtype="float32")  # no autocast there: float32 anyway
+    assert not switch(residual_dtype="float32")
+    model = trainer.build_model(tiny_config(tmp_path / "tokens", tmp_path / "out", residual_dtype="bf16",
+                                            dtype="bf16"), torch.device("cpu"))
     assert model.model.residual_in_autocast_dtype
-    assert not trainer.build_model(tiny_config(tmp_path / "tokens", tmp_path / "out"),
-                                   torch.device("cpu")).model.residual_in_autocast_dtype
     amp = Runtime(rank=0, world_size=1, device=torch.device("cpu"), amp_dtype=torch.bfloat16)
     batch = [micro_batch()]
     grads = {}
@@ -359,7 +364,7 @@ BAD_TRAIN_CONFIGS = {
     "betas above 1": (dict(betas=[2, 3]), "`betas` must be two numbers in [0, 1)"),
     "lr a string": (dict(lr="1e-3"), "`lr` must be a number"),
     "batch size a bool": (dict(batch_size=True), "`batch_size` must be an integer"),
-    "residual dtype unknown": (dict(residual_dtype="half"), "`residual_dtype` is 'half'; use one of float32"),
+    "residual dtype unknown": (dict(residual_dtype="half"), "`residual_dtype` is 'half'; use one of auto, float32"),
     "bf16 residual without autocast": (dict(residual_dtype="bf16", dtype="float32"), "needs bf16 autocast"),
 }
 

@@ -15,6 +15,10 @@ _IMPORTABLE = {module: importlib.util.find_spec(module) is not None
                for module in ("triton", "torch.nn.attention.flex_attention")}
 
 
+# Programmatic dependent launch (`hymba.ops.launch`) for the decode step's Triton kernels and, in the compiled step,
+# inductor's: on sm_90+ a kernel may start while the one before it drains. False launches them as ordinary kernels.
+PDL = True
+
 # The decode-rows GEMV kernels (hymba.ops.mlp.triton, hymba.ops.linear.triton) size their tiles for 2-byte weights:
 # float32 tiles of that size overflow a GPU's shared memory, so a float32 model keeps cuBLAS there.
 HALF_DTYPES = (torch.bfloat16, torch.float16)

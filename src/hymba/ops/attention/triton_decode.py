@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hymba.ops.launch import pdl_launch, wait_for_inputs
+
 __all__ = ["decode_attention_triton"]
 
 # About four programs per SM of an H100 (132 SMs): enough in flight to saturate memory bandwidth, while each
@@ -46,13 +48,14 @@ def _decode_split_kernel(
     stride_valid_b, stride_valid_n,
     GROUP: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_FP32: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    DOT_FP32: tl.constexpr, SINGLE_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One program: row b, KV head h, key split `split`. Scores are in log2 units (qk_scale folds in log2(e)).
 
     Partials (m, l, acc) go to contiguous float32 scratch laid out (b * hkv, num_splits, GROUP[, DV]). The head
     dims are constexpr so the compiler sees the masks along them as whole vectors: with runtime dims the K/V loads
     are not vectorised, hence not pipelined (checked in the sm_90 TTGIR: no async copies)."""
+    wait_for_inputs(USE_PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = pid_bh // hkv
@@ -111,11 +114,12 @@ def _decode_split_kernel(
 def _decode_combine_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr,
     num_splits,
-    GROUP: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    GROUP: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One program: query head `pid` of all b * hq, i.e. row (b * hkv + h) * GROUP + g of out (b, hq, 1, dv),
     contiguous. Merges the splits' partials BLOCK_S at a time (one load per block, not a chain of dependent loads
     per split: at batch 1 there are ~100 splits), rescaling each to the running max."""
+    wait_for_inputs(USE_PDL)
     pid = tl.program_id(0).to(tl.int64)
     bh, g = pid // GROUP, pid % GROUP
     offs_s = tl.arange(0, BLOCK_S)
@@ -188,12 +192,12 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
         valid.stride(0), valid.stride(3),
         GROUP=group, DQK=dqk, DV=dv,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_DQK=max(MIN_DOT, triton.next_power_of_2(dqk)), BLOCK_DV=block_dv,
-        DOT_FP32=INTERPRETED, SINGLE_SPLIT=single, **launch_options(num_warps, num_stages),
+        DOT_FP32=INTERPRETED, SINGLE_SPLIT=single, **launch_options(num_warps, num_stages), **pdl_launch(q),
     )
     if not single:
         _decode_combine_kernel[(b * hq,)](part_max, part_sum, part_out, out, num_splits,
                                           GROUP=group, DV=dv, BLOCK_S=min(32, triton.next_power_of_2(num_splits)),
-                                          BLOCK_DV=block_dv)
+                                          BLOCK_DV=block_dv, **pdl_launch(q))
     return out
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from hymba.ops.conv.reference import causal_conv1d_ref
+from hymba.ops.launch import pdl_launch, wait_for_inputs
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
 
@@ -389,11 +390,12 @@ def _conv_update_kernel(
     stride_x_b, stride_x_d,
     stride_w_d, stride_w_k,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One decode step for (batch pid_b, BLOCK_D channels): window = [state, x]; out = act(w . window + bias);
     state <- window[1:]. Arithmetic is float32 on values rounded to the state's dtype, as the reference computes
     in the state's dtype; out is cast to x's dtype."""
+    wait_for_inputs(USE_PDL)
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -423,7 +425,7 @@ def causal_conv1d_update_triton(state: torch.Tensor, x: torch.Tensor, weight: to
         dim,
         *state.stride(), *x.stride(), *weight.stride(),
         HAS_BIAS=bias is not None, SILU=silu,
-        WIDTH=width, BLOCK_D=block_d, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)),
+        WIDTH=width, BLOCK_D=block_d, BLOCK_W=triton.next_power_of_2(max(width - 1, 1)), **pdl_launch(x),
     )
     return out
 

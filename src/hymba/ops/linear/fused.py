@@ -19,8 +19,7 @@ Split-K, for projections with few outputs (out_proj and down_proj, 1,600): each 
 sums (and its slice's sums of squares), and a second kernel adds them up in a fixed order (one load of all splits)
 and runs the same epilogue.
 
-On CUDA the kernels launch as programmatic dependents (PDL): a kernel's programs may start while the kernel before it
-finishes, and wait (`gdc_wait`) before they touch anything but their weights, which no kernel of the step writes.
+On sm_90+ GPUs the kernels launch as programmatic dependents (PDL, `hymba.ops.launch`).
 
 Triton is optional: this module is imported only when it is importable. Under TRITON_INTERPRET=1 the kernels also
 take CPU tensors, which is how the tests exercise them without a GPU.
@@ -31,6 +30,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from hymba.ops.launch import pdl_launch, wait_for_inputs
 
 __all__ = ["TILES", "fused_rows_linear"]
 
@@ -101,9 +102,7 @@ def _fused_rows_linear_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < rows, offs_n < n
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # the inputs are the previous kernel's outputs
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_inputs(USE_PDL)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -159,9 +158,7 @@ def _split_epilogue_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < rows, offs_n < n
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_inputs(USE_PDL)
     mask_s = offs_s < splits
     mask = mask_s[:, None, None] & mask_m[None, :, None] & mask_n[None, None, :]
     part = part_ptr + (offs_s[:, None, None] * rows + offs_m[None, :, None]) * n + offs_n[None, None, :]
@@ -218,14 +215,13 @@ def fused_rows_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # slices start on block boundaries
     splits = triton.cdiv(k, k_per_split)
     norms = 0 if norm_weight is None else 1 if norm2_weight is None else 2
-    use_pdl = pdl and x.is_cuda and not INTERPRETED
-    launch = dict(num_warps=num_warps, **({"launch_pdl": True} if use_pdl else {}))
+    launch = dict(num_warps=num_warps, **pdl_launch(x, pdl))
     part = squares = out  # not read or written without split-K
     if splits > 1:
         part = torch.empty(2 if norms == 2 else 1, splits, rows, n, device=x.device, dtype=torch.float32)
         squares = torch.empty(2, splits, rows, device=x.device, dtype=torch.float32)
     flags = dict(NORMS=norms, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK_M=MAX_ROWS,
-                 BLOCK_N=block_n, USE_PDL=use_pdl)
+                 BLOCK_N=block_n)
     _fused_rows_linear_kernel[(triton.cdiv(n, block_n), splits)](
         x, norm_weight, x2, norm2_weight, weight, up_weight, bias, residual, out, part, squares,
         rows, n, k, k_per_split, eps,

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hymba.ops.launch import pdl_launch, wait_for_inputs
+
 __all__ = ["small_rows_linear", "split_k"]
 
 MAX_BLOCK_M = 128  # rows per program, at most; more rows take more programs (each reading the weight again)
@@ -31,8 +33,9 @@ def _small_rows_linear_kernel(
     rows, n, k, k_per_split,
     stride_x, stride_w, stride_out_split, stride_out,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_inputs(USE_PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,7 +96,7 @@ def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         x.stride(0), weight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
         HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_FP32=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, **pdl_launch(x),
     )
     if splits == 1:
         return out

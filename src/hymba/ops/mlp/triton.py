@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hymba.ops.launch import pdl_launch, wait_for_inputs
+
 __all__ = ["gate_up_swiglu_triton"]
 
 MAX_BLOCK_M = 128  # rows per program, at most; more rows take more programs (each reading the weights again)
@@ -56,8 +58,9 @@ def _gate_up_swiglu_kernel(
     x_ptr, gate_ptr, up_ptr, out_ptr,
     rows, n, k,
     stride_x, stride_gate, stride_up, stride_out,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_inputs(USE_PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < rows, offs_n < n
@@ -108,7 +111,7 @@ def gate_up_swiglu_triton(x: torch.Tensor, gate_weight: torch.Tensor, up_weight:
         x, gate_weight, up_weight, out, rows, n, k,
         x.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_FP32=dot_fp32,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(x),
     )
     return out
 

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hymba.ops.launch import pdl_launch, wait_for_inputs
+
 __all__ = ["selective_scan_triton", "selective_state_update_triton"]
 
 # Positions between saved states in the forward: the backward's scratch holds this many states per program.
@@ -764,10 +766,11 @@ def _state_update_kernel(
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d,
     stride_A_d, stride_A_n, stride_B_b, stride_B_n, stride_C_b, stride_C_n, stride_z_b, stride_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One decode step for (batch pid_b, channel block pid_d): h = exp(dt*A) h + dt B u in place,
     y = (C.h + D u) * silu(z). With A_IS_LOG the A pointer holds A_log and A = -exp(A_log)."""
+    wait_for_inputs(USE_PDL)
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -828,7 +831,7 @@ def selective_state_update_triton(state: torch.Tensor, u: torch.Tensor, delta: t
         d_inner, d_state,
         *state.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *z_strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        A_IS_LOG=A_is_log, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state),
+        A_IS_LOG=A_is_log, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), **pdl_launch(u),
     )
     return y
 

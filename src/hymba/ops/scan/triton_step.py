@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from hymba.ops.conv.triton import _conv_update_row, causal_conv1d_update_triton
+from hymba.ops.launch import pdl_launch, wait_for_inputs
 from hymba.ops.scan.triton import LOG2E, _softplus, _state_step
 
 __all__ = ["ssm_step_inputs_triton", "ssm_step_rows_triton", "ssm_step_triton"]
@@ -67,10 +68,11 @@ def _x_proj_partials_kernel(
     batch, dim, n_proj,
     stride_x_proj_p, stride_x_proj_d,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, P_BLOCKS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """part[pid_d, rows, :] = u[rows, channels] @ x_proj[:, channels].T in float32, for BLOCK_B rows and the
     BLOCK_D channels of block pid_d; u is contiguous (batch, dim)."""
+    wait_for_inputs(USE_PDL)
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -100,10 +102,11 @@ def _dot(a, b, FP32: tl.constexpr):
 @triton.jit
 def _sum_partials_kernel(
     part_ptr, proj_ptr, batch, n_proj, n_blocks,
-    BLOCK_BLOCKS: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_BLOCKS: tl.constexpr, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """proj[row, p-block] = sum over channel blocks of the partials, in one (blocks x BLOCK_P) tile, rounded to the
     model's dtype as a GEMM's output is."""
+    wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     blocks = tl.arange(0, BLOCK_BLOCKS)
@@ -144,10 +147,11 @@ def _dt_proj_kernel(
     batch, dim, dt_rank, d_state, eps,
     stride_dt_proj_d, stride_dt_proj_r,
     HAS_NORMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """dt, B, C = split(x_proj(u)), normed; delta[rows, channels] = dt @ dt_proj[channels].T; B, C stored by the
     programs of the first channel block."""
+    wait_for_inputs(USE_PDL)
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -179,10 +183,11 @@ def _conv_x_proj_kernel(
     stride_state_b, stride_state_d, stride_state_k, stride_x_b, stride_x_d, stride_keep,
     stride_conv_w_d, stride_conv_w_k, stride_x_proj_p, stride_x_proj_d,
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_BC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_BC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """For channel block pid_d, row by row: u = silu(conv update of x) (state shifted in place; keep = 0 zeroes x
     and u), stored, and part[pid_d, row, :] = x_proj[:, channels] @ u[channels] in float32."""
+    wait_for_inputs(USE_PDL)
     pid_d = tl.program_id(0)
     chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = chans < dim
@@ -218,10 +223,11 @@ def _ssm_step_kernel(
     stride_z_b, stride_z_d, stride_dt_proj_d, stride_dt_proj_r, stride_A_d, stride_A_n,
     stride_state_b, stride_state_d, stride_state_n,
     HAS_NORMS: tl.constexpr, BLOCK_BLOCKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """For row pid_b and channel block pid_c: dt, B, C = split(x_proj(u)) from the partials, normed; delta =
     dt_proj(dt); the state update with dt = softplus(delta + bias), A = -exp(A_log); y = (C.h + D u) silu(z)."""
+    wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = chans < dim
@@ -278,11 +284,12 @@ def _dt_proj_state_kernel(
     stride_z_b, stride_z_d, stride_dt_proj_d, stride_dt_proj_r, stride_A_d, stride_A_n,
     stride_state_b, stride_state_d, stride_state_n,
     HAS_NORMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """For BLOCK_B rows and channel block pid_c: dt, B, C = split(x_proj(u)) (summed, in the model's dtype), normed;
     delta = dt_proj(dt) as a tl.dot; the state update with dt = softplus(delta + bias), A = -exp(A_log), over a
     (rows, channels, state) tile; y = (C.h + D u) silu(z)."""
+    wait_for_inputs(USE_PDL)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r, offs_n = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_N)
@@ -347,11 +354,12 @@ def _conv_x_proj_sums(conv_state, x, conv_weight, conv_bias, x_proj_weight, keep
     _x_proj_partials_kernel[(triton.cdiv(batch, BLOCK_ROWS), n_blocks)](
         u, x_proj_weight, part, batch, dim, n_proj, *x_proj_weight.stride(),
         BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_in, BLOCK_P=block_p, P_BLOCKS=triton.cdiv(n_proj, block_p),
-        DOT_FP32=dot_fp32,
+        DOT_FP32=dot_fp32, **pdl_launch(u),
     )
     proj = torch.empty(batch, n_proj, device=x.device, dtype=x.dtype)
     _sum_partials_kernel[(batch, triton.cdiv(n_proj, block_p))](
-        part, proj, batch, n_proj, n_blocks, BLOCK_BLOCKS=triton.next_power_of_2(n_blocks), BLOCK_P=block_p)
+        part, proj, batch, n_proj, n_blocks, BLOCK_BLOCKS=triton.next_power_of_2(n_blocks), BLOCK_P=block_p,
+        **pdl_launch(part))
     return u, proj
 
 
@@ -382,7 +390,7 @@ def ssm_step_inputs_triton(conv_state: torch.Tensor, x: torch.Tensor, conv_weigh
         *dt_proj_weight.stride(),
         HAS_NORMS=dt_norm_weight is not None, BLOCK_B=BLOCK_ROWS, BLOCK_D=block_d_out,
         BLOCK_R=max(16, triton.next_power_of_2(dt_rank)), BLOCK_N=triton.next_power_of_2(d_state),
-        DOT_FP32=dot_fp32,
+        DOT_FP32=dot_fp32, **pdl_launch(proj),
     )
     return u, delta, B, C
 
@@ -420,7 +428,7 @@ def ssm_step_triton(conv_state: torch.Tensor, ssm_state: torch.Tensor, x: torch.
         *x_proj_weight.stride(),
         HAS_BIAS=conv_bias is not None, HAS_KEEP=keep is not None, WIDTH=width,
         BLOCK_W=triton.next_power_of_2(max(width - 1, 1)), BLOCK_D=block_d_in,
-        BLOCK_R=triton.next_power_of_2(dt_rank), BLOCK_BC=triton.next_power_of_2(2 * d_state),
+        BLOCK_R=triton.next_power_of_2(dt_rank), BLOCK_BC=triton.next_power_of_2(2 * d_state), **pdl_launch(x),
     )
     y = torch.empty_like(u)
     _ssm_step_kernel[(batch, triton.cdiv(dim, block_c))](
@@ -429,6 +437,7 @@ def ssm_step_triton(conv_state: torch.Tensor, ssm_state: torch.Tensor, x: torch.
         *z.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(),
         HAS_NORMS=dt_norm_weight is not None, BLOCK_BLOCKS=triton.next_power_of_2(n_blocks),
         BLOCK_R=triton.next_power_of_2(dt_rank), BLOCK_N=triton.next_power_of_2(d_state), BLOCK_C=block_c,
+        **pdl_launch(x),
     )
     return y
 
@@ -462,7 +471,7 @@ def ssm_step_rows_triton(conv_state: torch.Tensor, ssm_state: torch.Tensor, x: t
         *z.stride(), *dt_proj_weight.stride(), *A_log.stride(), *ssm_state.stride(),
         HAS_NORMS=dt_norm_weight is not None, BLOCK_B=BLOCK_ROWS, BLOCK_C=block_c,
         BLOCK_R=max(16, triton.next_power_of_2(dt_rank)), BLOCK_N=triton.next_power_of_2(d_state),
-        DOT_FP32=dot_fp32, num_warps=num_warps or NUM_WARPS_ROWS,
+        DOT_FP32=dot_fp32, num_warps=num_warps or NUM_WARPS_ROWS, **pdl_launch(x),
     )
     return y
 

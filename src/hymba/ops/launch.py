@@ -1,0 +1,51 @@
+"""Programmatic dependent launch (PDL) for the decode step's Triton kernels, on sm_90 and newer GPUs.
+
+A decode step is a chain of short kernels, each waiting for the one before it: without PDL a kernel's programs start
+only once the kernel before it has drained and flushed its writes, about a microsecond per kernel boundary in a CUDA
+graph. Launched as a programmatic dependent (Triton's `launch_pdl`), a kernel may start while the one before it is
+still finishing; `wait_for_inputs` at its top waits, on the GPU, until that kernel has completed and its writes are
+visible, and then lets the kernel after it start in turn. A kernel that calls it first reads nothing early, so the
+result is the same with PDL or without. Kernels of other libraries (cuBLAS) before or after one simply serialize
+as before.
+
+`hymba.ops.PDL = False` launches every kernel without it (read at each launch, so a CUDA graph captured after the
+change has none).
+
+Triton is optional: this module is imported only when it is importable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+import hymba.ops
+
+__all__ = ["pdl_launch", "wait_for_inputs"]
+
+
+@triton.jit
+def wait_for_inputs(USE_PDL: tl.constexpr):
+    """With PDL: wait until the kernel before this one has finished and its writes are visible, then let the kernel
+    after this one start launching. Nothing without it: the launch then already waited."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.cache
+def _supports_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_launch(x: torch.Tensor, enabled: bool = True) -> dict:
+    """Keywords for launching a kernel that calls `wait_for_inputs` on x's device: its USE_PDL, and Triton's
+    `launch_pdl` where the kernel launches as a programmatic dependent (`enabled`, `hymba.ops.PDL`, a CUDA device of
+    compute capability 9 or more, not Triton's interpreter)."""
+    use = (enabled and hymba.ops.PDL and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+           and _supports_pdl(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+    return {"USE_PDL": True, "launch_pdl": True} if use else {"USE_PDL": False}
