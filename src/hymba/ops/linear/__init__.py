@@ -14,8 +14,9 @@
   so none is read from L2; each kernel's best tile at 1 row): it won only where the reference is weakest (out_proj
   with the branch norms' average: 9.6 against 14.0 us; down_proj 10.8 against 11.8) and lost the in_proj (13.5
   against 11.8 us) and gate/up (16.6 against 14.0), so the compiled step at an 8K context took 2.53 ms against 2.22
-  at 1 row. The kernel now runs on tl.dot over 16 padded rows, with split-K for few outputs; it has not been timed
-  on a GPU yet.
+  at 1 row. Rebuilt on tl.dot over 16 padded rows, with split-K for few outputs, it lost again (session 30, same
+  benchmark, at 1 row): in_proj 19.1 against 11.8 us, out_proj 15.6 against 12.5, gate/up 16.8 against 14.0; only
+  down_proj won (7.6 against 10.7), whose residual add the compiled step already fuses into the next norm.
 """
 
 from __future__ import annotations
