@@ -1,9 +1,9 @@
 """A decode step's four projections at a few rows, Hymba-1.5B's shapes: the reference (the norm, cuBLAS, SwiGLU and
-the residual add as separate kernels) against the fused kernel (`hymba.ops.linear.fused`) over its tiles and split
-counts, with and without programmatic dependent launch (PDL).
+the residual add as separate kernels) against the fused kernel (`hymba.ops.linear.fused`) over the weight elements a
+program holds and its warps, with and without programmatic dependent launch (PDL).
 
     python benchmarks/bench_fused_linear.py                  # needs CUDA and Triton
-    python benchmarks/bench_fused_linear.py --rows 1,4,16 --cases in_proj,down_proj
+    python benchmarks/bench_fused_linear.py --rows 1,4 --cases in_proj,down_proj
 
 Each timing is a CUDA graph of 32 calls on 32 different weights, as the step's 32 layers run them: the weights do not
 fit in L2 together (a benchmark replaying one weight reads it from L2 and overstates the bandwidth), and each call
@@ -27,10 +27,8 @@ CASES = {"in_proj": (IN_PROJ, HIDDEN, ("norm_weight",)),
          "out_proj": (HIDDEN, INNER, ("norm_weight", "x2", "norm2_weight", "residual")),
          "gate_up": (INTERMEDIATE, HIDDEN, ("norm_weight", "up_weight")),
          "down_proj": (HIDDEN, INTERMEDIATE, ("residual",))}
-# (block_n, block_k, num_warps, num_stages)
-TILES = [(64, 64, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 4), (16, 128, 4, 6),
-         (128, 64, 4, 4), (64, 64, 8, 5)]
-SPLITS = [0, 1, 2, 4, 8]  # 0: the kernel's own choice; SwiGLU never splits
+# (weight elements a program holds, per weight; num_warps)
+TILES = [(4096, 4), (8192, 4), (16384, 4), (16384, 8), (32768, 8)]
 
 
 def per_call_us(fn, layers: list[dict]) -> float:
@@ -40,7 +38,7 @@ def per_call_us(fn, layers: list[dict]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="1,4,16")
+    parser.add_argument("--rows", default="1,2,4")
     parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -60,19 +58,15 @@ def main() -> None:
             want = fused_linear_ref(**layers[0])
             ref = per_call_us(fused_linear_ref, layers)
             print(f"{case:>9} {rows:4d} {'reference':>26} {ref:7.2f} {weight_bytes / ref / 1e3:7.0f} {1.0:7.2f}")
-            for (block_n, block_k, warps, stages), splits in itertools.product(TILES, SPLITS):
-                if splits and "up_weight" in extras:
-                    continue
-                for pdl in (False, True):
-                    def fused(bn=block_n, bk=block_k, w=warps, st=stages, sp=splits, pdl=pdl, **layer):
-                        return fused_rows_linear(**layer, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
-                                                 splits=sp, pdl=pdl)
+            for (elements, warps), pdl in itertools.product(TILES, (False, True)):
+                def fused(e=elements, w=warps, pdl=pdl, **layer):
+                    return fused_rows_linear(**layer, tile_elements=e, num_warps=w, pdl=pdl)
 
-                    err = ((fused(**layers[0]).float() - want.float()).norm() / want.float().norm()).item()
-                    us = per_call_us(fused, layers)
-                    name = f"n{block_n} k{block_k} w{warps} s{stages} x{splits or 'auto'}{' pdl' if pdl else ''}"
-                    print(f"{case:>9} {rows:4d} {name:>26} {us:7.2f} {weight_bytes / us / 1e3:7.0f} {ref / us:7.2f}"
-                          + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""), flush=True)
+                err = ((fused(**layers[0]).float() - want.float()).norm() / want.float().norm()).item()
+                us = per_call_us(fused, layers)
+                name = f"{elements} x w{warps}{' pdl' if pdl else ''}"
+                print(f"{case:>9} {rows:4d} {name:>26} {us:7.2f} {weight_bytes / us / 1e3:7.0f} {ref / us:7.2f}"
+                      + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from hymba.ops.norm import normed_input
 __all__ = ["FUSED_MAX_ROWS", "SMALL_ROWS_MAX", "fused_linear", "fused_linear_ref", "project"]
 
 SMALL_ROWS_MAX = 128  # rows: one program holds them all (MAX_BLOCK_M); measured to 128
-FUSED_MAX_ROWS = 0  # off: see above. At most 16 (`hymba.ops.linear.fused.MAX_ROWS`) when on
+FUSED_MAX_ROWS = 0  # off: see above. At most 4 (`hymba.ops.linear.fused.MAX_ROWS`) when on
 
 
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
