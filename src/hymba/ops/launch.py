@@ -4,9 +4,14 @@ A decode step is a chain of short kernels, each waiting for the one before it: w
 only once the kernel before it has drained and flushed its writes, about a microsecond per kernel boundary in a CUDA
 graph. Launched as a programmatic dependent (Triton's `launch_pdl`), a kernel may start while the one before it is
 still finishing; `wait_for_inputs` at its top waits, on the GPU, until that kernel has completed and its writes are
-visible, and then lets the kernel after it start in turn. A kernel that calls it first reads nothing early, so the
-result is the same with PDL or without. Kernels of other libraries (cuBLAS) before or after one simply serialize
-as before.
+visible, and then lets the kernel after it start in turn. Kernels of other libraries (cuBLAS) before or after one
+simply serialize as before.
+
+What a kernel may read before the call: since every kernel waits before it lets the next one start, when a kernel
+starts only the kernel right before it may still be running. So the weights, which no kernel of a step writes, and a
+kernel's own recurrent state (the SSM state of the state update), which no other kernel writes, may be loaded before
+the wait, and stream in while the kernel before drains; everything a step computes is read after it. The result is
+the same with PDL or without.
 
 `hymba.ops.PDL = False` launches every kernel without it (read at each launch, so a CUDA graph captured after the
 change has none).
