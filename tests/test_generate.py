@@ -282,3 +282,16 @@ def test_the_decode_step_traces_as_one_graph(model):
             traced, eager = step(model, traced_cache, tokens), decode_step(model, eager_cache, tokens)
             assert torch.allclose(traced, eager, atol=1e-5)
             tokens = eager.argmax(-1)
+
+
+def test_hymba_pdl_0_in_the_environment_turns_programmatic_launch_off():
+    """HYMBA_PDL=0 starts with `hymba.ops.PDL` off, and the compiled step then asks inductor for no PDL either."""
+    import os
+    import subprocess
+    import sys
+
+    read = [sys.executable, "-c", "import hymba.ops; from hymba.generate import inductor_options; "
+            "print(hymba.ops.PDL, inductor_options().get('triton.enable_pdl', False))"]
+    for value, want in (("0", "False False"), ("1", "True True")):
+        out = subprocess.run(read, env={**os.environ, "HYMBA_PDL": value}, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want

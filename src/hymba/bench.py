@@ -841,6 +841,8 @@ def bench_report(rows: list[Row], bench: Bench) -> dict[str, Any]:
     """Everything the run measured, as the JSON that `--json` writes."""
     import torch
 
+    import hymba.ops
+
     o = bench.o
     try:
         import transformers
@@ -852,6 +854,7 @@ def bench_report(rows: list[Row], bench: Bench) -> dict[str, Any]:
         device=device_name(o.device), device_type=o.device.type, torch_version=torch.__version__,
         transformers_version=transformers_version, dtype=str(o.dtype).removeprefix("torch."), fill=o.fill,
         steps=o.steps, warmup_steps=o.warmup_steps, cuda_graph=o.cuda_graph and o.device.type == "cuda",
+        pdl=hymba.ops.PDL and o.device.type == "cuda",
         bandwidth_gb_s=bench.bandwidth_gb_s, notes=bench.notes, rows=[asdict(r) for r in rows],
         ratios=compute_ratios(rows),
     )
@@ -879,7 +882,8 @@ def run_bench(args: argparse.Namespace) -> int:
     report = bench_report(rows, bench)
     header = (f"hymba bench on {report['device']}, torch {report['torch_version']}, {report['dtype']}, "
               f"copy bandwidth {report['bandwidth_gb_s']:,.0f} GB/s, decode: {options.steps} steps"
-              f"{' (CUDA graph)' if report['cuda_graph'] else ''} from a {options.fill} cache")
+              f"{' (CUDA graph' + (', PDL' if report['pdl'] else '') + ')' if report['cuda_graph'] else ''} from a "
+              f"{options.fill} cache")
     print_report(rows, report["ratios"], header)
     if args.json:
         write_json_atomic(Path(args.json), report)

@@ -24,3 +24,4 @@ def test_pdl_on_hopper_unless_switched_off(monkeypatch):
     assert pdl_launch(x, enabled=False) == OFF
     monkeypatch.setattr(hymba.ops, "PDL", False)
     assert pdl_launch(x) == OFF
+

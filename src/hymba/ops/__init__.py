@@ -7,6 +7,7 @@ pure-PyTorch parallel path otherwise, and the sequential reference when asked fo
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -16,8 +17,9 @@ _IMPORTABLE = {module: importlib.util.find_spec(module) is not None
 
 
 # Programmatic dependent launch (`hymba.ops.launch`) for the decode step's Triton kernels and, in the compiled step,
-# inductor's: on sm_90+ a kernel may start while the one before it drains. False launches them as ordinary kernels.
-PDL = True
+# inductor's: on sm_90+ a kernel may start while the one before it drains. False (or HYMBA_PDL=0 in the environment)
+# launches them as ordinary kernels.
+PDL = os.environ.get("HYMBA_PDL", "1") != "0"
 
 # The decode-rows GEMV kernels (hymba.ops.mlp.triton, hymba.ops.linear.triton) size their tiles for 2-byte weights:
 # float32 tiles of that size overflow a GPU's shared memory, so a float32 model keeps cuBLAS there.
