@@ -4,6 +4,7 @@ program holds and its warps, with and without programmatic dependent launch (PDL
 
     python benchmarks/bench_fused_linear.py                  # needs CUDA and Triton
     python benchmarks/bench_fused_linear.py --rows 1,4 --cases in_proj,down_proj
+    python benchmarks/bench_fused_linear.py --cases none --step --step-rows 1,2,4 --compile   # the step, off / on
 
 Each timing is a CUDA graph of 32 calls on 32 different weights, as the step's 32 layers run them: the weights do not
 fit in L2 together (a benchmark replaying one weight reads it from L2 and overstates the bandwidth), and each call
@@ -15,8 +16,10 @@ import argparse
 import itertools
 
 import torch
+from bench_mlp import add_step_arguments, steps
 from bench_ssm_step import graph_time_us
 
+from hymba.ops import linear
 from hymba.ops.linear import fused_linear_ref
 from hymba.ops.linear.fused import fused_rows_linear
 
@@ -39,11 +42,12 @@ def per_call_us(fn, layers: list[dict]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,2,4")
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, or none")
+    add_step_arguments(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{'case':>9} {'rows':>4} {'path':>26} {'us':>7} {'GB/s':>7} {'vs ref':>7}")
-    for case in args.cases.split(","):
+    for case in [c for c in args.cases.split(",") if c != "none"]:
         n, k, extras = CASES[case]
         for rows in map(int, args.rows.split(",")):
             def make(*shape, scale=1.0):
@@ -67,6 +71,8 @@ def main() -> None:
                 name = f"{elements} x w{warps}{' pdl' if pdl else ''}"
                 print(f"{case:>9} {rows:4d} {name:>26} {us:7.2f} {weight_bytes / us / 1e3:7.0f} {ref / us:7.2f}"
                       + (f"  (rel. error {err:.1e})" if err > 1e-2 else ""), flush=True)
+    if args.step:
+        steps([int(r) for r in args.step_rows.split(",")], args.context, args.compile, linear, "FUSED_MAX_ROWS")
 
 
 if __name__ == "__main__":
