@@ -5,63 +5,29 @@ instructions per step of each loop, for the 1.5B training shape (batch 8, 2,176 
     python benchmarks/scan_sass.py --chunk 16 --ops     # chunks of 16, with each loop's most frequent instructions
     python benchmarks/scan_sass.py --waits              # where a load's scoreboard is shared with a shuffle or MUFU
 
-Triton compiles the kernels for an H100/H200 target with the arguments specialised as its JIT specialises them (an
-integer equal to 1 becomes a constant, multiples of 16 are marked divisible), and the cuobjdump bundled in Triton's
-wheel disassembles them. A loop is the code between a backward branch and its target; at one warp per program its
-instruction count is what each position costs one program. Session 22 used this to find that `tl.exp` is five
-instructions on sm_90 where `tl.exp2` is one; session 23 used `--waits` (the scoreboard bits of the instruction
-words) to find that the reverse loop's first use of a shuffle's result waits for the step-ahead loads. Timing still
-needs the GPU (`bench_scan.py`). Uses Triton internals (`ASTSource`, `native_specialize_impl`) as Triton 3.9 has
-them.
+`hymba.ops.offline` compiles the kernels for an H100/H200 target with the arguments specialised as Triton's JIT
+specialises them, and the cuobjdump bundled in Triton's wheel disassembles them. A loop is the code between a
+backward branch and its target; at one warp per program its instruction count is what each position costs one
+program. Session 22 used this to find that `tl.exp` is five instructions on sm_90 where `tl.exp2` is one; session 23
+used `--waits` (the scoreboard bits of the instruction words) to find that the reverse loop's first use of a
+shuffle's result waits for the step-ahead loads. Timing still needs the GPU (`bench_scan.py`).
 """
 
 import argparse
 import collections
 import re
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
 
 import torch
-import triton
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.compiler import ASTSource, make_backend
 
+from hymba.ops.offline import compile_sm90, cuobjdump
 from hymba.ops.scan import triton as scan_triton
 
-TARGET = GPUTarget("cuda", 90, 32)
-CUOBJDUMP = Path(triton.backends.nvidia.__path__[0]) / "bin" / "cuobjdump"
 BATCH, D_INNER, D_STATE, LENGTH = 8, 3200, 16, 2176
-# Triton 3.9 warns that its default (fused multiply-adds on, as the GPU machine's Triton compiles) will change.
-warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9.]*)(.*?);")
 # An instruction with the second (high) word of its encoding, which holds the control bits: on Volta and later, the
 # scoreboard the instruction sets when its result is written (bits 46-48 of that word, 7 = none), the one it sets when
 # its sources have been read (49-51), and the mask of scoreboards it waits on first (52-57).
 SASS_WORDS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);\s*/\* 0x[0-9a-f]{16} \*/\s*\n\s*/\* 0x([0-9a-f]{16}) \*/")
-
-
-def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int) -> bytes:
-    """The cubin `kernel[grid](*args, **constexprs, num_warps=num_warps)` would launch on an sm_90 GPU."""
-    runtime_names = [name for name in kernel.arg_names if name not in constexprs]
-    backend = make_backend(TARGET)
-    signature, constants, attrs = {}, {}, {}
-    for name, value in [*zip(runtime_names, args), *constexprs.items()]:
-        index = (kernel.arg_names.index(name),)
-        if name in constexprs or value is None:
-            signature[name], constants[index] = "constexpr", value
-            continue
-        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
-        signature[name] = kind
-        if kind == "constexpr":
-            constants[index] = key
-        elif key:
-            attrs[index] = backend.parse_attr(key)
-    source = ASTSource(fn=kernel, signature={name: signature[name] for name in kernel.arg_names},
-                       constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps)).asm["cubin"]
 
 
 def load_waits(sass: str, first: int, last: int) -> list[str]:
@@ -94,11 +60,7 @@ def load_waits(sass: str, first: int, last: int) -> list[str]:
 
 
 def report(title: str, cubin: bytes, show_ops: bool, show_waits: bool = False) -> None:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    usage, sass = cuobjdump(cubin, "-res-usage"), cuobjdump(cubin, "-sass")
     registers = re.search(r"REG:(\d+)", usage).group(1)
     code = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in SASS_LINE.finditer(sass)]
     print(f"{title}: {registers} registers a thread, {len(code)} SASS instructions")
