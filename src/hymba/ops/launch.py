@@ -44,7 +44,9 @@ def wait_for_inputs(USE_PDL: tl.constexpr):
 
 @functools.cache
 def _supports_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    """An NVIDIA GPU of compute capability 9 or more (ROCm reports its own capabilities through the same call, and
+    has no `griddepcontrol`)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def pdl_launch(x: torch.Tensor, enabled: bool = True) -> dict:
