@@ -35,8 +35,9 @@ TARGET = _target()
 CUOBJDUMP = Path(triton.backends.nvidia.__path__[0]) / "bin" / "cuobjdump"
 
 
-def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int) -> bytes:
-    """The cubin `kernel[grid](*args, **constexprs, num_warps=num_warps)` would launch on an sm_90 GPU."""
+def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int, num_stages: int = 3) -> bytes:
+    """The cubin `kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)` would launch on an
+    sm_90 GPU."""
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend
@@ -59,7 +60,7 @@ def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int) -> bytes:
             attrs[index] = backend.parse_attr(key)
     source = ASTSource(fn=kernel, signature={name: signature[name] for name in kernel.arg_names},
                        constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps)).asm["cubin"]
+    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages)).asm["cubin"]
 
 
 def cuobjdump(cubin: bytes, *flags: str) -> str:
