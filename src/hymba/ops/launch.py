@@ -42,6 +42,11 @@ def wait_for_inputs(USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+# Triton has launched kernels as programmatic dependents since 3.4 (`launch_pdl`, with `tl.extra.cuda.gdc_wait`); an
+# older one (PyTorch 2.7 and before bundle one) launches everything as before.
+TRITON_HAS_PDL = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+
+
 @functools.cache
 def _supports_pdl(device_index: int) -> bool:
     """An NVIDIA GPU of compute capability 9 or more (ROCm reports its own capabilities through the same call, and
@@ -51,8 +56,8 @@ def _supports_pdl(device_index: int) -> bool:
 
 def pdl_launch(x: torch.Tensor, enabled: bool = True) -> dict:
     """Keywords for launching a kernel that calls `wait_for_inputs` on x's device: its USE_PDL, and Triton's
-    `launch_pdl` where the kernel launches as a programmatic dependent (`enabled`, `hymba.ops.PDL`, a CUDA device of
-    compute capability 9 or more, not Triton's interpreter)."""
-    use = (enabled and hymba.ops.PDL and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    `launch_pdl` where the kernel launches as a programmatic dependent (`enabled`, `hymba.ops.PDL`, a Triton that can,
+    a CUDA device of compute capability 9 or more, not Triton's interpreter)."""
+    use = (enabled and hymba.ops.PDL and TRITON_HAS_PDL and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
            and _supports_pdl(x.device.index if x.device.index is not None else torch.cuda.current_device()))
     return {"USE_PDL": True, "launch_pdl": True} if use else {"USE_PDL": False}
