@@ -1,7 +1,7 @@
 """The decode step's Triton kernels compiled for sm_90 (an H100 / H200) without a GPU (`hymba.ops.offline`), with
-programmatic dependent launch on as they launch there: Triton's interpreter, which the other CPU tests run them
-through, accepts code its compiler rejects (a constexpr-guarded early return, for one). Runs in a fresh process,
-since this one's kernels may be the interpreter's (`triton_setup`)."""
+programmatic dependent launch on as they launch there (where this Triton has it): Triton's interpreter, which the
+other CPU tests run them through, accepts code its compiler rejects (a constexpr-guarded early return, for one). Runs
+in a fresh process, since this one's kernels may be the interpreter's (`triton_setup`)."""
 
 import json
 import os
@@ -19,6 +19,7 @@ KERNELS = """
 import json, sys, torch, triton
 from hymba.ops.attention import triton_decode as A
 from hymba.ops.conv import triton as CV
+from hymba.ops.launch import TRITON_HAS_PDL
 from hymba.ops.linear import fused as F, triton as L
 from hymba.ops.mlp import triton as M
 from hymba.ops.offline import compile_sm90, resource_usage
@@ -78,7 +79,7 @@ cases.append(("state update", S._state_update_kernel,
 results = []
 for name, kernel, args, constexprs, warps, stages in cases:
     try:
-        cubin = compile_sm90(kernel, args, {**constexprs, "USE_PDL": True}, warps, stages)
+        cubin = compile_sm90(kernel, args, {**constexprs, "USE_PDL": TRITON_HAS_PDL}, warps, stages)
     except ImportError as e:
         print(json.dumps({"skip": str(e)}))
         sys.exit(0)
