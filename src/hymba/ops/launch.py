@@ -13,8 +13,9 @@ kernel's own recurrent state (the SSM state of the state update), which no other
 the wait, and stream in while the kernel before drains; everything a step computes is read after it. The result is
 the same with PDL or without.
 
-`hymba.ops.PDL = False` launches every kernel without it (read at each launch, so a CUDA graph captured after the
-change has none).
+`hymba.ops.PDL = False` (or `HYMBA_PDL=0` in the environment) launches every kernel without it. These kernels read
+it at each launch, so a CUDA graph captured after the change has none of theirs; inductor's read it when the decode
+step is first compiled in the process (`hymba.generate.inductor_options`).
 
 Triton is optional: this module is imported only when it is importable.
 """
