@@ -38,7 +38,7 @@ for norms, swiglu, residual, n, k in [(1, False, False, 8960, 1600), (2, False, 
                        bf() if swiglu else None, None, bf() if residual else None, bf(), rows, n, k, 1e-6,
                        k, k, k, k, n, n],
                       dict(NORMS=norms, SWIGLU=swiglu, HAS_BIAS=False, HAS_RESIDUAL=residual,
-                           BLOCK_N=F.block_n_for(k, swiglu), BLOCK_K=triton.next_power_of_2(k)), warps, 3))
+                           BLOCK_N=F.block_n_for(k, elements), BLOCK_K=triton.next_power_of_2(k)), warps, 3))
 for single in (False, True):
     cases.append((f"decode split (single {single})", A._decode_split_kernel,
                   [bf(), bf(), bf(), u8(), f32(), f32(), f32(), bf(), 5, 1153, 10, 0.18,

@@ -18,20 +18,15 @@ import warnings
 from pathlib import Path
 
 import triton
+from triton.backends.compiler import GPUTarget
 
-__all__ = ["TARGET", "compile_sm90", "resource_usage"]
+__all__ = ["TARGET", "compile_sm90", "cuobjdump", "resource_usage"]
 
 # Triton 3.9 warns that its default (fused multiply-adds on, as the GPU machine's Triton compiles) will change.
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 
-def _target():
-    from triton.backends.compiler import GPUTarget
-
-    return GPUTarget("cuda", 90, 32)
-
-
-TARGET = _target()
+TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.backends.nvidia.__path__[0]) / "bin" / "cuobjdump"
 
 

@@ -101,10 +101,9 @@ def _fused_rows_linear_kernel(
         tl.store(out_ptr + row * stride_out + offs_n, out.to(dtype), mask=mask_n)
 
 
-def block_n_for(k: int, swiglu: bool, tile_elements: int = 0) -> int:
-    """Weight rows per program: TILES' elements (or `tile_elements`) over the row's padded length, at least 1."""
-    elements = tile_elements or TILES["swiglu" if swiglu else "default"][0]
-    return max(1, elements // triton.next_power_of_2(k))
+def block_n_for(k: int, tile_elements: int) -> int:
+    """Weight rows per program: `tile_elements` over the row's padded length, at least 1."""
+    return max(1, tile_elements // triton.next_power_of_2(k))
 
 
 # A custom op, so that the compiled decode step (`torch.compile(..., fullgraph=True)`) keeps the launch whole.
@@ -125,7 +124,8 @@ def fused_rows_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.
     x = x.contiguous()
     x2 = x if x2 is None else x2.contiguous()
     swiglu = up_weight is not None
-    block_n = block_n_for(k, swiglu, tile_elements)
+    elements, warps = TILES["swiglu" if swiglu else "default"]
+    block_n = block_n_for(k, tile_elements or elements)
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     _fused_rows_linear_kernel[(triton.cdiv(n, block_n),)](
         x, norm_weight, x2, norm2_weight, weight, up_weight, bias, residual, out,
@@ -135,7 +135,7 @@ def fused_rows_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.
         NORMS=0 if norm_weight is None else 1 if norm2_weight is None else 2, SWIGLU=swiglu,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k),
-        num_warps=num_warps or TILES["swiglu" if swiglu else "default"][1], **pdl_launch(x, pdl),
+        num_warps=num_warps or warps, **pdl_launch(x, pdl),
     )
     return out
 
