@@ -4,6 +4,7 @@ backward) over blocks of positions, by channels per program.
     python benchmarks/bench_scan.py                 # needs CUDA and Triton
     python benchmarks/bench_scan.py --batches 1,8 --length 640
     python benchmarks/bench_scan.py --batches 8 --length 2176 --backward   # forward + backward, as training runs it
+    python benchmarks/bench_scan.py --batches 8 --length 2176 --segments   # the walk backward split into segments
 
 The walk: one program per `block_d` channels steps through every position with block_d / 32 warps, so time per
 position is the latency of one step of the recurrence. The parallel kernels (`block_l` positions per block) scan
@@ -11,6 +12,11 @@ each block at once and carry only the state from block to block. Each row is che
 or with --backward the gradient of its input u). With --backward the walk cases also run with the walk backward's
 warps per program and with its inputs loaded a step ahead (`WALK_BACKWARD_SETTINGS`; "4 ahead" is 4 warps, loading
 ahead).
+
+With --segments, forward + backward of the walk (32 channels a program) at chunks of 64 and 16, by the backward's
+segments of positions (`BACKWARD_SEGMENTS`; "auto" is `backward_segments`' choice, shown in brackets) and its cap on
+registers (`BACKWARD_MAX_REGISTERS`), each against the unsegmented walk at chunks of 64 and checked against it in
+every input's gradient.
 """
 
 import argparse
@@ -32,6 +38,8 @@ CASES = [(16, None, None, 64), (32, None, None, 64), (64, None, None, 64), (8, 1
 # work per program (16) or twice the registers per lane (64).
 BACKWARD_CASES = [(32, None, None, 64), (32, None, None, 32), (32, None, None, 16), (16, None, None, 16),
                   (16, None, None, 64), (64, None, None, 64), (8, 16, 16, 16), (32, None, 16, 16)]
+# (segments, max registers) for --segments; None segments is "auto".
+SEGMENT_CASES = [(1, None), (1, 168), (None, None), (None, 168), (3, 168), (5, 168), (8, 168), (12, 168), (5, 152)]
 # The walk backward's (warps per program, inputs loaded a step ahead), for the walk cases of BACKWARD_CASES;
 # (1, True) is the default (`hymba.ops.scan.triton.BACKWARD_WALK_WARPS` / `BACKWARD_PREFETCH`). Session 19 on an H200
 # also ran (4, True): 0.79x, (2, True): 0.96x and (8, True): 0.36x of the (4, False) walk that (1, True) beat 2.0x.
@@ -80,6 +88,41 @@ def bench_batch(batch: int, length: int, backward: bool, walk_only: bool) -> Non
     scan_triton.BACKWARD_WALK_WARPS, scan_triton.BACKWARD_PREFETCH = defaults
 
 
+def bench_segments(batch: int, length: int) -> None:
+    dev, bf16 = "cuda", torch.bfloat16
+    leaves = [torch.randn(batch, length, n, device=dev, dtype=bf16, requires_grad=True)
+              for n in (D_INNER, D_INNER, D_INNER, D_STATE, D_STATE)]
+    u, delta, z, B, C = (t.transpose(1, 2) for t in leaves)
+    A = -torch.rand(D_INNER, D_STATE, device=dev)
+    D, bias = torch.ones(D_INNER, device=dev), torch.zeros(D_INNER, device=dev)
+    dy = torch.randn_like(u)
+    defaults = scan_triton.BACKWARD_SEGMENTS, scan_triton.BACKWARD_MAX_REGISTERS
+
+    def scan(chunk):
+        for leaf in leaves:
+            leaf.grad = None
+        y, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, block_d=32, chunk=chunk)
+        y.backward(dy)
+        return [leaf.grad.detach().float().clone() for leaf in leaves]
+
+    scan_triton.BACKWARD_SEGMENTS, scan_triton.BACKWARD_MAX_REGISTERS = 1, None
+    want = scan(64)
+    baseline = do_bench(lambda: scan(64), warmup=3, rep=10, grad_to_none=leaves)
+    programs = batch * -(-D_INNER // 32)
+    for chunk in (64, 16):
+        for segments, registers in SEGMENT_CASES:
+            scan_triton.BACKWARD_SEGMENTS, scan_triton.BACKWARD_MAX_REGISTERS = segments, registers
+            got = scan(chunk)
+            err = max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want))
+            ms = do_bench(lambda c=chunk: scan(c), warmup=3, rep=10, grad_to_none=leaves)
+            n_chunks = -(-length // chunk)
+            chosen = scan_triton._backward_segments(programs, n_chunks, torch.device(dev))
+            label = f"auto [{chosen}]" if segments is None else str(chosen)
+            print(f"{batch:5d} {chunk:5d} {label:>9} {str(registers):>8} {programs * chosen:8d} {ms:8.2f} "
+                  f"{baseline / ms:10.2f}  (largest gradient rel. error {err:.1e})", flush=True)
+    scan_triton.BACKWARD_SEGMENTS, scan_triton.BACKWARD_MAX_REGISTERS = defaults
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
@@ -87,8 +130,15 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--walk-only", action="store_true",
                         help="only the walk's cases (no parallel forward or backward), with the default walk settings")
+    parser.add_argument("--segments", action="store_true",
+                        help="forward + backward of the walk by the backward's segments and register cap")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.segments:
+        print(f"{'batch':>5} {'chunk':>5} {'segments':>9} {'max regs':>8} {'programs':>8} {'ms':>8} {'vs 1 x 64':>10}")
+        for batch in (int(b) for b in args.batches.split(",")):
+            bench_segments(batch, args.length)
+        return
     header = [("batch", 5), ("block_d", 7), ("block_l", 7), ("bwd bl", 8), ("chunk", 5), ("bwd warps", 10),
               ("programs", 8), ("ms", 8), ("ns/position", 11), ("vs walk 32", 10)]
     print(" ".join(f"{name:>{width}}" for name, width in header))

@@ -75,6 +75,9 @@ def report(title: str, cubin: bytes, show_ops: bool, show_waits: bool = False) -
             continue
         body = [op for address, op, _ in code if first <= address <= last]
         line = f"  loop {first:#06x}-{last:#06x}: {len(body)} instructions a step"
+        spills = sum(op.startswith(("LDL", "STL")) for op in body)
+        if spills:
+            line += f" ({spills} of them local-memory spills)"
         if show_ops:
             line += ": " + ", ".join(f"{op} {n}" for op, n in collections.Counter(body).most_common(8))
         print(line)
@@ -94,6 +97,10 @@ def main() -> None:
     parser.add_argument("--ops", action="store_true", help="each loop's most frequent instructions")
     parser.add_argument("--waits", action="store_true",
                         help="each loop's waits on a load whose scoreboard a short-latency instruction shares")
+    parser.add_argument("--segments", type=int, default=1,
+                        help="the backward's segments of positions (more than 1 adds its carries' walk)")
+    parser.add_argument("--max-registers", type=int, default=scan_triton.BACKWARD_MAX_REGISTERS,
+                        help="the backward walk's cap on registers a thread (ptxas's maxnreg)")
     args = parser.parse_args()
     chunk, block_d = args.chunk, args.block_d
     u, delta, z, y, dy, du, ddelta, dz = (position_major(BATCH, D_INNER, LENGTH) for _ in range(8))
@@ -114,16 +121,27 @@ def main() -> None:
     report("forward walk (saving states)", cubin, args.ops, args.waits)
 
     f32 = torch.empty
-    backward_args = [u, delta, A, B, C, D, z, bias, ckpt, dy, None, f32(BATCH, n_dblocks, chunk, block_d, D_STATE),
-                     du, ddelta, dz, f32(BATCH, D_INNER, D_STATE), f32(BATCH, n_dblocks, LENGTH, D_STATE),
-                     f32(BATCH, n_dblocks, LENGTH, D_STATE), f32(BATCH, D_INNER), f32(BATCH, D_INNER),
-                     f32(BATCH, D_INNER, D_STATE), D_INNER, D_STATE, LENGTH, *strides(u, delta, A, B, C, z),
-                     *ckpt.stride()[:3], *strides(dy), 0, 0, 0, *strides(du)]
+    segments = args.segments
+    carries, dt_sums = f32(BATCH, segments - 1, D_INNER, D_STATE), f32(BATCH, segments - 1, D_INNER)
+    if segments > 1:
+        carries_args = [delta, A, C, z, bias, dy, carries, dt_sums, D_INNER, D_STATE, LENGTH, LENGTH // segments,
+                        *strides(delta, A, C, z, dy)]
+        cubin = compile_sm90(scan_triton._scan_bwd_carries_kernel, carries_args,
+                             dict(HAS_Z=True, HAS_BIAS=True, HAS_DOUT=True, SOFTPLUS=True, BLOCK_D=block_d,
+                                  BLOCK_N=D_STATE), num_warps=scan_triton.BACKWARD_WALK_WARPS)
+        report("backward carries (the adjoint's walk alone)", cubin, args.ops, args.waits)
+    backward_args = [u, delta, A, B, C, D, z, bias, ckpt, dy, None, carries if segments > 1 else None,
+                     dt_sums if segments > 1 else None, f32(BATCH, n_dblocks, segments, chunk, block_d, D_STATE),
+                     du, ddelta, dz, f32(BATCH, segments, D_INNER, D_STATE), f32(BATCH, n_dblocks, LENGTH, D_STATE),
+                     f32(BATCH, n_dblocks, LENGTH, D_STATE), f32(BATCH, segments, D_INNER),
+                     f32(BATCH, segments, D_INNER), f32(BATCH, D_INNER, D_STATE), D_INNER, D_STATE, LENGTH,
+                     -(-ckpt.shape[2] // segments), *strides(u, delta, A, B, C, z), *ckpt.stride()[:3],
+                     *strides(dy), 0, 0, 0, *strides(du)]
     cubin = compile_sm90(scan_triton._scan_bwd_kernel, backward_args,
-                         dict(flags, HAS_DOUT=True, HAS_DHLAST=False, PARALLEL=False,
-                              PREFETCH=scan_triton.BACKWARD_PREFETCH), num_warps=scan_triton.BACKWARD_WALK_WARPS)
+                         dict(flags, HAS_DOUT=True, HAS_DHLAST=False, SEGMENTED=segments > 1, PARALLEL=False,
+                              PREFETCH=scan_triton.BACKWARD_PREFETCH), num_warps=scan_triton.BACKWARD_WALK_WARPS,
+                         maxnreg=args.max_registers)
     report("backward walk (recompute loop, then the reverse loop)", cubin, args.ops, args.waits)
-
 
 if __name__ == "__main__":
     main()

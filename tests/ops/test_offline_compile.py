@@ -1,7 +1,8 @@
-"""The decode step's Triton kernels compiled for sm_90 (an H100 / H200) without a GPU (`hymba.ops.offline`), with
-programmatic dependent launch on as they launch there (where this Triton has it): Triton's interpreter, which the
-other CPU tests run them through, accepts code its compiler rejects (a constexpr-guarded early return, for one). Runs
-in a fresh process, since this one's kernels may be the interpreter's (`triton_setup`)."""
+"""The decode step's Triton kernels, and the training scan's segmented backward, compiled for sm_90 (an H100 / H200)
+without a GPU (`hymba.ops.offline`), with programmatic dependent launch on as the decode kernels launch there (where
+this Triton has it): Triton's interpreter, which the other CPU tests run them through, accepts code its compiler
+rejects (a constexpr-guarded early return, for one). Runs in a fresh process, since this one's kernels may be the
+interpreter's (`triton_setup`)."""
 
 import json
 import os
@@ -76,10 +77,24 @@ cases.append(("state update", S._state_update_kernel,
               [f32(), bf(), bf(), f32(), bf(), bf(), f32(), bf(), f32(), bf(), D, N, D * N, N, 1, 8960, 1, D, 1, N, 1,
                N, 1, N, 1, 8960, 1],
               dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, A_IS_LOG=True, BLOCK_D=32, BLOCK_N=16), 4, 3))
+# The training scan's segmented walk backward and its carries' walk (batch 8 x 2,176 positions, chunks of 64, 5
+# segments), which PDL does not reach.
+L, CH = 2176, 34
+act, bc = [L * D, 1, D], [L * N, 1, N]
+cases.append(("scan backward carries", S._scan_bwd_carries_kernel,
+              [bf(), f32(), bf(), bf(), f32(), bf(), f32(), f32(), D, N, L, 7 * 64, *act, N, 1, *bc, *act, *act],
+              dict(HAS_Z=True, HAS_BIAS=True, HAS_DOUT=True, SOFTPLUS=True, BLOCK_D=32, BLOCK_N=16), 1, 3))
+cases.append(("scan backward (segmented walk)", S._scan_bwd_kernel,
+              [bf(), bf(), f32(), bf(), bf(), f32(), bf(), f32(), f32(), bf(), None, f32(), f32(), f32(),
+               bf(), bf(), bf(), f32(), f32(), f32(), f32(), f32(), f32(), D, N, L, 7,
+               *act, *act, N, 1, *bc, *bc, *act, D * CH * N, CH * N, N, *act, 0, 0, 0, *act],
+              dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_DOUT=True, HAS_DHLAST=False, SOFTPLUS=True,
+                   SEGMENTED=True, CHUNK=64, BLOCK_D=32, BLOCK_N=16, PARALLEL=False, PREFETCH=True), 1, 3))
 results = []
 for name, kernel, args, constexprs, warps, stages in cases:
     try:
-        cubin = compile_sm90(kernel, args, {**constexprs, "USE_PDL": TRITON_HAS_PDL}, warps, stages)
+        pdl = {"USE_PDL": TRITON_HAS_PDL} if "USE_PDL" in kernel.arg_names else {}
+        cubin = compile_sm90(kernel, args, {**constexprs, **pdl}, warps, stages)
     except ImportError as e:
         print(json.dumps({"skip": str(e)}))
         sys.exit(0)
@@ -88,13 +103,13 @@ print(json.dumps(results))
 """
 
 
-def test_decode_kernels_compile_for_sm90_without_spilling():
+def test_decode_and_scan_kernels_compile_for_sm90_without_spilling():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", KERNELS], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
     if isinstance(results, dict):
         pytest.skip(results["skip"])
-    assert len(results) == 21
+    assert len(results) == 23
     for result in results:
-        assert result["local"] == 0, result  # no spills
+        assert result["stack"] == 0 and result["local"] == 0, result  # no spills

@@ -136,6 +136,37 @@ def test_scan_walk_backward_loading_ahead_matches_reference(monkeypatch, z, use_
     check(results, fwd_tol=1e-5, bwd_tol=1e-5)
 
 
+@pytest.mark.parametrize("segments,length,chunk,block_l,z,use_y,use_state", [
+    (3, 37, 4, None, True, True, True),  # 10 chunks in segments of 4, 4 and 2, the last cut short
+    (2, 9, 4, None, False, True, False),  # no gate; only y's gradient
+    (4, 16, 4, None, True, False, True),  # no output gradient: the carries are the final state's alone
+    (3, 37, 8, 8, True, True, True),  # the parallel backward over segments of blocks
+])
+def test_scan_backward_in_segments_matches_reference(monkeypatch, segments, length, chunk, block_l, z, use_y,
+                                                     use_state):
+    """The backward split into segments of positions, one program each, each starting from the carry the later
+    segments pass it (`BACKWARD_SEGMENTS`, `_scan_bwd_carries_kernel`)."""
+    from hymba.ops.scan import triton as scan_triton
+
+    monkeypatch.setattr(scan_triton, "BACKWARD_SEGMENTS", segments)
+    results = run_both(make_inputs(2, 37, 5, length, z=z), use_y=use_y, use_state=use_state, chunk=chunk, block_d=32,
+                       block_l=block_l)
+    check(results, fwd_tol=1e-5, bwd_tol=1e-5)
+
+
+def test_backward_segments_fill_the_gpu():
+    from hymba.ops.scan.triton import backward_segments
+
+    # 800 programs where 1,584 fit: one round of 800 leaves half the slots idle; 5 segments run 4,000 programs in 3
+    # rounds of a fifth of the length each (0.60 of the time, plus 0.18 for the carries' walk), within 5% of the
+    # best up to 16 segments (11: 0.55 + 0.21).
+    assert backward_segments(800, 34, 1584) == 5
+    assert backward_segments(800, 34, 1056) == 1  # 800 of 1,056: no split pays for its carries
+    assert backward_segments(1584, 34, 1584) == 1  # already full
+    assert backward_segments(800, 1, 1584) == 1  # one chunk cannot be split
+    assert backward_segments(100, 3, 1584) == 3  # no more segments than chunks
+
+
 def test_scan_bf16_matches_reference():
     results = run_both(make_inputs(2, 37, 16, 24, dtype=torch.bfloat16), chunk=8, block_d=64)
     check(results, fwd_tol=2e-2, bwd_tol=2e-2)

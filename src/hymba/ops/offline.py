@@ -30,9 +30,10 @@ TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.backends.nvidia.__path__[0]) / "bin" / "cuobjdump"
 
 
-def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int, num_stages: int = 3) -> bytes:
-    """The cubin `kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)` would launch on an
-    sm_90 GPU."""
+def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int, num_stages: int = 3,
+                 maxnreg: int | None = None) -> bytes:
+    """The cubin `kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)`
+    would launch on an sm_90 GPU."""
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend
@@ -55,7 +56,10 @@ def compile_sm90(kernel, args: list, constexprs: dict, num_warps: int, num_stage
             attrs[index] = backend.parse_attr(key)
     source = ASTSource(fn=kernel, signature={name: signature[name] for name in kernel.arg_names},
                        constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages)).asm["cubin"]
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(source, target=TARGET, options=options).asm["cubin"]
 
 
 def cuobjdump(cubin: bytes, *flags: str) -> str:
@@ -67,7 +71,8 @@ def cuobjdump(cubin: bytes, *flags: str) -> str:
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers a thread, and bytes of local memory (spills) and shared memory, as cuobjdump -res-usage reads them."""
+    """Registers a thread, bytes of stack a thread (where ptxas spills registers), and bytes of local and shared
+    memory, as cuobjdump -res-usage reads them."""
     usage = cuobjdump(cubin, "-res-usage")
     return {name: int(re.search(rf"{key}:(\d+)", usage).group(1))
-            for name, key in (("registers", "REG"), ("local", "LOCAL"), ("shared", "SHARED"))}
+            for name, key in (("registers", "REG"), ("stack", "STACK"), ("local", "LOCAL"), ("shared", "SHARED"))}

@@ -26,6 +26,8 @@ backward step takes ~15 ms per program: keep interpreted shapes small.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +45,19 @@ DEFAULT_CHUNK = 64
 # prefetching, 7.2 with one warp and none, 14.0 with 2 warps and 37.1 with 8.
 BACKWARD_WALK_WARPS = 1
 BACKWARD_PREFETCH = True
+# Segments of positions the backward splits each (batch row, channel block) into, one program each (see
+# `_scan_bwd_kernel`); None chooses them by `backward_segments` for the GPU's SMs. The walk has batch x d_inner / 32
+# programs, 800 for Hymba-1.5B at batch 8, where an H200's 132 SMs hold about 1,056 of them at once (8 each at 231
+# registers a thread: `benchmarks/scan_sass.py`) or 1,584 with BACKWARD_MAX_REGISTERS = 168 (12 each; the reverse
+# loop then keeps all its values in registers, and only the outer loop spills). Not yet timed on a GPU: sweep them
+# with `benchmarks/bench_scan.py --backward --segments`. 1 is the one-program-per-row walk measured so far.
+BACKWARD_SEGMENTS: int | None = 1
+BACKWARD_MAX_REGISTERS: int | None = None
+# The walk backward's registers a thread as ptxas allocates them for sm_90 without a cap, and the carries' walk's SASS
+# instructions a position over the backward's (recompute + reverse loop): 159 / (547 / 4 + 544), as
+# `benchmarks/scan_sass.py --segments 9` counts them.
+BACKWARD_REGISTERS = 231
+BACKWARD_CARRIES_COST = 0.23
 # softplus(x) == x above this (torch.nn.functional.softplus's default threshold), and its gradient is 1.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 # exp(x) is written exp2(x * log2 e), and the kernels hold A * log2 e: on sm_90 tl.exp is five instructions (the scaling
@@ -339,10 +354,90 @@ def _load_reverse_step(scratch_ptrs, delta_ptrs, u_ptrs, B_ptrs, C_ptrs, dout_pt
 
 
 @triton.jit
+def _load_carry_step(delta_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, in_range, HAS_DOUT: tl.constexpr,
+                     HAS_Z: tl.constexpr):
+    """A position's (delta, C, output gradient, z) as stored, for `_scan_bwd_carries_kernel`; zeros out of range."""
+    md = mask_d & in_range
+    delta = tl.load(delta_ptrs, mask=md, other=0.0)
+    Ct = tl.load(C_ptrs, mask=mask_n & in_range, other=0.0)
+    gy = tl.load(dout_ptrs, mask=md, other=0.0) if HAS_DOUT else tl.zeros_like(delta)
+    z = tl.load(z_ptrs, mask=md, other=0.0) if HAS_Z else tl.zeros_like(delta)
+    return delta, Ct, gy, z
+
+
+@triton.jit
+def _scan_bwd_carries_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, carries_ptr, dt_sums_ptr,
+    d_inner, d_state, length, segment_len,
+    stride_delta_b, stride_delta_d, stride_delta_l,
+    stride_A_d, stride_A_n,
+    stride_C_b, stride_C_n, stride_C_l,
+    stride_z_b, stride_z_d, stride_z_l,
+    stride_dout_b, stride_dout_d, stride_dout_l,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOUT: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Segment 1 + program_id(2) of the backward's (see `_scan_bwd_kernel`), for one (batch, channel block): walks
+    it backwards from a zero carry with the adjoint's recurrence alone (g = gy C + carry, carry = a g; no states),
+    and stores the carry it passes to the segment before it and its sum of dt. The carry entering the segment from
+    later positions then adds exp(A sum dt) times itself: the product of the segment's decays."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    segment = tl.program_id(2) + 1
+    start = segment * segment_len
+    steps = tl.minimum(length - start, segment_len)
+
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    A = A.to(tl.float32) * LOG2E
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    t = start + steps - 1  # the segment's last position, walked first
+    delta_ptrs = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d + t * stride_delta_l
+    C_ptrs = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n + t * stride_C_l
+    dout_ptrs = delta_ptrs  # never read without an output gradient or a gate
+    if HAS_DOUT:
+        dout_ptrs = dout_ptr + pid_b * stride_dout_b + offs_d * stride_dout_d + t * stride_dout_l
+    z_ptrs = delta_ptrs
+    if HAS_Z:
+        z_ptrs = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d + t * stride_z_l
+    carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dt_sum = tl.zeros((BLOCK_D,), tl.float32)
+    # Each step's inputs are loaded a step ahead and converted in the step that uses them, as in the walks.
+    inputs = _load_carry_step(delta_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n, tl.full((1,), True, tl.int1),
+                              HAS_DOUT, HAS_Z)
+    for i in range(0, steps):
+        delta_ptrs -= stride_delta_l
+        C_ptrs -= stride_C_l
+        dout_ptrs -= stride_dout_l
+        z_ptrs -= stride_z_l
+        delta, Ct, gy, z = inputs
+        inputs = _load_carry_step(delta_ptrs, C_ptrs, dout_ptrs, z_ptrs, mask_d, mask_n,
+                                  tl.full((1,), i + 1, tl.int32) < steps, HAS_DOUT, HAS_Z)
+        _, dt = _delta_to_dt(delta, bias, HAS_BIAS, SOFTPLUS)
+        gy = gy.to(tl.float32)
+        if HAS_Z:
+            z = z.to(tl.float32)
+            gy = gy * z / (1.0 + tl.exp2(-z * LOG2E))
+        carry = (gy[:, None] * Ct.to(tl.float32)[None, :] + carry) * tl.exp2(dt[:, None] * A)
+        dt_sum += dt
+
+    slot = pid_b * (tl.num_programs(2)) + tl.program_id(2)
+    tl.store(carries_ptr + (slot * d_inner + offs_d[:, None]) * d_state + offs_n[None, :], carry, mask=mask_dn)
+    tl.store(dt_sums_ptr + slot * d_inner + offs_d, dt_sum, mask=mask_d)
+
+
+@triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dhlast_ptr, scratch_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dhlast_ptr, carries_ptr,
+    dt_sums_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    d_inner, d_state, length,
+    d_inner, d_state, length, segment_chunks,
     stride_u_b, stride_u_d, stride_u_l,
     stride_delta_b, stride_delta_d, stride_delta_l,
     stride_A_d, stride_A_n,
@@ -354,10 +449,10 @@ def _scan_bwd_kernel(
     stride_dhlast_b, stride_dhlast_d, stride_dhlast_n,
     stride_out_b, stride_out_d, stride_out_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOUT: tl.constexpr,
-    HAS_DHLAST: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DHLAST: tl.constexpr, SOFTPLUS: tl.constexpr, SEGMENTED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PARALLEL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """Reverse walk for one (batch, channel block), chunk by chunk from the end.
+    """Reverse walk for one (batch, channel block, segment): the segment's chunks, from its last.
 
     With g_t = dL/dh_t (all paths), a_t = exp(dt_t*A) and gy = dout * silu(z):
         g_t = gy_t C_t + a_{t+1} g_{t+1}   (+ dL/dh_last at t = L-1)
@@ -365,10 +460,17 @@ def _scan_bwd_kernel(
         d dt_t = u_t sum_n g_t B_t + sum_n g_t h_{t-1} a_t A      dA = sum_{b,t} g_t h_{t-1} a_t dt_t
         dz_t = dout_t (C_t.h_t + D u_t) silu'(z_t)      dD = sum_{b,t} gy_t u_t      dh0 = a_0 g_0
     Outputs: du, ddelta, dz (batch, d_inner, L) with the strides `stride_out_*` (position-major, as the model's
-    activations, so each position writes one contiguous run of channels); dA (batch, d_inner, d_state), dD and dbias
-    (batch, d_inner): per batch element; dB, dC (batch, n_dblocks, L, d_state) contiguous: per channel block, one
-    contiguous run of states per position; dh0 (batch, d_inner, d_state). scratch (batch, n_dblocks, CHUNK, BLOCK_D,
-    BLOCK_N) holds this program's recomputed states.
+    activations, so each position writes one contiguous run of channels); dA (batch, n_segments, d_inner, d_state),
+    dD and dbias (batch, n_segments, d_inner): per batch element and segment; dB, dC (batch, n_dblocks, L, d_state)
+    contiguous: per channel block, one contiguous run of states per position; dh0 (batch, d_inner, d_state), from
+    segment 0. scratch (batch, n_dblocks, n_segments, CHUNK, BLOCK_D, BLOCK_N) holds this program's recomputed states.
+
+    A segment is `segment_chunks` chunks; with SEGMENTED there are several, one program each, so that short grids
+    (few batch rows x channel blocks) still fill the GPU. The only thing a segment needs from the later ones is the
+    carry entering its last position, and that depends on their dt, C, z and dout alone, not on their states:
+    `_scan_bwd_carries_kernel` gives each later segment's carry out from a zero carry in (carries, (batch,
+    n_segments - 1, d_inner, d_state), slot s - 1 for segment s) and its sum of dt (dt_sums, (batch, n_segments - 1,
+    d_inner)), and this program folds them, from the last segment back: carry = carry_s + exp(A sum dt_s) carry.
 
     With PARALLEL a chunk is done at once from its checkpoint, without the scratch: the states h_t and the states
     before each position h_{t-1} come from two associative scans forward (the second over the inputs shifted by
@@ -377,7 +479,9 @@ def _scan_bwd_kernel(
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    segment = tl.program_id(2)
     n_dblocks = tl.num_programs(1)
+    n_segments = tl.num_programs(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < d_inner
@@ -398,17 +502,26 @@ def _scan_bwd_kernel(
                         + offs_n[None, :] * stride_dhlast_n, mask=mask_dn, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if SEGMENTED:
+        for later in range(0, n_segments - 1 - segment):
+            slot = pid_b * (n_segments - 1) + (n_segments - 2 - later)  # segment n_segments - 1 - later
+            carry_out = tl.load(carries_ptr + (slot * d_inner + offs_d[:, None]) * d_state + offs_n[None, :],
+                                mask=mask_dn, other=0.0)
+            dt_sum = tl.load(dt_sums_ptr + slot * d_inner + offs_d, mask=mask_d, other=0.0)
+            carry = carry_out + tl.exp2(dt_sum[:, None] * A) * carry
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
 
-    n_chunks = tl.cdiv(length, CHUNK)
+    # This segment's chunks: [first_chunk, first_chunk + n_chunks), walked from the last.
+    first_chunk = segment * segment_chunks
+    n_chunks = tl.minimum(tl.cdiv(length, CHUNK) - first_chunk, segment_chunks)
     if PARALLEL:
         offs_l = tl.arange(0, CHUNK)
         first = (offs_l == 0)[:, None, None]
         A3 = A[None, :, :]  # (1, BLOCK_D, BLOCK_N)
         for c_rev in range(0, n_chunks):
-            c = n_chunks - 1 - c_rev
+            c = first_chunk + n_chunks - 1 - c_rev
             pos = c * CHUNK + offs_l  # (CHUNK,)
             here = pos < length
             before = here & (offs_l > 0)  # position t-1 inside this chunk (the first row's comes from the checkpoint)
@@ -497,7 +610,7 @@ def _scan_bwd_kernel(
         ckpt_ptrs0 = ckpt_ptr + pid_b * stride_ckpt_b + offs_d[:, None] * stride_ckpt_d + offs_n[None, :]
         # Scratch slot i of the current chunk holds the state *before* position start+i.
         tile = BLOCK_D * BLOCK_N
-        scratch_ptrs0 = (scratch_ptr + (pid_b * n_dblocks + pid_d) * (CHUNK * tile)
+        scratch_ptrs0 = (scratch_ptr + ((pid_b * n_dblocks + pid_d) * n_segments + segment) * (CHUNK * tile)
                          + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
         # With PREFETCH the reverse walk loads each step's inputs one step ahead and converts them in the step that
         # uses them, as the forward walk does, so the chain of dependent steps does not also wait on memory each step.
@@ -505,7 +618,7 @@ def _scan_bwd_kernel(
         ahead = 1 if PREFETCH else 0
 
         for c_rev in range(0, n_chunks):
-            c = n_chunks - 1 - c_rev
+            c = first_chunk + n_chunks - 1 - c_rev
             start = c * CHUNK
             chunk_len = tl.minimum(length - start, CHUNK)
 
@@ -612,11 +725,35 @@ def _scan_bwd_kernel(
             # The next chunk's recompute overwrites slots this walk may still be reading in other threads.
             tl.debug_barrier()
 
-    bdn_offs = (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :]
-    tl.store(dA_ptr + bdn_offs, dA_acc, mask=mask_dn)
-    tl.store(dh0_ptr + bdn_offs, carry, mask=mask_dn)
-    tl.store(dD_ptr + pid_b * d_inner + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_ptr + pid_b * d_inner + offs_d, dbias_acc, mask=mask_d)
+    partial = pid_b * n_segments + segment  # this batch element's and segment's share of dA, dD and d bias
+    tl.store(dA_ptr + (partial * d_inner + offs_d[:, None]) * d_state + offs_n[None, :], dA_acc, mask=mask_dn)
+    tl.store(dD_ptr + partial * d_inner + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + partial * d_inner + offs_d, dbias_acc, mask=mask_d)
+    if segment == 0:
+        tl.store(dh0_ptr + (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :], carry, mask=mask_dn)
+
+
+def backward_segments(programs: int, n_chunks: int, slots: int, most: int = 16) -> int:
+    """Segments for a backward of `programs` one-warp programs over `n_chunks` chunks where `slots` programs run at
+    once. Segments of equal length run in ceil(programs * segments / slots) rounds, each 1 / segments as long, and
+    the carries' walk covers (segments - 1) / segments of the positions at `BACKWARD_CARRIES_COST` of the
+    backward's cost a position: the fewest segments within 5% of the best time by that count."""
+    times = {s: math.ceil(programs * s / slots) / s + BACKWARD_CARRIES_COST * (s - 1) / s
+             for s in range(1, max(1, min(most, n_chunks)) + 1)}
+    best = min(times.values())
+    return min(s for s, time in times.items() if time <= 1.05 * best)
+
+
+def _backward_segments(programs: int, n_chunks: int, device: torch.device) -> int:
+    """`BACKWARD_SEGMENTS`, or where that is None the GPU's choice by `backward_segments`."""
+    if BACKWARD_SEGMENTS is not None:
+        return max(1, min(BACKWARD_SEGMENTS, n_chunks))
+    if device.type != "cuda":
+        return 1
+    registers = BACKWARD_MAX_REGISTERS or BACKWARD_REGISTERS
+    per_sm = 65536 // (32 * (-(-registers // 8) * 8))  # a warp's registers are allocated 256 at a time
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return backward_segments(programs, n_chunks, sms * per_sm)
 
 
 def _tile_warps(block_l: int, block_n: int, block_d: int) -> int:
@@ -696,34 +833,48 @@ class _SelectiveScanFn(torch.autograd.Function):
         du = torch.empty(batch, length, d_inner, device=dev, dtype=u.dtype).transpose(1, 2)
         ddelta = torch.empty(batch, length, d_inner, device=dev, dtype=delta.dtype).transpose(1, 2)
         dz = torch.empty(batch, length, d_inner, device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
-        dA = torch.empty(batch, d_inner, d_state, **f32)
+        n_chunks = triton.cdiv(length, chunk)
+        segment_chunks = triton.cdiv(n_chunks, _backward_segments(batch * n_dblocks, n_chunks, dev))
+        segments = triton.cdiv(n_chunks, segment_chunks)  # none empty
+        dA = torch.empty(batch, segments, d_inner, d_state, **f32)
         dB = torch.empty(batch, n_dblocks, length, d_state, **f32)
         dC = torch.empty(batch, n_dblocks, length, d_state, **f32)
-        dD = torch.empty(batch, d_inner, **f32)
-        dbias = torch.empty(batch, d_inner, **f32)
+        dD = torch.empty(batch, segments, d_inner, **f32)
+        dbias = torch.empty(batch, segments, d_inner, **f32)
         dh0 = torch.empty(batch, d_inner, d_state, **f32)
-        inputs = (u, delta, A, B, C, D, z, delta_bias, ckpt, dy, dhlast)
+        flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DOUT=dy is not None,
+                     SOFTPLUS=bool(ctx.delta_softplus), BLOCK_D=block_d, BLOCK_N=block_n)
+        carries = dt_sums = None
+        if segments > 1:
+            carries = torch.empty(batch, segments - 1, d_inner, d_state, **f32)
+            dt_sums = torch.empty(batch, segments - 1, d_inner, **f32)
+            _scan_bwd_carries_kernel[(batch, n_dblocks, segments - 1)](
+                delta, A, C, z, delta_bias, dy, carries, dt_sums, d_inner, d_state, length, segment_chunks * chunk,
+                *delta.stride(), *A.stride(), *C.stride(), *_strides3(z), *_strides3(dy), **flags,
+                num_warps=BACKWARD_WALK_WARPS)
+        inputs = (u, delta, A, B, C, D, z, delta_bias, ckpt, dy, dhlast, carries, dt_sums)
         outputs = (du, ddelta, dz, dA, dB, dC, dD, dbias, dh0)
-        shapes = (d_inner, d_state, length,
+        shapes = (d_inner, d_state, length, segment_chunks,
                   *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
                   ckpt.stride(0), ckpt.stride(1), ckpt.stride(2), *_strides3(dy), *_strides3(dhlast), *du.stride())
-        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                     HAS_DOUT=dy is not None, HAS_DHLAST=dhlast is not None, SOFTPLUS=bool(ctx.delta_softplus),
-                     CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
+        flags.update(HAS_D=D is not None, HAS_DHLAST=dhlast is not None, SEGMENTED=segments > 1, CHUNK=chunk)
         if ctx.parallel:  # no scratch: the chunk lives in its tiles
-            scratch, warps = None, _tile_warps(chunk, block_n, block_d)
+            scratch, warps, registers = None, _tile_warps(chunk, block_n, block_d), {}
         else:
-            scratch, warps = torch.empty(batch, n_dblocks, chunk, block_d, block_n, **f32), BACKWARD_WALK_WARPS
-        _scan_bwd_kernel[(batch, n_dblocks)](*inputs, scratch, *outputs, *shapes, **flags, PARALLEL=ctx.parallel,
-                                             PREFETCH=BACKWARD_PREFETCH and not ctx.parallel, num_warps=warps)
+            scratch = torch.empty(batch, n_dblocks, segments, chunk, block_d, block_n, **f32)
+            warps = BACKWARD_WALK_WARPS
+            registers = {} if BACKWARD_MAX_REGISTERS is None else {"maxnreg": BACKWARD_MAX_REGISTERS}
+        _scan_bwd_kernel[(batch, n_dblocks, segments)](
+            *inputs, scratch, *outputs, *shapes, **flags, PARALLEL=ctx.parallel,
+            PREFETCH=BACKWARD_PREFETCH and not ctx.parallel, num_warps=warps, **registers)
 
         def cast(grad, like):
             return None if like is None else grad.to(like.dtype)
 
         return (
-            du, ddelta, cast(dA.sum(0), A), cast(dB.sum(1).transpose(1, 2), B), cast(dC.sum(1).transpose(1, 2), C),
-            cast(dD.sum(0), D), dz,
-            cast(dbias.sum(0), delta_bias), cast(dh0, initial_state), None, None, None, None, None,
+            du, ddelta, cast(dA.sum((0, 1)), A), cast(dB.sum(1).transpose(1, 2), B),
+            cast(dC.sum(1).transpose(1, 2), C), cast(dD.sum((0, 1)), D), dz, cast(dbias.sum((0, 1)), delta_bias),
+            cast(dh0, initial_state), None, None, None, None, None,
         )
 
 
