@@ -4,7 +4,8 @@ backward) over blocks of positions, by channels per program.
     python benchmarks/bench_scan.py                 # needs CUDA and Triton
     python benchmarks/bench_scan.py --batches 1,8 --length 640
     python benchmarks/bench_scan.py --batches 8 --length 2176 --backward   # forward + backward, as training runs it
-    python benchmarks/bench_scan.py --batches 8 --length 2176 --segments   # the walk backward split into segments
+    python benchmarks/bench_scan.py --batches 8 --length 2176 --backward --segments   # the walks in segments
+    python benchmarks/bench_scan.py --batches 1,8 --segments                          # prefill's forward in segments
 
 The walk: one program per `block_d` channels steps through every position with block_d / 32 warps, so time per
 position is the latency of one step of the recurrence. The parallel kernels (`block_l` positions per block) scan
@@ -13,10 +14,11 @@ or with --backward the gradient of its input u). With --backward the walk cases 
 warps per program and with its inputs loaded a step ahead (`WALK_BACKWARD_SETTINGS`; "4 ahead" is 4 warps, loading
 ahead).
 
-With --segments, forward + backward of the walk (32 channels a program) at chunks of 64 and 16, by the backward's
-segments of positions (`BACKWARD_SEGMENTS`; "auto" is `backward_segments`' choice, shown in brackets) and its cap on
-registers (`BACKWARD_MAX_REGISTERS`), each against the unsegmented walk at chunks of 64 and checked against it in
-every input's gradient.
+With --segments, the walk (32 channels a program) by its segments of positions (`FORWARD_SEGMENTS`,
+`BACKWARD_SEGMENTS`; "auto" is `scan_segments`' choice, shown in brackets) and the backward's cap on registers
+(`BACKWARD_MAX_REGISTERS`), each against the unsegmented walk and checked against it: with --backward, forward +
+backward at chunks of 64 and 16, in every input's gradient; without, the forward alone, as prefill runs it, and at
+a batch whose walk has at most 128 programs also the parallel forward prefill runs there.
 """
 
 import argparse
@@ -38,8 +40,11 @@ CASES = [(16, None, None, 64), (32, None, None, 64), (64, None, None, 64), (8, 1
 # work per program (16) or twice the registers per lane (64).
 BACKWARD_CASES = [(32, None, None, 64), (32, None, None, 32), (32, None, None, 16), (16, None, None, 16),
                   (16, None, None, 64), (64, None, None, 64), (8, 16, 16, 16), (32, None, 16, 16)]
-# (segments, max registers) for --segments; None segments is "auto".
-SEGMENT_CASES = [(1, None), (1, 168), (None, None), (None, 168), (3, 168), (5, 168), (8, 168), (12, 168), (5, 152)]
+# (forward segments, backward segments, backward's max registers) for --segments --backward; None segments is "auto".
+SEGMENT_CASES = [(1, 1, None), (1, 1, 168), (1, None, None), (1, None, 168), (1, 3, 168), (1, 5, 168), (1, 8, 168),
+                 (1, 12, 168), (1, 5, 152), (None, None, 168), (4, 1, None), (8, 1, None)]
+# Forward segments for --segments without --backward (prefill's walk): batch 1's 100 programs fill few SMs.
+FORWARD_ONLY_SEGMENTS = [1, None, 2, 4, 8, 16]
 # The walk backward's (warps per program, inputs loaded a step ahead), for the walk cases of BACKWARD_CASES;
 # (1, True) is the default (`hymba.ops.scan.triton.BACKWARD_WALK_WARPS` / `BACKWARD_PREFETCH`). Session 19 on an H200
 # also ran (4, True): 0.79x, (2, True): 0.96x and (8, True): 0.36x of the (4, False) walk that (1, True) beat 2.0x.
@@ -88,39 +93,55 @@ def bench_batch(batch: int, length: int, backward: bool, walk_only: bool) -> Non
     scan_triton.BACKWARD_WALK_WARPS, scan_triton.BACKWARD_PREFETCH = defaults
 
 
-def bench_segments(batch: int, length: int) -> None:
+def bench_segments(batch: int, length: int, backward: bool) -> None:
     dev, bf16 = "cuda", torch.bfloat16
-    leaves = [torch.randn(batch, length, n, device=dev, dtype=bf16, requires_grad=True)
+    leaves = [torch.randn(batch, length, n, device=dev, dtype=bf16, requires_grad=backward)
               for n in (D_INNER, D_INNER, D_INNER, D_STATE, D_STATE)]
     u, delta, z, B, C = (t.transpose(1, 2) for t in leaves)
     A = -torch.rand(D_INNER, D_STATE, device=dev)
     D, bias = torch.ones(D_INNER, device=dev), torch.zeros(D_INNER, device=dev)
     dy = torch.randn_like(u)
-    defaults = scan_triton.BACKWARD_SEGMENTS, scan_triton.BACKWARD_MAX_REGISTERS
+    knobs = ("FORWARD_SEGMENTS", "BACKWARD_SEGMENTS", "BACKWARD_MAX_REGISTERS")
+    defaults = [getattr(scan_triton, knob) for knob in knobs]
 
-    def scan(chunk):
+    def scan(chunk, block_l=None):
         for leaf in leaves:
             leaf.grad = None
-        y, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, block_d=32, chunk=chunk)
+        y, _ = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, block_d=8 if block_l else 32, chunk=chunk,
+                                     block_l=block_l)
+        if not backward:
+            return [y.detach().float()]
         y.backward(dy)
         return [leaf.grad.detach().float().clone() for leaf in leaves]
 
-    scan_triton.BACKWARD_SEGMENTS, scan_triton.BACKWARD_MAX_REGISTERS = 1, None
+    def show(label, chunk, forward, backward_segments, registers, got, ms):
+        err = max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want))
+        print(f"{batch:5d} {label:>14} {chunk:5d} {forward:>9} {backward_segments:>9} {str(registers):>8} {ms:8.2f} "
+              f"{baseline / ms:8.2f}  (largest rel. error {err:.1e})", flush=True)
+
+    def chosen(knob, walk, units):  # the segments a None knob resolves to, as "auto [n]"
+        n = walk(batch * -(-D_INNER // 32), units, torch.device(dev))
+        return f"auto [{n}]" if knob is None else str(n)
+
+    for knob, value in zip(knobs, (1, 1, None)):
+        setattr(scan_triton, knob, value)
     want = scan(64)
     baseline = do_bench(lambda: scan(64), warmup=3, rep=10, grad_to_none=leaves)
-    programs = batch * -(-D_INNER // 32)
-    for chunk in (64, 16):
-        for segments, registers in SEGMENT_CASES:
-            scan_triton.BACKWARD_SEGMENTS, scan_triton.BACKWARD_MAX_REGISTERS = segments, registers
+    if not backward and batch * -(-D_INNER // 32) <= 128:  # what prefill runs at this batch: the parallel forward
+        show("parallel fwd", 16, 1, "-", None, scan(16, 16), do_bench(lambda: scan(16, 16), warmup=3, rep=10))
+    cases = SEGMENT_CASES if backward else [(f, 1, None) for f in FORWARD_ONLY_SEGMENTS]
+    for chunk in (64, 16) if backward else (64,):
+        for forward, backward_segments_, registers in cases:
+            for knob, value in zip(knobs, (forward, backward_segments_, registers)):
+                setattr(scan_triton, knob, value)
             got = scan(chunk)
-            err = max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want))
             ms = do_bench(lambda c=chunk: scan(c), warmup=3, rep=10, grad_to_none=leaves)
-            n_chunks = -(-length // chunk)
-            chosen = scan_triton._backward_segments(programs, n_chunks, torch.device(dev))
-            label = f"auto [{chosen}]" if segments is None else str(chosen)
-            print(f"{batch:5d} {chunk:5d} {label:>9} {str(registers):>8} {programs * chosen:8d} {ms:8.2f} "
-                  f"{baseline / ms:10.2f}  (largest gradient rel. error {err:.1e})", flush=True)
-    scan_triton.BACKWARD_SEGMENTS, scan_triton.BACKWARD_MAX_REGISTERS = defaults
+            units = -(-length // chunk) if backward else -(-length // 4)
+            show("walk", chunk, chosen(forward, scan_triton.forward_segments, units),
+                 chosen(backward_segments_, scan_triton.backward_segments, -(-length // chunk)) if backward else "-",
+                 registers, got, ms)
+    for knob, value in zip(knobs, defaults):
+        setattr(scan_triton, knob, value)
 
 
 def main() -> None:
@@ -135,9 +156,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.segments:
-        print(f"{'batch':>5} {'chunk':>5} {'segments':>9} {'max regs':>8} {'programs':>8} {'ms':>8} {'vs 1 x 64':>10}")
+        print(f"{'batch':>5} {'kernel':>14} {'chunk':>5} {'fwd segs':>9} {'bwd segs':>9} {'max regs':>8} {'ms':>8} "
+              f"{'vs 1 x 64':>8}")
         for batch in (int(b) for b in args.batches.split(",")):
-            bench_segments(batch, args.length)
+            bench_segments(batch, args.length, args.backward)
         return
     header = [("batch", 5), ("block_d", 7), ("block_l", 7), ("bwd bl", 8), ("chunk", 5), ("bwd warps", 10),
               ("programs", 8), ("ms", 8), ("ns/position", 11), ("vs walk 32", 10)]

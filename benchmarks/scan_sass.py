@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--waits", action="store_true",
                         help="each loop's waits on a load whose scoreboard a short-latency instruction shares")
     parser.add_argument("--segments", type=int, default=1,
-                        help="the backward's segments of positions (more than 1 adds its carries' walk)")
+                        help="the walks' segments of positions (more than 1 adds the states' and the carries' walks)")
     parser.add_argument("--max-registers", type=int, default=scan_triton.BACKWARD_MAX_REGISTERS,
                         help="the backward walk's cap on registers a thread (ptxas's maxnreg)")
     args = parser.parse_args()
@@ -113,16 +113,26 @@ def main() -> None:
     def strides(*tensors):
         return [s for t in tensors for s in t.stride()]
 
-    forward_args = [u, delta, A, B, C, D, z, bias, None, y, torch.empty(BATCH, D_INNER, D_STATE), ckpt,
-                    D_INNER, D_STATE, LENGTH, *strides(u, delta, A, B, C, z), 0, 0, 0, *strides(y),
-                    *ckpt.stride()[:3]]
-    cubin = compile_sm90(scan_triton._scan_fwd_kernel, forward_args,
-                         dict(flags, HAS_H0=False, SAVE_CKPT=True, BLOCK_L=1), num_warps=max(1, block_d // 32))
-    report("forward walk (saving states)", cubin, args.ops, args.waits)
-
     f32 = torch.empty
     segments = args.segments
-    carries, dt_sums = f32(BATCH, segments - 1, D_INNER, D_STATE), f32(BATCH, segments - 1, D_INNER)
+    states, dt_sums = f32(BATCH, segments - 1, D_INNER, D_STATE), f32(BATCH, segments - 1, D_INNER)
+    segment_len = -(-ckpt.shape[2] // segments) * chunk
+    if segments > 1:
+        states_args = [u, delta, A, B, bias, states, dt_sums, D_INNER, D_STATE, segment_len,
+                       *strides(u, delta, A, B)]
+        cubin = compile_sm90(scan_triton._scan_fwd_states_kernel, states_args,
+                             dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=block_d, BLOCK_N=D_STATE),
+                             num_warps=max(1, block_d // 32))
+        report("forward states (the recurrence alone)", cubin, args.ops, args.waits)
+    forward_args = [u, delta, A, B, C, D, z, bias, None, states if segments > 1 else None,
+                    dt_sums if segments > 1 else None, y, f32(BATCH, D_INNER, D_STATE), ckpt, D_INNER, D_STATE,
+                    LENGTH, segment_len, *strides(u, delta, A, B, C, z), 0, 0, 0, *strides(y), *ckpt.stride()[:3]]
+    cubin = compile_sm90(scan_triton._scan_fwd_kernel, forward_args,
+                         dict(flags, HAS_H0=False, SAVE_CKPT=True, SEGMENTED=segments > 1, BLOCK_L=1),
+                         num_warps=max(1, block_d // 32))
+    report("forward walk (saving states)", cubin, args.ops, args.waits)
+
+    carries = f32(BATCH, segments - 1, D_INNER, D_STATE)
     if segments > 1:
         carries_args = [delta, A, C, z, bias, dy, carries, dt_sums, D_INNER, D_STATE, LENGTH, LENGTH // segments,
                         *strides(delta, A, C, z, dy)]

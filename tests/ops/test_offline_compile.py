@@ -1,4 +1,4 @@
-"""The decode step's Triton kernels, and the training scan's segmented backward, compiled for sm_90 (an H100 / H200)
+"""The decode step's Triton kernels, and the training scan's segmented walks, compiled for sm_90 (an H100 / H200)
 without a GPU (`hymba.ops.offline`), with programmatic dependent launch on as the decode kernels launch there (where
 this Triton has it): Triton's interpreter, which the other CPU tests run them through, accepts code its compiler
 rejects (a constexpr-guarded early return, for one). Runs in a fresh process, since this one's kernels may be the
@@ -77,10 +77,18 @@ cases.append(("state update", S._state_update_kernel,
               [f32(), bf(), bf(), f32(), bf(), bf(), f32(), bf(), f32(), bf(), D, N, D * N, N, 1, 8960, 1, D, 1, N, 1,
                N, 1, N, 1, 8960, 1],
               dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, A_IS_LOG=True, BLOCK_D=32, BLOCK_N=16), 4, 3))
-# The training scan's segmented walk backward and its carries' walk (batch 8 x 2,176 positions, chunks of 64, 5
-# segments), which PDL does not reach.
+# The training scan's segmented walks and their states' and carries' walks (batch 8 x 2,176 positions, chunks of 64,
+# 5 segments of 7 chunks), which PDL does not reach.
 L, CH = 2176, 34
 act, bc = [L * D, 1, D], [L * N, 1, N]
+cases.append(("scan forward states", S._scan_fwd_states_kernel,
+              [bf(), bf(), f32(), bf(), f32(), f32(), f32(), D, N, 7 * 64, *act, *act, N, 1, *bc],
+              dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=32, BLOCK_N=16), 1, 3))
+cases.append(("scan forward (segmented walk)", S._scan_fwd_kernel,
+              [bf(), bf(), f32(), bf(), bf(), f32(), bf(), f32(), None, f32(), f32(), bf(), f32(), f32(), D, N, L,
+               7 * 64, *act, *act, N, 1, *bc, *bc, *act, 0, 0, 0, *act, D * CH * N, CH * N, N],
+              dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_H0=False, SOFTPLUS=True, SAVE_CKPT=True,
+                   SEGMENTED=True, CHUNK=64, BLOCK_D=32, BLOCK_N=16, BLOCK_L=1), 1, 3))
 cases.append(("scan backward carries", S._scan_bwd_carries_kernel,
               [bf(), f32(), bf(), bf(), f32(), bf(), f32(), f32(), D, N, L, 7 * 64, *act, N, 1, *bc, *act, *act],
               dict(HAS_Z=True, HAS_BIAS=True, HAS_DOUT=True, SOFTPLUS=True, BLOCK_D=32, BLOCK_N=16), 1, 3))
@@ -110,6 +118,6 @@ def test_decode_and_scan_kernels_compile_for_sm90_without_spilling():
     results = json.loads(run.stdout.strip().splitlines()[-1])
     if isinstance(results, dict):
         pytest.skip(results["skip"])
-    assert len(results) == 23
+    assert len(results) == 25
     for result in results:
         assert result["stack"] == 0 and result["local"] == 0, result  # no spills

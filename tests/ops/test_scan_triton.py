@@ -136,26 +136,45 @@ def test_scan_walk_backward_loading_ahead_matches_reference(monkeypatch, z, use_
     check(results, fwd_tol=1e-5, bwd_tol=1e-5)
 
 
-@pytest.mark.parametrize("segments,length,chunk,block_l,z,use_y,use_state", [
-    (3, 37, 4, None, True, True, True),  # 10 chunks in segments of 4, 4 and 2, the last cut short
-    (2, 9, 4, None, False, True, False),  # no gate; only y's gradient
-    (4, 16, 4, None, True, False, True),  # no output gradient: the carries are the final state's alone
-    (3, 37, 8, 8, True, True, True),  # the parallel backward over segments of blocks
+@pytest.mark.parametrize("forward,backward,length,chunk,block_l,z,use_y,use_state", [
+    (1, 3, 37, 4, None, True, True, True),  # 10 chunks in segments of 4, 4 and 2, the last cut short
+    (1, 2, 9, 4, None, False, True, False),  # no gate; only y's gradient
+    (1, 4, 16, 4, None, True, False, True),  # no output gradient: the carries are the final state's alone
+    (1, 3, 37, 8, 8, True, True, True),  # the parallel backward over segments of blocks
+    (3, 1, 37, 4, None, True, True, True),  # the forward in segments, each from the state the earlier ones leave
+    (4, 2, 37, 8, 8, True, True, True),  # both, the parallel kernels
 ])
-def test_scan_backward_in_segments_matches_reference(monkeypatch, segments, length, chunk, block_l, z, use_y,
-                                                     use_state):
-    """The backward split into segments of positions, one program each, each starting from the carry the later
-    segments pass it (`BACKWARD_SEGMENTS`, `_scan_bwd_carries_kernel`)."""
+def test_scan_in_segments_matches_reference(monkeypatch, forward, backward, length, chunk, block_l, z, use_y,
+                                            use_state):
+    """The walks split into segments of positions, one program each, each starting from the state the earlier
+    segments leave it (`FORWARD_SEGMENTS`, `_scan_fwd_states_kernel`) or the carry the later ones pass it
+    (`BACKWARD_SEGMENTS`, `_scan_bwd_carries_kernel`); the initial state enters the first."""
     from hymba.ops.scan import triton as scan_triton
 
-    monkeypatch.setattr(scan_triton, "BACKWARD_SEGMENTS", segments)
+    monkeypatch.setattr(scan_triton, "FORWARD_SEGMENTS", forward)
+    monkeypatch.setattr(scan_triton, "BACKWARD_SEGMENTS", backward)
     results = run_both(make_inputs(2, 37, 5, length, z=z), use_y=use_y, use_state=use_state, chunk=chunk, block_d=32,
                        block_l=block_l)
     check(results, fwd_tol=1e-5, bwd_tol=1e-5)
 
 
-def test_backward_segments_fill_the_gpu():
-    from hymba.ops.scan.triton import backward_segments
+@pytest.mark.parametrize("block_l", [None, 4])
+def test_scan_forward_in_segments_without_grad(monkeypatch, block_l):
+    from hymba.ops.scan import triton as scan_triton
+
+    inputs = make_inputs(2, 37, 5, 30)
+    with torch.no_grad():
+        want = selective_scan_ref(*scan_args(inputs))
+        monkeypatch.setattr(scan_triton, "FORWARD_SEGMENTS", 3)  # of 12, 12 and 6 positions
+        got = selective_scan_triton(*scan_args(inputs), block_d=32, block_l=block_l)
+    assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5
+
+
+def test_segments_fill_the_gpu():
+    from hymba.ops.scan.triton import BACKWARD_EXTRA_COST, scan_segments
+
+    def backward_segments(programs, n_chunks, slots):
+        return scan_segments(programs, n_chunks, slots, BACKWARD_EXTRA_COST)
 
     # 800 programs where 1,584 fit: one round of 800 leaves half the slots idle; 7 segments run 5,600 programs in 4
     # rounds of a seventh of the length each (0.57 of the time, plus 0.17 for the carries' walk), within 5% of the

@@ -46,19 +46,20 @@ DEFAULT_CHUNK = 64
 # prefetching, 7.2 with one warp and none, 14.0 with 2 warps and 37.1 with 8.
 BACKWARD_WALK_WARPS = 1
 BACKWARD_PREFETCH = True
-# Segments of positions the backward splits each (batch row, channel block) into, one program each (see
-# `_scan_bwd_kernel`); None chooses them by `backward_segments` for the GPU's SMs. The walk has batch x d_inner / 32
-# programs, 800 for Hymba-1.5B at batch 8, where an H200's 132 SMs hold about 1,056 of them at once (8 each at 231
-# registers a thread: `benchmarks/scan_sass.py`) or 1,584 with BACKWARD_MAX_REGISTERS = 168 (12 each; the reverse
-# loop then keeps all its values in registers, and only the outer loop spills). Not yet timed on a GPU: sweep them
-# with `benchmarks/bench_scan.py --backward --segments`. 1 is the one-program-per-row walk measured so far.
+# Segments of positions the walks split each (batch row, channel block) into, one program each, so that short grids
+# still fill the GPU (`_scan_fwd_kernel`, `_scan_bwd_kernel`); None chooses them by `scan_segments` for the GPU's SMs.
+# A walk has batch x d_inner / 32 programs, 800 for Hymba-1.5B at batch 8, where an H200's 132 SMs hold 1,584 of the
+# segmented forward's at once (12 each at 158 registers a thread, `benchmarks/scan_sass.py --segments 5`) and 1,056
+# of the segmented backward's (8 at 231), or 1,584 with BACKWARD_MAX_REGISTERS = 168 (12; its reverse loop then
+# spills 7 of 533 instructions a step). Each segment past the first also costs a cheaper walk over it (its states, or
+# its adjoint's carries), whose SASS instructions a position over the walk's are the *_EXTRA_COST: 113 / (779 / 4)
+# and 128 / (460 / 4 + 527). Not yet timed on a GPU: sweep them with `benchmarks/bench_scan.py --segments`. 1, the
+# default, is the one program per row and channel block measured so far, compiled as before (SEGMENTED off).
+FORWARD_SEGMENTS: int | None = 1
 BACKWARD_SEGMENTS: int | None = 1
 BACKWARD_MAX_REGISTERS: int | None = None
-# The walk backward's registers a thread as ptxas allocates them for sm_90 without a cap, and the carries' walk's SASS
-# instructions a position over the backward's (recompute + reverse loop): 128 / (460 / 4 + 526), as
-# `benchmarks/scan_sass.py --segments 5` counts them.
-BACKWARD_REGISTERS = 231
-BACKWARD_CARRIES_COST = 0.20
+FORWARD_REGISTERS, FORWARD_EXTRA_COST = 158, 0.58
+BACKWARD_REGISTERS, BACKWARD_EXTRA_COST = 231, 0.20
 # softplus(x) == x above this (torch.nn.functional.softplus's default threshold), and its gradient is 1.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 # exp(x) is written exp2(x * log2 e), and the kernels hold A * log2 e: on sm_90 tl.exp is five instructions (the scaling
@@ -189,6 +190,57 @@ def _fwd_walk_position(h, inputs, ckpt_ptrs, pos, k: tl.constexpr, ptrs, steps, 
 
 
 @triton.jit
+def _scan_fwd_states_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, states_ptr, dt_sums_ptr,
+    d_inner, d_state, segment_len,
+    stride_u_b, stride_u_d, stride_u_l,
+    stride_delta_b, stride_delta_d, stride_delta_l,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_n, stride_B_l,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Segment program_id(2) of the forward's (see `_scan_fwd_kernel`; every segment but the last, so all of them
+    full), for one (batch, channel block): walks it from a zero state with the recurrence alone (no outputs), and
+    stores the state it leaves and its sum of dt. The state entering the segment adds exp(A sum dt) times itself to
+    that: the product of the segment's decays."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    first = tl.program_id(2) * segment_len
+    A = tl.load(A_ptr + offs_n[:, None] * stride_A_n + offs_d[None, :] * stride_A_d, mask=mask_nd, other=0.0)
+    A = A.to(tl.float32) * LOG2E
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    u_ptrs = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d + first * stride_u_l
+    delta_ptrs = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d + first * stride_delta_l
+    B_ptrs = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n + first * stride_B_l
+    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dt_sum = tl.zeros((BLOCK_D,), tl.float32)
+    # Each step's inputs are loaded a step ahead and converted in the step that uses them, as in the walks (the
+    # segment is full, so the load past its end reads the next segment's first position, unused).
+    delta, u, Bt = (tl.load(delta_ptrs, mask=mask_d, other=0.0), tl.load(u_ptrs, mask=mask_d, other=0.0),
+                    tl.load(B_ptrs, mask=mask_n, other=0.0))
+    for _ in range(0, segment_len):
+        delta_ptrs += stride_delta_l
+        u_ptrs += stride_u_l
+        B_ptrs += stride_B_l
+        delta_next, u_next, B_next = (tl.load(delta_ptrs, mask=mask_d, other=0.0),
+                                      tl.load(u_ptrs, mask=mask_d, other=0.0), tl.load(B_ptrs, mask=mask_n, other=0.0))
+        _, dt = _delta_to_dt(delta, bias, HAS_BIAS, SOFTPLUS)
+        h = tl.exp2(dt[None, :] * A) * h + Bt.to(tl.float32)[:, None] * (dt * u.to(tl.float32))[None, :]
+        dt_sum += dt
+        delta, u, Bt = delta_next, u_next, B_next
+
+    slot = pid_b * (tl.num_programs(2)) + tl.program_id(2)
+    tl.store(states_ptr + (slot * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
+    tl.store(dt_sums_ptr + slot * d_inner + offs_d, dt_sum, mask=mask_d)
+
+
+@triton.jit
 def _linear_recurrence(a1, b1, a2, b2):
     """Composes h -> a1 h + b1, then h -> a2 h + b2 (the associative step of h_t = a_t h_{t-1} + b_t)."""
     return a1 * a2, a2 * b1 + b2
@@ -196,9 +248,9 @@ def _linear_recurrence(a1, b1, a2, b2):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, states_ptr, dt_sums_ptr,
     y_ptr, hlast_ptr, ckpt_ptr,
-    d_inner, d_state, length,
+    d_inner, d_state, length, segment_len,
     stride_u_b, stride_u_d, stride_u_l,
     stride_delta_b, stride_delta_d, stride_delta_l,
     stride_A_d, stride_A_n,
@@ -209,10 +261,11 @@ def _scan_fwd_kernel(
     stride_y_b, stride_y_d, stride_y_l,
     stride_ckpt_b, stride_ckpt_d, stride_ckpt_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr, SEGMENTED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """One program: batch `pid_b`, channels [pid_d*BLOCK_D, +BLOCK_D), all L positions in order: one at a time
+    """One program: batch `pid_b`, channels [pid_d*BLOCK_D, +BLOCK_D), segment program_id(2) of
+    `segment_len` positions (with one segment, all L), its positions in order: one at a time
     (BLOCK_L = 1, the walk) or BLOCK_L at a time (BLOCK_L dividing CHUNK), a block's inputs loaded as tiles and its
     states given by an associative scan over the block ((BLOCK_L, BLOCK_N, BLOCK_D), log2(BLOCK_L) levels), so that
     only the carry from block to block is sequential. Past the end a block takes identity steps (dt = 0).
@@ -222,29 +275,51 @@ def _scan_fwd_kernel(
 
     The state tile is (d_state, channels): channels run across a warp's lanes and each lane keeps its channel's
     d_state values in registers, so C.h sums inside a thread, without shuffles, on the walk's critical path.
+
+    With SEGMENTED a segment starts from the state the earlier ones leave, folded from what
+    `_scan_fwd_states_kernel` gives each of them (the state it leaves from a zero start, and its sum of dt, in
+    states (batch, n_segments - 1, d_inner, d_state) and dt_sums (batch, n_segments - 1, d_inner)): from the first,
+    h = state_s + exp(A sum dt_s) h. Segments start at multiples of CHUNK (when SAVE_CKPT) and of BLOCK_L; the last
+    one stores hlast.
     """
     pid_b = tl.program_id(0).to(tl.int64)
+    segment = tl.program_id(2)
     offs_d, offs_n, mask_d, mask_n, A, bias, D, h = _fwd_program_start(
         A_ptr, D_ptr, bias_ptr, h0_ptr, pid_b, d_inner, d_state, stride_A_d, stride_A_n, stride_h0_b, stride_h0_d,
         stride_h0_n, HAS_D, HAS_BIAS, HAS_H0, BLOCK_D, BLOCK_N)
     mask_nd = mask_n[:, None] & mask_d[None, :]
+    if SEGMENTED:
+        for earlier in range(0, segment):
+            slot = pid_b * (tl.num_programs(2) - 1) + earlier
+            state = tl.load(states_ptr + (slot * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], mask=mask_nd,
+                            other=0.0)
+            dt_sum = tl.load(dt_sums_ptr + slot * d_inner + offs_d, mask=mask_d, other=0.0)
+            h = state + tl.exp2(dt_sum[None, :] * A) * h
+    # This segment's positions: [first, end). Written so that the compiler knows first is a multiple of 4 (the launcher
+    # makes it one), and so that of the walk's four positions an iteration only the first can start a chunk.
+    first = 0
+    end = length
+    if SEGMENTED:
+        first = segment * (segment_len // 4) * 4
+        end = tl.minimum(first + segment_len, length)
 
     ckpt_ptrs = hlast_ptr + offs_n[:, None] + offs_d[None, :]  # a stand-in of the same type, never written
     if SAVE_CKPT:
-        ckpt_ptrs = ckpt_ptr + pid_b * stride_ckpt_b + offs_n[:, None] + offs_d[None, :] * stride_ckpt_d
+        ckpt_ptrs = (ckpt_ptr + pid_b * stride_ckpt_b + (first // CHUNK) * stride_ckpt_c + offs_n[:, None]
+                     + offs_d[None, :] * stride_ckpt_d)
 
     if BLOCK_L > 1:
         offs_l = tl.arange(0, BLOCK_L)
         last = (offs_l == BLOCK_L - 1)[:, None, None]
 
-        for start in range(0, length, BLOCK_L):
+        for start in range(first, end, BLOCK_L):
             if SAVE_CKPT:
                 if start % CHUNK == 0:
                     tl.store(ckpt_ptrs, h, mask=mask_nd)
                     ckpt_ptrs += stride_ckpt_c
             pos = start + offs_l
-            mask_ld = (pos < length)[:, None] & mask_d[None, :]  # (BLOCK_L, BLOCK_D)
-            mask_ln = (pos < length)[:, None] & mask_n[None, :]  # (BLOCK_L, BLOCK_N)
+            mask_ld = (pos < end)[:, None] & mask_d[None, :]  # (BLOCK_L, BLOCK_D)
+            mask_ln = (pos < end)[:, None] & mask_n[None, :]  # (BLOCK_L, BLOCK_N)
             delta = tl.load(delta_ptr + pid_b * stride_delta_b + pos[:, None] * stride_delta_l
                             + offs_d[None, :] * stride_delta_d, mask=mask_ld, other=0.0)
             u = tl.load(u_ptr + pid_b * stride_u_b + pos[:, None] * stride_u_l + offs_d[None, :] * stride_u_d,
@@ -270,30 +345,31 @@ def _scan_fwd_kernel(
             tl.store(y_ptr + pid_b * stride_y_b + pos[:, None] * stride_y_l + offs_d[None, :] * stride_y_d, y,
                      mask=mask_ld)
     else:
-        # Pointers at position 0.
-        u_ptrs = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d
-        delta_ptrs = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d
-        B_ptrs = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n
-        C_ptrs = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n
-        y_ptrs = y_ptr + pid_b * stride_y_b + offs_d * stride_y_d
+        # Pointers at the segment's first position.
+        u_ptrs = u_ptr + pid_b * stride_u_b + offs_d * stride_u_d + first * stride_u_l
+        delta_ptrs = delta_ptr + pid_b * stride_delta_b + offs_d * stride_delta_d + first * stride_delta_l
+        B_ptrs = B_ptr + pid_b * stride_B_b + offs_n * stride_B_n + first * stride_B_l
+        C_ptrs = C_ptr + pid_b * stride_C_b + offs_n * stride_C_n + first * stride_C_l
+        y_ptrs = y_ptr + pid_b * stride_y_b + offs_d * stride_y_d + first * stride_y_l
         z_ptrs = u_ptrs  # never read without a gate
         if HAS_Z:
-            z_ptrs = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d
+            z_ptrs = z_ptr + pid_b * stride_z_b + offs_d * stride_z_d + first * stride_z_l
 
         # Four positions an iteration, each from its own set of inputs, reloaded four positions ahead once its position
         # is done (as the backward's recompute: a load has three steps' work to arrive in, and no copy at the loop's
         # end waits on it). Positions past the end are identity steps with their output stores masked off. Loading
         # a step ahead at all gave 22% less scan time on an H100 (measured before the state tile was transposed).
-        set0 = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, 0, length, HAS_Z)
+        set0 = _load_step(delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, mask_d, mask_n, first, end, HAS_Z)
         set1 = _load_step(delta_ptrs + stride_delta_l, u_ptrs + stride_u_l, B_ptrs + stride_B_l, C_ptrs + stride_C_l,
-                          z_ptrs + stride_z_l, mask_d, mask_n, 1, length, HAS_Z)
+                          z_ptrs + stride_z_l, mask_d, mask_n, first + 1, end, HAS_Z)
         set2 = _load_step(delta_ptrs + 2 * stride_delta_l, u_ptrs + 2 * stride_u_l, B_ptrs + 2 * stride_B_l,
-                          C_ptrs + 2 * stride_C_l, z_ptrs + 2 * stride_z_l, mask_d, mask_n, 2, length, HAS_Z)
+                          C_ptrs + 2 * stride_C_l, z_ptrs + 2 * stride_z_l, mask_d, mask_n, first + 2, end, HAS_Z)
         set3 = _load_step(delta_ptrs + 3 * stride_delta_l, u_ptrs + 3 * stride_u_l, B_ptrs + 3 * stride_B_l,
-                          C_ptrs + 3 * stride_C_l, z_ptrs + 3 * stride_z_l, mask_d, mask_n, 3, length, HAS_Z)
+                          C_ptrs + 3 * stride_C_l, z_ptrs + 3 * stride_z_l, mask_d, mask_n, first + 3, end, HAS_Z)
         steps = (stride_delta_l, stride_u_l, stride_B_l, stride_C_l, stride_z_l, stride_y_l, stride_ckpt_c)
-        params = (A, bias, D, mask_d, mask_n, mask_nd, length)
-        for t in range(0, length, 4):
+        params = (A, bias, D, mask_d, mask_n, mask_nd, end)
+        for step in range(0, end - first, 4):
+            t = first + step
             ptrs = (delta_ptrs, u_ptrs, B_ptrs, C_ptrs, z_ptrs, y_ptrs)
             h, set0, ckpt_ptrs = _fwd_walk_position(h, set0, ckpt_ptrs, t + 0, 0, ptrs, steps, params, HAS_D, HAS_Z,
                                                    HAS_BIAS, SOFTPLUS, SAVE_CKPT, CHUNK)
@@ -310,7 +386,8 @@ def _scan_fwd_kernel(
             z_ptrs += 4 * stride_z_l
             y_ptrs += 4 * stride_y_l
 
-    tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
+    if segment == tl.num_programs(2) - 1:
+        tl.store(hlast_ptr + (pid_b * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
 
 
 @triton.jit
@@ -527,8 +604,11 @@ def _scan_bwd_kernel(
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
 
     # This segment's chunks: [first_chunk, first_chunk + n_chunks), walked from the last.
-    first_chunk = segment * segment_chunks
-    n_chunks = tl.minimum(tl.cdiv(length, CHUNK) - first_chunk, segment_chunks)
+    first_chunk = 0
+    n_chunks = tl.cdiv(length, CHUNK)
+    if SEGMENTED:
+        first_chunk = segment * segment_chunks
+        n_chunks = tl.minimum(n_chunks - first_chunk, segment_chunks)
     if PARALLEL:
         offs_l = tl.arange(0, CHUNK)
         first = (offs_l == 0)[:, None, None]
@@ -623,8 +703,11 @@ def _scan_bwd_kernel(
         ckpt_ptrs0 = ckpt_ptr + pid_b * stride_ckpt_b + offs_d[:, None] * stride_ckpt_d + offs_n[None, :]
         # Scratch slot i of the current chunk holds the state *before* position start+i.
         tile = BLOCK_D * BLOCK_N
-        scratch_ptrs0 = (scratch_ptr + ((pid_b * n_dblocks + pid_d) * n_segments + segment) * (CHUNK * tile)
-                         + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
+        program = pid_b * n_dblocks + pid_d
+        if SEGMENTED:
+            program = program * n_segments + segment
+        scratch_ptrs0 = (scratch_ptr + program * (CHUNK * tile) + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N
+                         + offs_n[None, :])
         # With PREFETCH the reverse walk loads each step's inputs one step ahead and converts them in the step that
         # uses them, as the forward walk does, so the chain of dependent steps does not also wait on memory each step.
         # Without it each step loads its own, and the loads before the loop are masked off (`first` out of range).
@@ -738,7 +821,9 @@ def _scan_bwd_kernel(
             # The next chunk's recompute overwrites slots this walk may still be reading in other threads.
             tl.debug_barrier()
 
-    partial = pid_b * n_segments + segment  # this batch element's and segment's share of dA, dD and d bias
+    partial = pid_b  # this batch element's and segment's share of dA, dD and d bias
+    if SEGMENTED:
+        partial = pid_b * n_segments + segment
     tl.store(dA_ptr + (partial * d_inner + offs_d[:, None]) * d_state + offs_n[None, :], dA_acc, mask=mask_dn)
     tl.store(dD_ptr + partial * d_inner + offs_d, dD_acc, mask=mask_d)
     tl.store(dbias_ptr + partial * d_inner + offs_d, dbias_acc, mask=mask_d)
@@ -746,27 +831,39 @@ def _scan_bwd_kernel(
         tl.store(dh0_ptr + (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :], carry, mask=mask_dn)
 
 
-def backward_segments(programs: int, n_chunks: int, slots: int, most: int = 16) -> int:
-    """Segments for a backward of `programs` one-warp programs over `n_chunks` chunks where `slots` programs run at
-    once. Segments of equal length run in ceil(programs * segments / slots) rounds, each 1 / segments as long, and
-    the carries' walk covers (segments - 1) / segments of the positions at `BACKWARD_CARRIES_COST` of the
-    backward's cost a position: the fewest segments within 5% of the best time by that count."""
-    times = {s: math.ceil(programs * s / slots) / s + BACKWARD_CARRIES_COST * (s - 1) / s
-             for s in range(1, max(1, min(most, n_chunks)) + 1)}
+def scan_segments(programs: int, units: int, slots: int, extra_cost: float, most: int = 16) -> int:
+    """Segments for a walk of `programs` one-warp programs over `units` chunks of positions where `slots` programs
+    run at once. Segments of equal length run in ceil(programs * segments / slots) rounds, each 1 / segments as long,
+    and the extra walk covers (segments - 1) / segments of the positions at `extra_cost` of the walk's cost a
+    position: the fewest segments within 5% of the best time by that count."""
+    times = {s: math.ceil(programs * s / slots) / s + extra_cost * (s - 1) / s
+             for s in range(1, max(1, min(most, units)) + 1)}
     best = min(times.values())
     return min(s for s, time in times.items() if time <= 1.05 * best)
 
 
-def _backward_segments(programs: int, n_chunks: int, device: torch.device) -> int:
-    """`BACKWARD_SEGMENTS`, or where that is None the GPU's choice by `backward_segments`."""
-    if BACKWARD_SEGMENTS is not None:
-        return max(1, min(BACKWARD_SEGMENTS, n_chunks))
+def _segments(chosen: int | None, programs: int, units: int, device: torch.device, registers: int,
+              extra_cost: float) -> int:
+    """`chosen` (FORWARD_SEGMENTS or BACKWARD_SEGMENTS) up to `units`, or where that is None the GPU's choice by
+    `scan_segments` for one-warp programs of `registers` registers a thread."""
+    if chosen is not None:
+        return max(1, min(chosen, units))
     if device.type != "cuda":
         return 1
-    registers = BACKWARD_MAX_REGISTERS or BACKWARD_REGISTERS
     per_sm = 65536 // (32 * (-(-registers // 8) * 8))  # a warp's registers are allocated 256 at a time
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return backward_segments(programs, n_chunks, sms * per_sm)
+    return scan_segments(programs, units, sms * per_sm, extra_cost)
+
+
+def backward_segments(programs: int, n_chunks: int, device: torch.device) -> int:
+    """The backward walk's segments (`BACKWARD_SEGMENTS`, see `_segments`)."""
+    return _segments(BACKWARD_SEGMENTS, programs, n_chunks, device, BACKWARD_MAX_REGISTERS or BACKWARD_REGISTERS,
+                     BACKWARD_EXTRA_COST)
+
+
+def forward_segments(programs: int, units: int, device: torch.device) -> int:
+    """The forward walk's segments (`FORWARD_SEGMENTS`, see `_segments`)."""
+    return _segments(FORWARD_SEGMENTS, programs, units, device, FORWARD_REGISTERS, FORWARD_EXTRA_COST)
 
 
 def _tile_warps(block_l: int, block_n: int, block_d: int) -> int:
@@ -793,21 +890,38 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     ckpt = None
     if save_ckpt:
         ckpt = torch.empty(batch, d_inner, triton.cdiv(length, chunk), d_state, device=u.device, dtype=torch.float32)
-    grid = (batch, triton.cdiv(d_inner, block_d))
+    n_dblocks = triton.cdiv(d_inner, block_d)
     block_n = triton.next_power_of_2(d_state)
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, y, hlast, ckpt, d_inner, d_state, length,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-            *_strides3(initial_state), *y.stride(), *(_strides3(ckpt)[:3]))
-    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                 HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), SAVE_CKPT=save_ckpt, CHUNK=chunk,
-                 BLOCK_D=block_d, BLOCK_N=block_n)
     if block_l is None:
         warps, block_l = max(1, block_d // 32), 1
     else:
         if chunk % block_l:
             raise ValueError(f"block_l ({block_l}) must divide chunk ({chunk})")
         warps = _tile_warps(block_l, block_n, block_d)
-    _scan_fwd_kernel[grid](*args, **flags, BLOCK_L=block_l, num_warps=warps)
+    # Segments start where a state is saved, where a block of the parallel forward does, and at a multiple of 4 (the
+    # walk's positions an iteration).
+    unit = math.lcm(4, chunk if save_ckpt else block_l)
+    units = max(1, triton.cdiv(length, unit))
+    segments = (forward_segments(batch * n_dblocks, units, u.device) if block_l == 1  # the choice is the walk's
+                else min(FORWARD_SEGMENTS or 1, units))
+    segment_len = triton.cdiv(units, segments) * unit
+    segments = max(1, triton.cdiv(length, segment_len))  # none empty
+    states = dt_sums = None
+    if segments > 1:
+        # (d_inner, d_state) a segment, states contiguous as each of the walk's lanes holds its channel's.
+        states = torch.empty(batch, segments - 1, d_inner, d_state, device=u.device, dtype=torch.float32)
+        dt_sums = torch.empty(batch, segments - 1, d_inner, device=u.device, dtype=torch.float32)
+        _scan_fwd_states_kernel[(batch, n_dblocks, segments - 1)](
+            u, delta, A, B, delta_bias, states, dt_sums, d_inner, d_state, segment_len, *u.stride(), *delta.stride(),
+            *A.stride(), *B.stride(), HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=max(1, block_d // 32))
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, states, dt_sums, y, hlast, ckpt, d_inner, d_state,
+            length, segment_len, *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+            *_strides3(initial_state), *y.stride(), *(_strides3(ckpt)[:3]))
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), SAVE_CKPT=save_ckpt,
+                 SEGMENTED=segments > 1, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
+    _scan_fwd_kernel[(batch, n_dblocks, segments)](*args, **flags, BLOCK_L=block_l, num_warps=warps)
     return y, hlast, ckpt
 
 
@@ -846,8 +960,10 @@ class _SelectiveScanFn(torch.autograd.Function):
         du = torch.empty(batch, length, d_inner, device=dev, dtype=u.dtype).transpose(1, 2)
         ddelta = torch.empty(batch, length, d_inner, device=dev, dtype=delta.dtype).transpose(1, 2)
         dz = torch.empty(batch, length, d_inner, device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
-        n_chunks = triton.cdiv(length, chunk)
-        segment_chunks = triton.cdiv(n_chunks, _backward_segments(batch * n_dblocks, n_chunks, dev))
+        n_chunks = max(1, triton.cdiv(length, chunk))
+        segments = (min(BACKWARD_SEGMENTS or 1, n_chunks) if ctx.parallel  # the choice is the walk's
+                    else backward_segments(batch * n_dblocks, n_chunks, dev))
+        segment_chunks = triton.cdiv(n_chunks, segments)
         segments = triton.cdiv(n_chunks, segment_chunks)  # none empty
         dA = torch.empty(batch, segments, d_inner, d_state, **f32)
         dB = torch.empty(batch, n_dblocks, length, d_state, **f32)
