@@ -50,18 +50,21 @@ BACKWARD_PREFETCH = True
 # still fill the GPU (`_scan_fwd_kernel`, `_scan_bwd_kernel`); None chooses them by `scan_segments` for the GPU's SMs.
 # A walk has batch x d_inner / 32 programs, 800 for Hymba-1.5B at batch 8, where an H200's 132 SMs hold 1,584 of the
 # segmented forward's at once (12 each at 158 registers a thread, `benchmarks/scan_sass.py --segments 5`) and 1,056
-# of the segmented backward's (8 at 231), or 1,584 with BACKWARD_MAX_REGISTERS = 168 (12; its reverse loop then
-# spills 7 of 533 instructions a step). Each segment past the first also costs a cheaper walk over it (its states, or
-# its adjoint's carries), whose SASS instructions a position over the walk's are the *_EXTRA_COST: 113 / (779 / 4)
-# and 128 / (460 / 4 + 527). Not yet timed on a GPU: sweep them with `benchmarks/bench_scan.py --segments`. 1, the
+# of the segmented backward's (8 at 229), or 1,584 with BACKWARD_MAX_REGISTERS = 168 (12; its reverse loop then
+# spills 7 of 538 instructions a step). Each segment past the first also costs a cheaper walk over it (its states, or
+# its adjoint's carries), whose SASS instructions a position over the walk's are the *_EXTRA_COST: 120 / (804 / 4)
+# and 141 / (483 / 4 + 535). Not yet timed on a GPU: sweep them with `benchmarks/bench_scan.py --segments`. 1, the
 # default, is the one program per row and channel block measured so far, compiled as before (SEGMENTED off).
 FORWARD_SEGMENTS: int | None = 1
 BACKWARD_SEGMENTS: int | None = 1
 BACKWARD_MAX_REGISTERS: int | None = None
-FORWARD_REGISTERS, FORWARD_EXTRA_COST = 158, 0.58
-BACKWARD_REGISTERS, BACKWARD_EXTRA_COST = 231, 0.20
+FORWARD_REGISTERS, FORWARD_EXTRA_COST = 158, 0.60
+BACKWARD_REGISTERS, BACKWARD_EXTRA_COST = 229, 0.22
 # softplus(x) == x above this (torch.nn.functional.softplus's default threshold), and its gradient is 1.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
+# Below this exp(x) softplus takes a series (see `_softplus`): about x < -3.5, where Mamba's dt biases start (dt from
+# 1e-3 to 0.1 is softplus of -6.9 to -2.3).
+SOFTPLUS_SERIES_BELOW = tl.constexpr(0.03)
 # exp(x) is written exp2(x * log2 e), and the kernels hold A * log2 e: on sm_90 tl.exp is five instructions (the scaling
 # and a guard against denormal results) where tl.exp2 is one MUFU.EX2 that flushes denormals to zero. The decays
 # exp(dt*A) are the walks' busiest arithmetic: 16 per lane per step.
@@ -69,9 +72,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # softplus's logarithm as one MUFU.LG2 (lg2.approx.ftz: its argument, 1 + exp(x), is at least 1, never denormal) where
 # the kernels compile for an NVIDIA GPU, in place of tl.log's libdevice polynomial (about 15 instructions). The walks
-# take a softplus per channel and position: for sm_90 this took the backward's SASS instructions a position from 681 to
-# 641 and the forward's from 219 to 196 (`benchmarks/scan_sass.py`). tl.log2 under the interpreter, which runs no PTX,
-# and on ROCm.
+# take a softplus per channel and position: for sm_90 this and the series below e = 0.03 (see `_softplus`) took the
+# backward's SASS instructions a position from 681 to 653 and the forward's from 219 to 202 (`benchmarks/scan_sass.py`),
+# with a smaller error than before. tl.log2 under the interpreter, which runs no PTX, and on ROCm.
 PTX_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None)
 
 
@@ -84,14 +87,18 @@ def _block_d(d_inner: int, block_d: int | None) -> int:
 
 @triton.jit
 def _softplus(x):
-    # log(1 + exp(x)) overflows for large x; torch switches to the identity above the same threshold.
-    one_plus_exp = 1.0 + tl.exp2(tl.minimum(x, SOFTPLUS_THRESHOLD) * LOG2E)
+    """log(1 + e) with e = exp(x), as torch's softplus: x itself above its threshold (where e would overflow), and
+    below e = SOFTPLUS_SERIES_BELOW the series e - e^2/2 + e^3/3 - e^4/4 (relative error under e^3/5, 5e-6 there),
+    where the logarithm of 1 + e, rounded to float32, would lose most digits of a small result (as would
+    lg2.approx's absolute error of 2^-22); torch takes log1p there."""
+    e = tl.exp2(tl.minimum(x, SOFTPLUS_THRESHOLD) * LOG2E)
     if PTX_LOG2:
-        log2 = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [one_plus_exp], dtype=tl.float32,
+        log2 = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
-        log2 = tl.log2(one_plus_exp)
-    return tl.where(x > SOFTPLUS_THRESHOLD, x, log2 * LN2)
+        log2 = tl.log2(1.0 + e)
+    series = e * (1.0 - e * (0.5 - e * (1.0 / 3.0 - e * 0.25)))
+    return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.where(e < SOFTPLUS_SERIES_BELOW, series, log2 * LN2))
 
 
 @triton.jit
