@@ -1015,7 +1015,7 @@ class _SelectiveScanFn(torch.autograd.Function):
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, initial_state=None,
-                          *, chunk: int = DEFAULT_CHUNK, block_d: int | None = None, block_l: int | None = None,
+                          *, chunk: int | None = None, block_d: int | None = None, block_l: int | None = None,
                           backward_block_l: int | None = None):
     """Fused selective scan. Shapes and results as `selective_scan_ref`: returns (y in u's dtype, last_state
     (batch, d_inner, d_state) float32). Differentiable in every tensor input via the Triton backward.
@@ -1023,8 +1023,9 @@ def selective_scan_triton(u, delta, A, B, C, D, z=None, delta_bias=None, delta_s
     `chunk` (positions between states saved for the backward), `block_d` (channels per program), `block_l`
     (positions per block of the parallel forward; None walks positions one at a time) and `backward_block_l` (the
     same for the backward, which then needs a state saved per block; None: as `block_l`) are tuning knobs; they do
-    not change results beyond float rounding.
+    not change results beyond float rounding. chunk None is `DEFAULT_CHUNK`, read at the call.
     """
+    chunk = chunk or DEFAULT_CHUNK
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
