@@ -11,7 +11,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+# Skips without Triton. Imported before Triton itself: Triton's own jitted helpers (tl.sum, ...) are decorated for the
+# interpreter only if it is on when Triton is first imported, and the kernels of the test modules collected after
+# this one call them.
+import triton_setup  # noqa: F401
 
 # Each kernel at Hymba-1.5B's decode shapes (d_inner 3,200, 16 states, dt_rank 100, 25 / 5 heads of 64 / 128), with
 # the tiles its launcher picks: (name, kernel, runtime arguments, constexprs, warps, stages). Tensors stand in by
