@@ -51,15 +51,19 @@ FORWARD_ONLY_SEGMENTS = [1, None, 2, 4, 8, 16]
 WALK_BACKWARD_SETTINGS = [(1, True), (1, False), (4, False)]
 
 
-def bench_batch(batch: int, length: int, backward: bool, walk_only: bool) -> None:
-    dev, bf16 = "cuda", torch.bfloat16
-    # Position-major activations, as the model passes them: (batch, L, channels) memory viewed as (batch, d, L).
-    leaves = [torch.randn(batch, length, n, device=dev, dtype=bf16, requires_grad=backward)
+def scan_inputs(batch: int, length: int, backward: bool, dev: str = "cuda"):
+    """(leaves, (u, delta, z, B, C), A, D, bias, dy) at the 1.5B shape: the activations position-major, as the model
+    passes them ((batch, L, channels) memory viewed as (batch, d, L)), and their leaves for the gradients."""
+    leaves = [torch.randn(batch, length, n, device=dev, dtype=torch.bfloat16, requires_grad=backward)
               for n in (D_INNER, D_INNER, D_INNER, D_STATE, D_STATE)]
-    u, delta, z, B, C = (t.transpose(1, 2) for t in leaves)
+    activations = tuple(t.transpose(1, 2) for t in leaves)
     A = -torch.rand(D_INNER, D_STATE, device=dev)
     D, bias = torch.ones(D_INNER, device=dev), torch.zeros(D_INNER, device=dev)
-    dy = torch.randn_like(u)
+    return leaves, activations, A, D, bias, torch.randn_like(activations[0])
+
+
+def bench_batch(batch: int, length: int, backward: bool, walk_only: bool) -> None:
+    leaves, (u, delta, z, B, C), A, D, bias, dy = scan_inputs(batch, length, backward)
 
     def scan(block_d, block_l=None, backward_block_l=None, chunk=64):
         for leaf in leaves:
@@ -94,13 +98,8 @@ def bench_batch(batch: int, length: int, backward: bool, walk_only: bool) -> Non
 
 
 def bench_segments(batch: int, length: int, backward: bool) -> None:
-    dev, bf16 = "cuda", torch.bfloat16
-    leaves = [torch.randn(batch, length, n, device=dev, dtype=bf16, requires_grad=backward)
-              for n in (D_INNER, D_INNER, D_INNER, D_STATE, D_STATE)]
-    u, delta, z, B, C = (t.transpose(1, 2) for t in leaves)
-    A = -torch.rand(D_INNER, D_STATE, device=dev)
-    D, bias = torch.ones(D_INNER, device=dev), torch.zeros(D_INNER, device=dev)
-    dy = torch.randn_like(u)
+    dev = "cuda"
+    leaves, (u, delta, z, B, C), A, D, bias, dy = scan_inputs(batch, length, backward, dev)
     knobs = ("FORWARD_SEGMENTS", "BACKWARD_SEGMENTS", "BACKWARD_MAX_REGISTERS")
     defaults = [getattr(scan_triton, knob) for knob in knobs]
 

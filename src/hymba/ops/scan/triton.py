@@ -197,6 +197,14 @@ def _fwd_walk_position(h, inputs, ckpt_ptrs, pos, k: tl.constexpr, ptrs, steps, 
 
 
 @triton.jit
+def _program_channels(d_inner, d_state, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The channels (block program_id(1)) and states of a segment walk's program, and their masks."""
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    return offs_d, offs_n, offs_d < d_inner, offs_n < d_state
+
+
+@triton.jit
 def _scan_fwd_states_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, states_ptr, dt_sums_ptr,
     d_inner, d_state, segment_len,
@@ -211,10 +219,7 @@ def _scan_fwd_states_kernel(
     stores the state it leaves and its sum of dt. The state entering the segment adds exp(A sum dt) times itself to
     that: the product of the segment's decays."""
     pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
+    offs_d, offs_n, mask_d, mask_n = _program_channels(d_inner, d_state, BLOCK_D, BLOCK_N)
     mask_nd = mask_n[:, None] & mask_d[None, :]
     first = tl.program_id(2) * segment_len
     A = tl.load(A_ptr + offs_n[:, None] * stride_A_n + offs_d[None, :] * stride_A_d, mask=mask_nd, other=0.0)
@@ -479,10 +484,7 @@ def _scan_bwd_carries_kernel(
     and stores the carry it passes to the segment before it and its sum of dt. The carry entering the segment from
     later positions then adds exp(A sum dt) times itself: the product of the segment's decays."""
     pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
+    offs_d, offs_n, mask_d, mask_n = _program_channels(d_inner, d_state, BLOCK_D, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
     segment = tl.program_id(2) + 1
     start = segment * segment_len
