@@ -291,6 +291,20 @@ def test_scan_realistic_size_gpu(dtype, tol, block_l):
 
 @gpu_only
 @pytest.mark.gpu
+@pytest.mark.parametrize("forward,backward,registers", [(4, 5, 168), (None, None, 168), (16, 1, None)])
+def test_scan_in_segments_realistic_size_gpu(monkeypatch, forward, backward, registers):
+    """The segmented walks as they compile for the GPU (inline PTX, the register cap), against the reference."""
+    from hymba.ops.scan import triton as scan_triton
+
+    monkeypatch.setattr(scan_triton, "FORWARD_SEGMENTS", forward)
+    monkeypatch.setattr(scan_triton, "BACKWARD_SEGMENTS", backward)
+    monkeypatch.setattr(scan_triton, "BACKWARD_MAX_REGISTERS", registers)
+    results = run_both(make_inputs(4, 3200, 16, 2048))
+    check(results, fwd_tol=1e-4, bwd_tol=1e-4)
+
+
+@gpu_only
+@pytest.mark.gpu
 def test_state_update_realistic_size_gpu():
     inputs = make_inputs(4, 3200, 16, 1, torch.bfloat16)
     state, state_ref = inputs["initial_state"].clone(), inputs["initial_state"].clone()
