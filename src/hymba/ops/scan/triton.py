@@ -247,7 +247,7 @@ def _scan_fwd_states_kernel(
         dt_sum += dt
         delta, u, Bt = delta_next, u_next, B_next
 
-    slot = pid_b * (tl.num_programs(2)) + tl.program_id(2)
+    slot = pid_b * tl.num_programs(2) + tl.program_id(2)
     tl.store(states_ptr + (slot * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], h, mask=mask_nd)
     tl.store(dt_sums_ptr + slot * d_inner + offs_d, dt_sum, mask=mask_d)
 
@@ -291,8 +291,8 @@ def _scan_fwd_kernel(
     With SEGMENTED a segment starts from the state the earlier ones leave, folded from what
     `_scan_fwd_states_kernel` gives each of them (the state it leaves from a zero start, and its sum of dt, in
     states (batch, n_segments - 1, d_inner, d_state) and dt_sums (batch, n_segments - 1, d_inner)): from the first,
-    h = state_s + exp(A sum dt_s) h. Segments start at multiples of CHUNK (when SAVE_CKPT) and of BLOCK_L; the last
-    one stores hlast.
+    h = state_s + exp(A sum dt_s) h. Segments start at multiples of 4, of CHUNK (when SAVE_CKPT) and of BLOCK_L; the
+    last one stores hlast.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     segment = tl.program_id(2)
@@ -526,7 +526,7 @@ def _scan_bwd_carries_kernel(
         carry = (gy[:, None] * Ct.to(tl.float32)[None, :] + carry) * tl.exp2(dt[:, None] * A)
         dt_sum += dt
 
-    slot = pid_b * (tl.num_programs(2)) + tl.program_id(2)
+    slot = pid_b * tl.num_programs(2) + tl.program_id(2)
     tl.store(carries_ptr + (slot * d_inner + offs_d[:, None]) * d_state + offs_n[None, :], carry, mask=mask_dn)
     tl.store(dt_sums_ptr + slot * d_inner + offs_d, dt_sum, mask=mask_d)
 
