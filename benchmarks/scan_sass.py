@@ -115,33 +115,36 @@ def main() -> None:
 
     f32 = torch.empty
     segments = args.segments
-    states, dt_sums = f32(BATCH, segments - 1, D_INNER, D_STATE), f32(BATCH, segments - 1, D_INNER)
+    ends, dt_sums = f32(BATCH, segments - 1, D_INNER, D_STATE), f32(BATCH, segments - 1, D_INNER)
+    starts = f32(BATCH, segments, D_INNER, D_STATE)
     segment_len = -(-ckpt.shape[2] // segments) * chunk
     if segments > 1:
-        states_args = [u, delta, A, B, bias, states, dt_sums, D_INNER, D_STATE, segment_len,
-                       *strides(u, delta, A, B)]
+        states_args = [u, delta, A, B, bias, ends, dt_sums, D_INNER, D_STATE, segment_len, *strides(u, delta, A, B)]
         cubin = compile_sm90(scan_triton._scan_fwd_states_kernel, states_args,
                              dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=block_d, BLOCK_N=D_STATE),
                              num_warps=max(1, block_d // 32))
         report("forward states (the recurrence alone)", cubin, args.ops, args.waits)
-    forward_args = [u, delta, A, B, C, D, z, bias, None, states if segments > 1 else None,
-                    dt_sums if segments > 1 else None, y, f32(BATCH, D_INNER, D_STATE), ckpt, D_INNER, D_STATE,
-                    LENGTH, segment_len, *strides(u, delta, A, B, C, z), 0, 0, 0, *strides(y), *ckpt.stride()[:3]]
+        starts_args = [ends, dt_sums, A, None, starts, D_INNER, D_STATE, segments, *A.stride(), 0, 0, 0]
+        cubin = compile_sm90(scan_triton._segment_starts_kernel, starts_args,
+                             dict(HAS_INIT=False, REVERSE=False, BLOCK_D=block_d, BLOCK_N=D_STATE), num_warps=1)
+        report("segment starts (the fold)", cubin, args.ops, args.waits)
+    forward_args = [u, delta, A, B, C, D, z, bias, None, starts if segments > 1 else None, y,
+                    f32(BATCH, D_INNER, D_STATE), ckpt, D_INNER, D_STATE, LENGTH, segment_len,
+                    *strides(u, delta, A, B, C, z), 0, 0, 0, *strides(y), *ckpt.stride()[:3]]
     cubin = compile_sm90(scan_triton._scan_fwd_kernel, forward_args,
                          dict(flags, HAS_H0=False, SAVE_CKPT=True, SEGMENTED=segments > 1, BLOCK_L=1),
                          num_warps=max(1, block_d // 32))
     report("forward walk (saving states)", cubin, args.ops, args.waits)
 
-    carries = f32(BATCH, segments - 1, D_INNER, D_STATE)
     if segments > 1:
-        carries_args = [delta, A, C, z, bias, dy, carries, dt_sums, D_INNER, D_STATE, LENGTH, LENGTH // segments,
+        carries_args = [delta, A, C, z, bias, dy, ends, dt_sums, D_INNER, D_STATE, LENGTH, LENGTH // segments,
                         *strides(delta, A, C, z, dy)]
         cubin = compile_sm90(scan_triton._scan_bwd_carries_kernel, carries_args,
                              dict(HAS_Z=True, HAS_BIAS=True, HAS_DOUT=True, SOFTPLUS=True, BLOCK_D=block_d,
                                   BLOCK_N=D_STATE), num_warps=scan_triton.BACKWARD_WALK_WARPS)
         report("backward carries (the adjoint's walk alone)", cubin, args.ops, args.waits)
-    backward_args = [u, delta, A, B, C, D, z, bias, ckpt, dy, None, carries if segments > 1 else None,
-                     dt_sums if segments > 1 else None, f32(BATCH, n_dblocks, segments, chunk, block_d, D_STATE),
+    backward_args = [u, delta, A, B, C, D, z, bias, ckpt, dy, None, starts if segments > 1 else None,
+                     f32(BATCH, n_dblocks, segments, chunk, block_d, D_STATE),
                      du, ddelta, dz, f32(BATCH, segments, D_INNER, D_STATE), f32(BATCH, n_dblocks, LENGTH, D_STATE),
                      f32(BATCH, n_dblocks, LENGTH, D_STATE), f32(BATCH, segments, D_INNER),
                      f32(BATCH, segments, D_INNER), f32(BATCH, D_INNER, D_STATE), D_INNER, D_STATE, LENGTH,

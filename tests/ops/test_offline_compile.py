@@ -87,8 +87,11 @@ act, bc = [L * D, 1, D], [L * N, 1, N]
 cases.append(("scan forward states", S._scan_fwd_states_kernel,
               [bf(), bf(), f32(), bf(), f32(), f32(), f32(), D, N, 7 * 64, *act, *act, N, 1, *bc],
               dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=32, BLOCK_N=16), 1, 3))
+cases.append(("segment starts", S._segment_starts_kernel,
+              [f32(), f32(), f32(), f32(), f32(), D, N, 5, N, 1, D * N, N, 1],
+              dict(HAS_INIT=True, REVERSE=True, BLOCK_D=32, BLOCK_N=16), 1, 3))
 cases.append(("scan forward (segmented walk)", S._scan_fwd_kernel,
-              [bf(), bf(), f32(), bf(), bf(), f32(), bf(), f32(), None, f32(), f32(), bf(), f32(), f32(), D, N, L,
+              [bf(), bf(), f32(), bf(), bf(), f32(), bf(), f32(), None, f32(), bf(), f32(), f32(), D, N, L,
                7 * 64, *act, *act, N, 1, *bc, *bc, *act, 0, 0, 0, *act, D * CH * N, CH * N, N],
               dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_H0=False, SOFTPLUS=True, SAVE_CKPT=True,
                    SEGMENTED=True, CHUNK=64, BLOCK_D=32, BLOCK_N=16, BLOCK_L=1), 1, 3))
@@ -96,7 +99,7 @@ cases.append(("scan backward carries", S._scan_bwd_carries_kernel,
               [bf(), f32(), bf(), bf(), f32(), bf(), f32(), f32(), D, N, L, 7 * 64, *act, N, 1, *bc, *act, *act],
               dict(HAS_Z=True, HAS_BIAS=True, HAS_DOUT=True, SOFTPLUS=True, BLOCK_D=32, BLOCK_N=16), 1, 3))
 cases.append(("scan backward (segmented walk)", S._scan_bwd_kernel,
-              [bf(), bf(), f32(), bf(), bf(), f32(), bf(), f32(), f32(), bf(), None, f32(), f32(), f32(),
+              [bf(), bf(), f32(), bf(), bf(), f32(), bf(), f32(), f32(), bf(), None, f32(), f32(),
                bf(), bf(), bf(), f32(), f32(), f32(), f32(), f32(), f32(), D, N, L, 7,
                *act, *act, N, 1, *bc, *bc, *act, D * CH * N, CH * N, N, *act, 0, 0, 0, *act],
               dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_DOUT=True, HAS_DHLAST=False, SOFTPLUS=True,
@@ -121,6 +124,6 @@ def test_decode_and_scan_kernels_compile_for_sm90_without_spilling():
     results = json.loads(run.stdout.strip().splitlines()[-1])
     if isinstance(results, dict):
         pytest.skip(results["skip"])
-    assert len(results) == 25
+    assert len(results) == 26
     for result in results:
         assert result["stack"] == 0 and result["local"] == 0, result  # no spills

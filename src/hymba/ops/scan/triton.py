@@ -48,17 +48,17 @@ BACKWARD_WALK_WARPS = 1
 BACKWARD_PREFETCH = True
 # Segments of positions the walks split each (batch row, channel block) into, one program each, so that short grids
 # still fill the GPU (`_scan_fwd_kernel`, `_scan_bwd_kernel`); None chooses them by `scan_segments` for the GPU's SMs.
-# A walk has batch x d_inner / 32 programs, 800 for Hymba-1.5B at batch 8, where an H200's 132 SMs hold 1,584 of the
-# segmented forward's at once (12 each at 158 registers a thread, `benchmarks/scan_sass.py --segments 5`) and 1,056
+# A walk has batch x d_inner / 32 programs, 800 for Hymba-1.5B at batch 8, where an H200's 132 SMs hold 2,112 of the
+# segmented forward's at once (16 each at 128 registers a thread, `benchmarks/scan_sass.py --segments 5`) and 1,056
 # of the segmented backward's (8 at 229), or 1,584 with BACKWARD_MAX_REGISTERS = 168 (12; its reverse loop then
-# spills 7 of 538 instructions a step). Each segment past the first also costs a cheaper walk over it (its states, or
-# its adjoint's carries), whose SASS instructions a position over the walk's are the *_EXTRA_COST: 120 / (804 / 4)
-# and 141 / (483 / 4 + 535). Not yet timed on a GPU: sweep them with `benchmarks/bench_scan.py --segments`. 1, the
+# spills 4 of 541 instructions a step). Each segment past the first also costs a cheaper walk over it (its states, or
+# its adjoint's carries), whose SASS instructions a position over the walk's are the *_EXTRA_COST: 120 / (824 / 4)
+# and 141 / (483 / 4 + 528). Not yet timed on a GPU: sweep them with `benchmarks/bench_scan.py --segments`. 1, the
 # default, is the one program per row and channel block measured so far, compiled as before (SEGMENTED off).
 FORWARD_SEGMENTS: int | None = 1
 BACKWARD_SEGMENTS: int | None = 1
 BACKWARD_MAX_REGISTERS: int | None = None
-FORWARD_REGISTERS, FORWARD_EXTRA_COST = 158, 0.60
+FORWARD_REGISTERS, FORWARD_EXTRA_COST = 128, 0.58
 BACKWARD_REGISTERS, BACKWARD_EXTRA_COST = 229, 0.22
 # softplus(x) == x above this (torch.nn.functional.softplus's default threshold), and its gradient is 1.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
@@ -205,6 +205,52 @@ def _program_channels(d_inner, d_state, BLOCK_D: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
+def _segment_starts_kernel(
+    ends_ptr, dt_sums_ptr, A_ptr, init_ptr, starts_ptr,
+    d_inner, d_state, n_segments, stride_A_d, stride_A_n, stride_init_b, stride_init_d, stride_init_n,
+    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """What each segment of a walk starts from, for one (batch, channel block): starts (batch, n_segments, d_inner,
+    d_state). Forward: segment 0 starts from init (the initial state, or zero), and segment s + 1 from ends[s] +
+    exp(A dt_sums[s]) starts[s], where ends[s] is the state segment s leaves from a zero start
+    (`_scan_fwd_states_kernel`). With REVERSE the same from the last segment back (the backward's carries: init is
+    dL/dh_last, and ends[s - 1], dt_sums[s - 1] are segment s's, `_scan_bwd_carries_kernel`). ends (batch,
+    n_segments - 1, d_inner, d_state) and dt_sums (batch, n_segments - 1, d_inner)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d, offs_n, mask_d, mask_n = _program_channels(d_inner, d_state, BLOCK_D, BLOCK_N)
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    tile = offs_d[:, None] * d_state + offs_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask_dn, other=0.0)
+    A = A.to(tl.float32) * LOG2E
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if HAS_INIT:
+        h += tl.load(init_ptr + pid_b * stride_init_b + offs_d[:, None] * stride_init_d
+                     + offs_n[None, :] * stride_init_n, mask=mask_dn, other=0.0).to(tl.float32)
+    segment = n_segments - 1 if REVERSE else 0
+    tl.store(starts_ptr + (pid_b * n_segments + segment) * d_inner * d_state + tile, h, mask=mask_dn)
+    for i in range(0, n_segments - 1):
+        slot = n_segments - 2 - i if REVERSE else i  # the segment whose end folds in: slot + 1 with REVERSE, else slot
+        ended = pid_b * (n_segments - 1) + slot
+        dt_sum = tl.load(dt_sums_ptr + ended * d_inner + offs_d, mask=mask_d, other=0.0)
+        end = tl.load(ends_ptr + ended * d_inner * d_state + tile, mask=mask_dn, other=0.0)
+        h = end + tl.exp2(dt_sum[:, None] * A) * h
+        segment = slot if REVERSE else slot + 1
+        tl.store(starts_ptr + (pid_b * n_segments + segment) * d_inner * d_state + tile, h, mask=mask_dn)
+
+
+def _segment_starts(ends, dt_sums, A, init, reverse, block_d):
+    """`_segment_starts_kernel` over the (batch, channel blocks) of `ends` (batch, n_segments - 1, d_inner, d_state):
+    returns starts (batch, n_segments, d_inner, d_state)."""
+    batch, gaps, d_inner, d_state = ends.shape
+    starts = torch.empty(batch, gaps + 1, d_inner, d_state, device=ends.device, dtype=torch.float32)
+    _segment_starts_kernel[(batch, triton.cdiv(d_inner, block_d))](
+        ends, dt_sums, A, init, starts, d_inner, d_state, gaps + 1, *A.stride(), *_strides3(init),
+        HAS_INIT=init is not None, REVERSE=reverse, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state),
+        num_warps=1)
+    return starts
+
+
+@triton.jit
 def _scan_fwd_states_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, states_ptr, dt_sums_ptr,
     d_inner, d_state, segment_len,
@@ -216,8 +262,8 @@ def _scan_fwd_states_kernel(
 ):
     """Segment program_id(2) of the forward's (see `_scan_fwd_kernel`; every segment but the last, so all of them
     full), for one (batch, channel block): walks it from a zero state with the recurrence alone (no outputs), and
-    stores the state it leaves and its sum of dt. The state entering the segment adds exp(A sum dt) times itself to
-    that: the product of the segment's decays."""
+    stores the state it leaves and its sum of dt (for `_segment_starts`): the state entering the segment adds
+    exp(A sum dt) times itself to that, the product of its decays."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d, offs_n, mask_d, mask_n = _program_channels(d_inner, d_state, BLOCK_D, BLOCK_N)
     mask_nd = mask_n[:, None] & mask_d[None, :]
@@ -260,7 +306,7 @@ def _linear_recurrence(a1, b1, a2, b2):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, states_ptr, dt_sums_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, starts_ptr,
     y_ptr, hlast_ptr, ckpt_ptr,
     d_inner, d_state, length, segment_len,
     stride_u_b, stride_u_d, stride_u_l,
@@ -288,11 +334,9 @@ def _scan_fwd_kernel(
     The state tile is (d_state, channels): channels run across a warp's lanes and each lane keeps its channel's
     d_state values in registers, so C.h sums inside a thread, without shuffles, on the walk's critical path.
 
-    With SEGMENTED a segment starts from the state the earlier ones leave, folded from what
-    `_scan_fwd_states_kernel` gives each of them (the state it leaves from a zero start, and its sum of dt, in
-    states (batch, n_segments - 1, d_inner, d_state) and dt_sums (batch, n_segments - 1, d_inner)): from the first,
-    h = state_s + exp(A sum dt_s) h. Segments start at multiples of 4, of CHUNK (when SAVE_CKPT) and of BLOCK_L; the
-    last one stores hlast.
+    With SEGMENTED a segment starts from the state the earlier ones leave, starts (batch, n_segments, d_inner,
+    d_state; `_segment_starts`, the initial state folded in, so h0 is not read), and only the last one stores hlast.
+    Segments start at multiples of 4, of CHUNK (when SAVE_CKPT) and of BLOCK_L.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     segment = tl.program_id(2)
@@ -301,12 +345,8 @@ def _scan_fwd_kernel(
         stride_h0_n, HAS_D, HAS_BIAS, HAS_H0, BLOCK_D, BLOCK_N)
     mask_nd = mask_n[:, None] & mask_d[None, :]
     if SEGMENTED:
-        for earlier in range(0, segment):
-            slot = pid_b * (tl.num_programs(2) - 1) + earlier
-            state = tl.load(states_ptr + (slot * d_inner + offs_d[None, :]) * d_state + offs_n[:, None], mask=mask_nd,
-                            other=0.0)
-            dt_sum = tl.load(dt_sums_ptr + slot * d_inner + offs_d, mask=mask_d, other=0.0)
-            h = state + tl.exp2(dt_sum[None, :] * A) * h
+        h = tl.load(starts_ptr + ((pid_b * tl.num_programs(2) + segment) * d_inner + offs_d[None, :]) * d_state
+                    + offs_n[:, None], mask=mask_nd, other=0.0)
     # This segment's positions: [first, end). Written so that the compiler knows first is a multiple of 4 (the launcher
     # makes it one), and so that of the walk's four positions an iteration only the first can start a chunk.
     first = 0
@@ -481,8 +521,8 @@ def _scan_bwd_carries_kernel(
 ):
     """Segment 1 + program_id(2) of the backward's (see `_scan_bwd_kernel`), for one (batch, channel block): walks
     it backwards from a zero carry with the adjoint's recurrence alone (g = gy C + carry, carry = a g; no states),
-    and stores the carry it passes to the segment before it and its sum of dt. The carry entering the segment from
-    later positions then adds exp(A sum dt) times itself: the product of the segment's decays."""
+    and stores the carry it passes to the segment before it and its sum of dt (for `_segment_starts`): the carry
+    entering the segment from later positions then adds exp(A sum dt) times itself, the product of its decays."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d, offs_n, mask_d, mask_n = _program_channels(d_inner, d_state, BLOCK_D, BLOCK_N)
     mask_dn = mask_d[:, None] & mask_n[None, :]
@@ -534,7 +574,7 @@ def _scan_bwd_carries_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dhlast_ptr, carries_ptr,
-    dt_sums_ptr, scratch_ptr,
+    scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     d_inner, d_state, length, segment_chunks,
     stride_u_b, stride_u_d, stride_u_l,
@@ -567,9 +607,9 @@ def _scan_bwd_kernel(
     A segment is `segment_chunks` chunks; with SEGMENTED there are several, one program each, so that short grids
     (few batch rows x channel blocks) still fill the GPU. The only thing a segment needs from the later ones is the
     carry entering its last position, and that depends on their dt, C, z and dout alone, not on their states:
-    `_scan_bwd_carries_kernel` gives each later segment's carry out from a zero carry in (carries, (batch,
-    n_segments - 1, d_inner, d_state), slot s - 1 for segment s) and its sum of dt (dt_sums, (batch, n_segments - 1,
-    d_inner)), and this program folds them, from the last segment back: carry = carry_s + exp(A sum dt_s) carry.
+    `_scan_bwd_carries_kernel` walks each later segment from a zero carry, and `_segment_starts` folds those walks'
+    carries out into each segment's carry in (carries, (batch, n_segments, d_inner, d_state), dL/dh_last folded in,
+    so dhlast is not read).
 
     With PARALLEL a chunk is done at once from its checkpoint, without the scratch: the states h_t and the states
     before each position h_{t-1} come from two associative scans forward (the second over the inputs shifted by
@@ -596,18 +636,14 @@ def _scan_bwd_kernel(
         D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
     # carry = a_{t+1} g_{t+1}: the part of g_t that flows back from later positions.
-    if HAS_DHLAST:
+    if SEGMENTED:
+        carry = tl.load(carries_ptr + ((pid_b * n_segments + segment) * d_inner + offs_d[:, None]) * d_state
+                        + offs_n[None, :], mask=mask_dn, other=0.0)
+    elif HAS_DHLAST:
         carry = tl.load(dhlast_ptr + pid_b * stride_dhlast_b + offs_d[:, None] * stride_dhlast_d
                         + offs_n[None, :] * stride_dhlast_n, mask=mask_dn, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    if SEGMENTED:
-        for later in range(0, n_segments - 1 - segment):
-            slot = pid_b * (n_segments - 1) + (n_segments - 2 - later)  # segment n_segments - 1 - later
-            carry_out = tl.load(carries_ptr + (slot * d_inner + offs_d[:, None]) * d_state + offs_n[None, :],
-                                mask=mask_dn, other=0.0)
-            dt_sum = tl.load(dt_sums_ptr + slot * d_inner + offs_d, mask=mask_d, other=0.0)
-            carry = carry_out + tl.exp2(dt_sum[:, None] * A) * carry
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -915,16 +951,17 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
                 else min(FORWARD_SEGMENTS or 1, units))
     segment_len = triton.cdiv(units, segments) * unit
     segments = max(1, triton.cdiv(length, segment_len))  # none empty
-    states = dt_sums = None
+    starts = None
     if segments > 1:
         # (d_inner, d_state) a segment, states contiguous as each of the walk's lanes holds its channel's.
-        states = torch.empty(batch, segments - 1, d_inner, d_state, device=u.device, dtype=torch.float32)
+        ends = torch.empty(batch, segments - 1, d_inner, d_state, device=u.device, dtype=torch.float32)
         dt_sums = torch.empty(batch, segments - 1, d_inner, device=u.device, dtype=torch.float32)
         _scan_fwd_states_kernel[(batch, n_dblocks, segments - 1)](
-            u, delta, A, B, delta_bias, states, dt_sums, d_inner, d_state, segment_len, *u.stride(), *delta.stride(),
+            u, delta, A, B, delta_bias, ends, dt_sums, d_inner, d_state, segment_len, *u.stride(), *delta.stride(),
             *A.stride(), *B.stride(), HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
             BLOCK_D=block_d, BLOCK_N=block_n, num_warps=max(1, block_d // 32))
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, states, dt_sums, y, hlast, ckpt, d_inner, d_state,
+        starts = _segment_starts(ends, dt_sums, A, initial_state, False, block_d)
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, starts, y, hlast, ckpt, d_inner, d_state,
             length, segment_len, *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
             *_strides3(initial_state), *y.stride(), *(_strides3(ckpt)[:3]))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
@@ -982,15 +1019,16 @@ class _SelectiveScanFn(torch.autograd.Function):
         dh0 = torch.empty(batch, d_inner, d_state, **f32)
         flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DOUT=dy is not None,
                      SOFTPLUS=bool(ctx.delta_softplus), BLOCK_D=block_d, BLOCK_N=block_n)
-        carries = dt_sums = None
+        carries = None
         if segments > 1:
-            carries = torch.empty(batch, segments - 1, d_inner, d_state, **f32)
+            ends = torch.empty(batch, segments - 1, d_inner, d_state, **f32)
             dt_sums = torch.empty(batch, segments - 1, d_inner, **f32)
             _scan_bwd_carries_kernel[(batch, n_dblocks, segments - 1)](
-                delta, A, C, z, delta_bias, dy, carries, dt_sums, d_inner, d_state, length, segment_chunks * chunk,
+                delta, A, C, z, delta_bias, dy, ends, dt_sums, d_inner, d_state, length, segment_chunks * chunk,
                 *delta.stride(), *A.stride(), *C.stride(), *_strides3(z), *_strides3(dy), **flags,
                 num_warps=BACKWARD_WALK_WARPS)
-        inputs = (u, delta, A, B, C, D, z, delta_bias, ckpt, dy, dhlast, carries, dt_sums)
+            carries = _segment_starts(ends, dt_sums, A, dhlast, True, block_d)
+        inputs = (u, delta, A, B, C, D, z, delta_bias, ckpt, dy, dhlast, carries)
         outputs = (du, ddelta, dz, dA, dB, dC, dD, dbias, dh0)
         shapes = (d_inner, d_state, length, segment_chunks,
                   *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
