@@ -887,28 +887,29 @@ def scan_segments(programs: int, units: int, slots: int, extra_cost: float, most
     return min(s for s, time in times.items() if time <= 1.05 * best)
 
 
-def _segments(chosen: int | None, programs: int, units: int, device: torch.device, registers: int,
+def _segments(chosen: int | None, programs: int, units: int, device: torch.device, walk: bool, registers: int,
               extra_cost: float) -> int:
     """`chosen` (FORWARD_SEGMENTS or BACKWARD_SEGMENTS) up to `units`, or where that is None the GPU's choice by
-    `scan_segments` for one-warp programs of `registers` registers a thread."""
+    `scan_segments` for one-warp programs of `registers` registers a thread; that choice is the walk's, so the
+    parallel kernels (`walk` False) take one segment then."""
     if chosen is not None:
         return max(1, min(chosen, units))
-    if device.type != "cuda":
+    if device.type != "cuda" or not walk:
         return 1
     per_sm = 65536 // (32 * (-(-registers // 8) * 8))  # a warp's registers are allocated 256 at a time
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return scan_segments(programs, units, sms * per_sm, extra_cost)
 
 
-def backward_segments(programs: int, n_chunks: int, device: torch.device) -> int:
-    """The backward walk's segments (`BACKWARD_SEGMENTS`, see `_segments`)."""
-    return _segments(BACKWARD_SEGMENTS, programs, n_chunks, device, BACKWARD_MAX_REGISTERS or BACKWARD_REGISTERS,
-                     BACKWARD_EXTRA_COST)
+def backward_segments(programs: int, n_chunks: int, device: torch.device, walk: bool = True) -> int:
+    """The backward's segments (`BACKWARD_SEGMENTS`, see `_segments`)."""
+    return _segments(BACKWARD_SEGMENTS, programs, n_chunks, device, walk,
+                     BACKWARD_MAX_REGISTERS or BACKWARD_REGISTERS, BACKWARD_EXTRA_COST)
 
 
-def forward_segments(programs: int, units: int, device: torch.device) -> int:
-    """The forward walk's segments (`FORWARD_SEGMENTS`, see `_segments`)."""
-    return _segments(FORWARD_SEGMENTS, programs, units, device, FORWARD_REGISTERS, FORWARD_EXTRA_COST)
+def forward_segments(programs: int, units: int, device: torch.device, walk: bool = True) -> int:
+    """The forward's segments (`FORWARD_SEGMENTS`, see `_segments`)."""
+    return _segments(FORWARD_SEGMENTS, programs, units, device, walk, FORWARD_REGISTERS, FORWARD_EXTRA_COST)
 
 
 def _tile_warps(block_l: int, block_n: int, block_d: int) -> int:
@@ -947,8 +948,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     # walk's positions an iteration).
     unit = math.lcm(4, chunk if save_ckpt else block_l)
     units = max(1, triton.cdiv(length, unit))
-    segments = (forward_segments(batch * n_dblocks, units, u.device) if block_l == 1  # the choice is the walk's
-                else min(FORWARD_SEGMENTS or 1, units))
+    segments = forward_segments(batch * n_dblocks, units, u.device, walk=block_l == 1)
     segment_len = triton.cdiv(units, segments) * unit
     segments = max(1, triton.cdiv(length, segment_len))  # none empty
     starts = None
@@ -965,8 +965,8 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
             length, segment_len, *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
             *_strides3(initial_state), *y.stride(), *(_strides3(ckpt)[:3]))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                 HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), SAVE_CKPT=save_ckpt,
-                 SEGMENTED=segments > 1, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
+                 HAS_H0=initial_state is not None and starts is None, SOFTPLUS=bool(delta_softplus),
+                 SAVE_CKPT=save_ckpt, SEGMENTED=segments > 1, CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
     _scan_fwd_kernel[(batch, n_dblocks, segments)](*args, **flags, BLOCK_L=block_l, num_warps=warps)
     return y, hlast, ckpt
 
@@ -1007,8 +1007,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         ddelta = torch.empty(batch, length, d_inner, device=dev, dtype=delta.dtype).transpose(1, 2)
         dz = torch.empty(batch, length, d_inner, device=dev, dtype=z.dtype).transpose(1, 2) if z is not None else None
         n_chunks = max(1, triton.cdiv(length, chunk))
-        segments = (min(BACKWARD_SEGMENTS or 1, n_chunks) if ctx.parallel  # the choice is the walk's
-                    else backward_segments(batch * n_dblocks, n_chunks, dev))
+        segments = backward_segments(batch * n_dblocks, n_chunks, dev, walk=not ctx.parallel)
         segment_chunks = triton.cdiv(n_chunks, segments)
         segments = triton.cdiv(n_chunks, segment_chunks)  # none empty
         dA = torch.empty(batch, segments, d_inner, d_state, **f32)
