@@ -20,6 +20,7 @@ from hymba.ops.scan import (
     selective_scan_ref,
     selective_state_update,
     selective_state_update_ref,
+    ssm_projections,
 )
 
 BATCH, D_INNER, D_STATE = 2, 37, 5
@@ -156,3 +157,31 @@ def test_triton_scan_chooses_the_parallel_kernels_only_where_the_walk_leaves_the
     assert scan.triton_scan_blocks(1, 3200) == (None, None)
     monkeypatch.setattr(scan, "TRITON_BLOCK_L", 32)
     assert scan.triton_scan_blocks(8, 3200) == (8, 32)
+
+
+@pytest.mark.parametrize("norms", [True, False])
+def test_ssm_projections_padded_for_cublas_equal_unpadded(norms):
+    """Padding x_proj's outputs and dt_proj's inputs to a multiple of 8 (what CUDA runs) changes no value or gradient.
+    Hymba-1.5B's odd sizes in miniature: dt_rank 9, d_state 3 (x_proj's 15 outputs -> 16, dt_proj's 9 inputs -> 16)."""
+    g = torch.Generator().manual_seed(0)
+    dt_rank, d_state, d_inner = 9, 3, 37
+    leaves = dict(u=torch.randn(2, 7, d_inner, generator=g),
+                  x_proj=torch.randn(dt_rank + 2 * d_state, d_inner, generator=g),
+                  dt_proj=torch.randn(d_inner, dt_rank, generator=g),
+                  norms=[1 + 0.1 * torch.randn(n, generator=g) for n in (dt_rank, d_state, d_state)])
+    results = []
+    for align in (1, 8):
+        copies = {k: [t.clone().requires_grad_() for t in v] if k == "norms" else v.clone().requires_grad_()
+                  for k, v in leaves.items()}
+        outs = ssm_projections(copies["u"], copies["x_proj"], copies["dt_proj"], copies["norms"] if norms else None,
+                               align=align)
+        assert [tuple(t.shape) for t in outs] == [(2, 7, d_inner), (2, 7, d_state), (2, 7, d_state)]
+        sum(((t * torch.randn(t.shape, generator=torch.Generator().manual_seed(i))).sum()
+             for i, t in enumerate(outs))).backward()
+        grads = [copies["u"].grad, copies["x_proj"].grad, copies["dt_proj"].grad]
+        grads += [t.grad for t in copies["norms"]] if norms else []
+        results.append((outs, grads))
+    (outs, grads), (outs_padded, grads_padded) = results
+    for got, want in zip([*outs_padded, *grads_padded], [*outs, *grads], strict=True):
+        assert got.shape == want.shape
+        assert rel_err(got, want) < 1e-6

@@ -59,16 +59,34 @@ def selective_state_update_ref(state, u, delta, A, B, C, D, z=None, delta_bias=N
     return finish_output(y.unsqueeze(-1), u.unsqueeze(-1), D, None if z is None else z.unsqueeze(-1), u.dtype)[..., 0]
 
 
-def ssm_projections(u, x_proj_weight, dt_proj_weight, norm_weights=None, eps=1e-6):
+# x_proj's outputs (dt_rank + 2 d_state: 132 at the 1.5B shape) and dt_proj's inputs (dt_rank: 100) are not
+# multiples of 8, so a bf16 row of either is not 16-byte aligned and cuBLAS runs its sm80 align-2 kernels: at 16k
+# tokens of a 1.5B training step they took 635 us a layer, forward and backward (141 us for x_proj's forward at about
+# 100 TFLOP/s), where reading and writing their activations at copy bandwidth takes about 180 (H200, session 29's
+# profile). On CUDA both are padded with zeros to a multiple of this, as the LM head's rows are (`cross_entropy`).
+CUDA_GEMM_ALIGN = 8
+
+
+def ssm_projections(u, x_proj_weight, dt_proj_weight, norm_weights=None, eps=1e-6, align=None):
     """The selective scan's input-dependent parameters from its input u (..., d_inner), position-major:
     x_proj splits into (dt, B, C), each RMS-normed when `norm_weights` = (dt, B, C) norm weights are given, and
     dt_proj maps dt to delta without its bias (which goes inside softplus). Returns delta (..., d_inner) and
-    B, C (..., d_state), in u's dtype."""
+    B, C (..., d_state), in u's dtype.
+
+    Both matmuls run on shapes padded with zeros to a multiple of `align` (default `CUDA_GEMM_ALIGN` on CUDA, 1
+    elsewhere): x_proj gains zero rows whose outputs nothing reads, dt_proj zero columns that meet zeros appended to
+    dt. The values are those of the unpadded matmuls; only the kernels cuBLAS picks change."""
+    align = align or (CUDA_GEMM_ALIGN if u.is_cuda else 1)
     dt_rank = dt_proj_weight.shape[1]
     d_state = (x_proj_weight.shape[0] - dt_rank) // 2
-    dt, B, C = torch.split(F.linear(u, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
+    pad_out, pad_rank = -x_proj_weight.shape[0] % align, -dt_rank % align
+    if pad_out:
+        x_proj_weight = F.pad(x_proj_weight, (0, 0, 0, pad_out))
+    dt, B, C, _ = torch.split(F.linear(u, x_proj_weight), [dt_rank, d_state, d_state, pad_out], dim=-1)
     if norm_weights is not None:
         dt, B, C = (rms_norm(t, weight, eps) for t, weight in zip((dt, B, C), norm_weights))
+    if pad_rank:
+        dt, dt_proj_weight = F.pad(dt, (0, pad_rank)), F.pad(dt_proj_weight, (0, pad_rank))
     return F.linear(dt, dt_proj_weight), B, C
 
 
